@@ -1,0 +1,1 @@
+"""i2v: training system for CogVideoX-style image-to-video diffusion transformers."""

@@ -1,0 +1,440 @@
+"""The run configuration: YAML loaded into a tree of typed dataclasses, one per component.
+
+Every field is documented where it is declared. Loading is strict: an unknown key, a wrong
+type, a missing required value or an inconsistent combination raises `ConfigError` naming
+the dotted key and what was expected (with a did-you-mean for near misses).
+
+Command lines take dotted overrides after the config file::
+
+    launcher/train.py --config configs/tiny.yaml train.max_steps=40 deepspeed.zero_stage=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from i2v.errors import ConfigError
+
+REQUIRED: Any = "???"  # sentinel default of a field the YAML must set
+
+
+def doc(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
+    """A dataclass field with its documentation attached (shown in errors)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        kw["default_factory"] = lambda: type(value)(value)
+    elif default is not dataclasses.MISSING:
+        kw["default"] = default
+    return field(metadata={"help": help}, **kw)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = doc(REQUIRED, "Directory for config.yaml, checkpoints/, tensorboard/, metrics.jsonl, samples/.")
+    seed: int = doc(0, "Global seed: parameter init, data order, timesteps and noise all derive from it.")
+    deterministic: bool = doc(False, "torch.use_deterministic_algorithms(True); needed for bit-exact resume tests.")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: Optional[str] = doc(
+        None, "Diffusers-format transformer directory (config.json + weights), e.g. CogVideoX-5b-I2V/transformer."
+    )
+    arch: dict = doc(
+        {},
+        "Inline CogVideoXTransformer3DModel constructor arguments, used when `pretrained` is unset; "
+        "keys are checked against the constructor. in_channels must be 2 * out_channels.",
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Parameter dtype when not training under DeepSpeed mixed precision.")
+    gradient_checkpointing: bool = doc(False, "Recompute transformer blocks in backward to save activation memory.")
+    init_std: float = doc(0.02, "Std of the explicit normal init of Linear weights for a random-init (inline) model.")
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = doc(1000, "Number of discrete diffusion steps.")
+    beta_start: float = doc(0.00085, "First beta of the scaled-linear schedule.")
+    beta_end: float = doc(0.012, "Last beta of the scaled-linear schedule.")
+    snr_shift_scale: float = doc(1.0, "Divide alpha_bar/(1-alpha_bar) by this (CogVideoX: 1.0 for 5B, 3.0 for 2B).")
+    rescale_zero_terminal_snr: bool = doc(True, "Rescale betas so the last step has zero SNR (CogVideoX does).")
+    prediction: Literal["v", "epsilon"] = doc("v", "What the model predicts: v (CogVideoX) or epsilon.")
+    t_min: int = doc(0, "Smallest training timestep (inclusive).")
+    t_max: int = doc(999, "Largest training timestep (inclusive).")
+    text_dropout: float = doc(0.1, "Probability of replacing a sample's prompt embedding with the empty prompt's (CFG).")
+    image_dropout: float = doc(0.05, "Probability of zeroing a sample's image latents (CFG on the image).")
+    ofs: Optional[float] = doc(None, "Value of the `ofs` input of CogVideoX-1.5-style models (2.0 there); None for 1.0 models.")
+
+
+@dataclass
+class VideoConfig:
+    frames: int = doc(9, "Frames per training clip (CogVideoX: 49, i.e. 4k+1 for the causal VAE).")
+    height: int = doc(32, "Clip height after resize and crop.")
+    width: int = doc(32, "Clip width after resize and crop.")
+    fps: Optional[float] = doc(None, "Resample clips to this frame rate by timestamps; None keeps the source rate.")
+    stride: int = doc(1, "Take every stride-th frame when `fps` is None.")
+    random_start: bool = doc(True, "Random clip start for training; centred start when false (evaluation).")
+    random_crop: bool = doc(True, "Random crop after the short-side resize; centre crop when false.")
+    buckets: list = doc(
+        [], "Optional [height, width, frames] buckets; each clip goes to the nearest aspect/length bucket."
+    )
+    min_frames: Optional[int] = doc(None, "Reject clips with fewer decodable frames than this (default: `frames`).")
+
+
+@dataclass
+class DataConfig:
+    latent_shards: str = doc(REQUIRED, "Latent shards: a directory, a .tar path, a brace pattern or a URL.")
+    video_shards: Optional[str] = doc(None, "Video shards read by the precompute job (directory, pattern or URL).")
+    allow_pipe: bool = doc(False, "Allow `pipe:` shard URLs (they run shell commands).")
+    shuffle_buffer: int = doc(64, "Size of the seeded sample shuffle buffer; 0 or 1 disables sample shuffling.")
+    resampled: bool = doc(True, "Draw shards with replacement forever (infinite training stream).")
+    num_workers: int = doc(0, "DataLoader worker processes per rank.")
+    max_bad_fraction: float = doc(0.05, "Stop with an error when more than this fraction of samples is bad.")
+    min_samples_for_bad_check: int = doc(20, "Judge the bad fraction only after this many samples were seen.")
+    video: VideoConfig = doc(help="Decoding, frame sampling and geometry of video clips.", default_factory=VideoConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = doc(REQUIRED, "Optimizer steps to run.")
+    micro_batch_size: int = doc(1, "Samples per rank per forward/backward.")
+    grad_accum_steps: int = doc(1, "Micro-batches accumulated per optimizer step.")
+    global_batch_size: Optional[int] = doc(
+        None, "If set, must equal micro_batch_size * grad_accum_steps * world_size (a guard against typos)."
+    )
+    lr: float = doc(1e-4, "Peak learning rate.")
+    lr_schedule: Literal["cosine", "constant"] = doc("cosine", "Schedule after warmup.")
+    warmup_steps: int = doc(0, "Linear warmup steps from 0 to `lr`.")
+    min_lr_ratio: float = doc(0.0, "Cosine floor as a fraction of `lr`.")
+    weight_decay: float = doc(1e-4, "AdamW weight decay.")
+    betas: list = doc([0.9, 0.95], "AdamW betas.")
+    eps: float = doc(1e-8, "AdamW epsilon.")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
+    log_every: int = doc(10, "Console, metrics.jsonl and TensorBoard scalars every this many steps.")
+    max_consecutive_skips: int = doc(5, "Abort after this many consecutive steps skipped for a non-finite loss/grad.")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = doc(2, "ZeRO stage 0-3.")
+    precision: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Mixed precision mode of the DeepSpeed engine.")
+    offload_optimizer: bool = doc(False, "Keep optimizer state on the CPU (ZeRO 1-3).")
+    extra: dict = doc(
+        {}, "Advanced DeepSpeed keys merged into the generated config; keys the tree already controls are refused."
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = doc(0, "Save a checkpoint every this many steps; 0 saves only at the end.")
+    keep_last: int = doc(3, "Keep this many newest committed checkpoints (the newest is never deleted).")
+    resume: bool = doc(True, "Resume from the newest committed checkpoint in run.output_dir/checkpoints.")
+    fallback_on_corrupt: bool = doc(True, "If the newest checkpoint is corrupt, resume from the previous committed one.")
+    export_on_finish: bool = doc(False, "Export a diffusers-format directory to run.output_dir/export at the end.")
+
+
+@dataclass
+class KernelsConfig:
+    noise: Literal["auto", "triton", "torch"] = doc("auto", "Noise injection: fused Triton kernel, torch reference, or Triton on CUDA.")
+    attention: Literal["auto", "triton", "sdpa"] = doc("auto", "Attention: Triton flash kernel, torch SDPA, or Triton on CUDA.")
+
+
+@dataclass
+class VAEConfig:
+    pretrained: Optional[str] = doc(None, "Diffusers-format AutoencoderKLCogVideoX directory (e.g. CogVideoX-5b-I2V/vae).")
+    arch: dict = doc({}, "Inline AutoencoderKLCogVideoX constructor arguments when `pretrained` is unset.")
+    dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "VAE compute dtype.")
+    tiling: bool = doc(False, "Encode in spatial tiles (large resolutions).")
+    slicing: bool = doc(False, "Encode batch elements one at a time.")
+
+
+@dataclass
+class TextEncoderConfig:
+    pretrained: Optional[str] = doc(None, "Diffusers-format model root or T5 directory holding text_encoder/ and tokenizer/.")
+    arch: dict = doc({}, "Inline T5Config arguments for a tiny random-init encoder when `pretrained` is unset.")
+    max_length: int = doc(226, "Prompt embeddings are padded or truncated to this many tokens (CogVideoX: 226).")
+    dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Text encoder compute dtype.")
+
+
+@dataclass
+class PrecomputeConfig:
+    vae: VAEConfig = doc(help="The video VAE.", default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig = doc(help="The T5 text encoder and tokenizer.", default_factory=TextEncoderConfig)
+    latents: Literal["sample", "mode"] = doc("sample", "Take the VAE posterior's sample (CogVideoX) or its mode.")
+    image_draws: int = doc(2, "K noisy draws of the conditioning image latent stored per clip.")
+    image_log_sigma_mean: float = doc(-3.0, "Mean of log(sigma) of the first-frame pixel noise.")
+    image_log_sigma_std: float = doc(0.5, "Std of log(sigma) of the first-frame pixel noise.")
+    batch_size: int = doc(1, "Clips per VAE forward.")
+    samples_per_shard: int = doc(0, "Unused when 0: output shards mirror input shards one to one.")
+
+
+@dataclass
+class ValidationConfig:
+    every_steps: int = doc(0, "Sample validation videos every this many steps; 0 disables.")
+    pairs: list = doc([], "List of {image: PNG path, prompt: text} conditioning pairs.")
+    num_inference_steps: int = doc(50, "Sampler steps.")
+    guidance_scale: float = doc(6.0, "Classifier-free guidance scale (1.0 disables guidance).")
+    num_frames: Optional[int] = doc(None, "Frames to sample (default: data.video.frames).")
+    timeout_s: float = doc(600.0, "Upper bound on one validation round; ranks never wait in a collective longer.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = doc(help="Where and how the run writes.", default_factory=RunConfig)
+    model: ModelConfig = doc(help="The DiT.", default_factory=ModelConfig)
+    diffusion: DiffusionConfig = doc(help="Noise schedule and objective.", default_factory=DiffusionConfig)
+    data: DataConfig = doc(help="Shards and loaders.", default_factory=DataConfig)
+    train: TrainConfig = doc(help="Optimisation.", default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = doc(help="DeepSpeed engine.", default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = doc(help="Checkpoints and resume.", default_factory=CheckpointConfig)
+    kernels: KernelsConfig = doc(help="Fused kernels.", default_factory=KernelsConfig)
+    precompute: PrecomputeConfig = doc(help="Offline latent precomputation.", default_factory=PrecomputeConfig)
+    validation: ValidationConfig = doc(help="Validation videos.", default_factory=ValidationConfig)
+
+    def validate(self, world_size: int | None = None) -> "Config":
+        """Cross-field checks. `world_size` enables the global-batch check."""
+        _check_ranges(self)
+        t = self.train
+        if world_size is not None and t.global_batch_size is not None:
+            got = t.micro_batch_size * t.grad_accum_steps * world_size
+            if got != t.global_batch_size:
+                raise ConfigError(
+                    f"train.global_batch_size: is {t.global_batch_size}, but train.micro_batch_size "
+                    f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x world size "
+                    f"({world_size}) = {got}; make them agree or drop train.global_batch_size"
+                )
+        if not self.model.pretrained and not self.model.arch:
+            raise ConfigError("model: set model.pretrained (a diffusers transformer directory) or model.arch (inline)")
+        if self.model.pretrained and self.model.arch:
+            raise ConfigError("model: set only one of model.pretrained and model.arch")
+        if self.diffusion.t_max >= self.diffusion.num_train_timesteps:
+            raise ConfigError(
+                f"diffusion.t_max: is {self.diffusion.t_max}, expected < diffusion.num_train_timesteps "
+                f"({self.diffusion.num_train_timesteps})"
+            )
+        if self.diffusion.t_min > self.diffusion.t_max:
+            raise ConfigError(f"diffusion.t_min: is {self.diffusion.t_min}, expected <= diffusion.t_max ({self.diffusion.t_max})")
+        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage 1, 2 or 3 (it is 0)")
+        if self.train.warmup_steps > self.train.max_steps:
+            raise ConfigError(
+                f"train.warmup_steps: is {self.train.warmup_steps}, expected <= train.max_steps ({self.train.max_steps})"
+            )
+        return self
+
+
+# Ranges of numeric fields: dotted key -> (low, high), inclusive; None is unbounded.
+_RANGES = {
+    "train.max_steps": (1, None),
+    "train.micro_batch_size": (1, None),
+    "train.grad_accum_steps": (1, None),
+    "train.log_every": (1, None),
+    "train.lr": (0.0, None),
+    "train.warmup_steps": (0, None),
+    "train.grad_clip": (0.0, None),
+    "train.max_consecutive_skips": (1, None),
+    "train.min_lr_ratio": (0.0, 1.0),
+    "deepspeed.zero_stage": (0, 3),
+    "diffusion.num_train_timesteps": (2, None),
+    "diffusion.t_min": (0, None),
+    "diffusion.snr_shift_scale": (1e-6, None),
+    "diffusion.text_dropout": (0.0, 1.0),
+    "diffusion.image_dropout": (0.0, 1.0),
+    "data.max_bad_fraction": (0.0, 1.0),
+    "data.num_workers": (0, None),
+    "data.shuffle_buffer": (0, None),
+    "data.video.frames": (1, None),
+    "data.video.height": (1, None),
+    "data.video.width": (1, None),
+    "data.video.stride": (1, None),
+    "checkpoint.every_steps": (0, None),
+    "checkpoint.keep_last": (1, None),
+    "precompute.image_draws": (1, None),
+    "precompute.batch_size": (1, None),
+    "precompute.image_log_sigma_std": (0.0, None),
+    "validation.every_steps": (0, None),
+    "validation.num_inference_steps": (1, None),
+}
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, (low, high) in _RANGES.items():
+        value = get_dotted(cfg, key)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ConfigError(f"{key}: is {value!r}, expected a value {bound}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                continue
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}{hint}")
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, key)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp in (str, bool, list, dict):
+        if isinstance(value, tp):
+            return value
+    else:  # pragma: no cover - a programming error in the schema
+        raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+    raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            where = f"'{prefix}'" if prefix else "the top level"
+            raise ConfigError(f"{dotted}: unknown key in {where}.{hint} Known keys: {', '.join(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], dotted)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], {}, dotted)
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        if getattr(obj, f.name) is REQUIRED:
+            dotted = f"{prefix}.{f.name}" if prefix else f.name
+            raise ConfigError(f"{dotted}: required but not set ({f.metadata.get('help', '')})")
+    return obj
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.max_steps=40")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse override value {raw!r}: {e}") from None
+    # Walk the schema alongside the data so that a typo is caught with its full dotted key.
+    node, cls = data, Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        if cls is not None:
+            names = [f.name for f in dataclasses.fields(cls)]
+            if part not in names:
+                close = difflib.get_close_matches(part, names, n=1, cutoff=0.6)
+                prefix = ".".join(parts[:i])
+                hint = f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+                raise ConfigError(f"{path}: unknown key.{hint} Known keys here: {', '.join(names)}")
+            tp = typing.get_type_hints(cls)[part]
+            cls = tp if dataclasses.is_dataclass(tp) else None
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{path}: is {child!r}, cannot set a sub-key on it")
+            node = child
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
+    """Load YAML (or start from defaults when `path` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config: file not found: {path}")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    for item in overrides:
+        _apply_override(data, item)
+    return _build(Config, data, "").validate(world_size)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, world_size: int | None = None) -> Config:
+    return _build(Config, data, "").validate(world_size)
+
+
+def dump_yaml(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (another run reads it)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def get_dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg[part] if isinstance(cfg, dict) else getattr(cfg, part)
+    return cfg
+
+
+def parse_args(argv: list[str] | None = None, description: str = "", world_size: int | None = None, extra=None):
+    """Parse `--config FILE key=value ...` (plus launcher-specific flags added by `extra`).
+
+    Returns (config, args). Unknown `--flags` are errors; DeepSpeed's `--local_rank` is accepted.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML config file, e.g. configs/tiny.yaml")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    if extra is not None:
+        extra(parser)
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=40")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides, world_size=world_size), args

@@ -1,0 +1,1 @@
+"""Data loaders: latent shards (training) and video shards (precompute)."""

@@ -1,0 +1,129 @@
+"""Shard lists and the stages every WebDataset pipeline here shares.
+
+- `expand_shards`: a directory, a .tar path, a brace pattern or a URL -> list of shard URLs,
+  with clear errors naming the config key; `pipe:` URLs only when explicitly allowed.
+- `split_for(rank, world, worker, workers)`: the shards of one (rank, worker) slot, disjoint
+  across all slots, so no sample is read twice in an epoch.
+- `BadSamples`: counts bad samples by reason, names them by `__key__`, and stops the run when
+  the bad fraction passes a limit.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import random
+import threading
+
+import braceexpand
+
+from i2v.errors import DataError
+
+REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "gcs://", "ais://", "hf://")
+
+
+def expand_shards(spec: str | list[str], key: str, allow_pipe: bool = False, suffix: str = ".tar") -> list[str]:
+    """Resolve a shard spec to a sorted list of URLs or paths; `key` names the config key in errors."""
+    if not spec:
+        raise DataError(f"{key}: no shards given (set it to a directory, a .tar path or a brace pattern)")
+    specs = spec if isinstance(spec, list) else [spec]
+    urls: list[str] = []
+    for item in specs:
+        if item.startswith("pipe:"):
+            if not allow_pipe:
+                raise DataError(
+                    f"{key}: {item!r} is a pipe: URL, which runs a shell command; "
+                    "set data.allow_pipe=true to allow it"
+                )
+            urls.extend(braceexpand.braceexpand(item))
+        elif item.startswith(REMOTE_PREFIXES):
+            urls.extend(braceexpand.braceexpand(item))
+        elif os.path.isdir(item):
+            found = sorted(glob.glob(os.path.join(item, f"*{suffix}")))
+            if not found:
+                raise DataError(f"{key}: directory {item} holds no *{suffix} shards")
+            urls.extend(found)
+        else:
+            expanded = list(braceexpand.braceexpand(item))
+            missing = [p for p in expanded if not os.path.isfile(p)]
+            if missing:
+                raise DataError(f"{key}: shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            empty = [p for p in expanded if os.path.getsize(p) == 0]
+            if empty:
+                raise DataError(f"{key}: shard is empty (0 bytes): {empty[0]}")
+            urls.extend(expanded)
+    for u in urls:
+        if not u.startswith(REMOTE_PREFIXES + ("pipe:",)) and os.path.getsize(u) == 0:
+            raise DataError(f"{key}: shard is empty (0 bytes): {u}")
+    return urls
+
+
+def split_for(urls: list[str], rank: int, world: int, worker: int, workers: int) -> list[str]:
+    """Shards of slot (rank, worker): every (rank*workers + worker)-th shard.
+
+    Raises when there are fewer shards than slots, since some slot would get no data and
+    the ranks would fall out of step.
+    """
+    slots = world * max(workers, 1)
+    if len(urls) < slots:
+        raise DataError(
+            f"{len(urls)} shard(s) for {world} rank(s) x {max(workers, 1)} worker(s) = {slots} readers; "
+            "every reader needs at least one shard: write more shards or use fewer workers"
+        )
+    slot = rank * max(workers, 1) + worker
+    return urls[slot::slots]
+
+
+def shuffled(items: list, seed: int) -> list:
+    out = list(items)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+class BadSamples:
+    """Counts samples that could not be used, by reason, and keeps their keys.
+
+    `check()` raises `DataError` once more than `max_fraction` of the samples seen were bad
+    (judged after `min_samples` samples, so one early bad sample does not stop a run).
+    """
+
+    def __init__(self, max_fraction: float = 0.05, min_samples: int = 20, keep_keys: int = 100):
+        self.max_fraction = max_fraction
+        self.min_samples = min_samples
+        self.keep_keys = keep_keys
+        self.good = 0
+        self.by_reason: collections.Counter = collections.Counter()
+        self.examples: list[tuple[str, str, str]] = []  # (key, reason, detail)
+        self._lock = threading.Lock()
+
+    @property
+    def bad(self) -> int:
+        return sum(self.by_reason.values())
+
+    @property
+    def seen(self) -> int:
+        return self.good + self.bad
+
+    def add_good(self, n: int = 1) -> None:
+        with self._lock:
+            self.good += n
+
+    def add_bad(self, key: str, reason: str, detail: str = "") -> None:
+        with self._lock:
+            self.by_reason[reason] += 1
+            if len(self.examples) < self.keep_keys:
+                self.examples.append((key, reason, detail))
+        self.check()
+
+    def check(self) -> None:
+        if self.seen >= self.min_samples and self.bad > self.max_fraction * self.seen:
+            shown = "; ".join(f"{k}: {r}" + (f" ({d})" if d else "") for k, r, d in self.examples[:5])
+            raise DataError(
+                f"{self.bad} of {self.seen} samples were bad ({self.bad / self.seen:.1%} > max_bad_fraction "
+                f"{self.max_fraction:.1%}); by reason: {dict(self.by_reason)}; first: {shown}"
+            )
+
+    def summary(self) -> dict:
+        return {"good": self.good, "bad": self.bad, "by_reason": dict(self.by_reason),
+                "examples": [{"key": k, "reason": r, "detail": d} for k, r, d in self.examples]}

@@ -1,0 +1,32 @@
+"""One distribution, `i2v`. `kernels/` and `data_prep/` install as `i2v.kernels` and
+`i2v.data_prep`: a top-level `kernels` module would shadow the Hugging Face package of
+that name, which transformers and diffusers probe for."""
+
+from setuptools import setup
+
+setup(
+    name="i2v",
+    version="0.1.0",
+    description="Training system for CogVideoX-style image-to-video diffusion transformers",
+    python_requires=">=3.10",
+    packages=["i2v", "i2v.data", "i2v.kernels", "i2v.data_prep"],
+    package_dir={"i2v": "i2v", "i2v.kernels": "kernels", "i2v.data_prep": "data_prep"},
+    # Loose on purpose: users bring their own CUDA torch and triton. The exact CPU
+    # environment used by `make test` is pinned in requirements-dev.txt.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "diffusers>=0.32",
+        "transformers>=4.46",
+        "tokenizers",
+        "webdataset>=0.2.90",
+        "av>=12",
+        "safetensors",
+        "tensorboard",
+        "pyyaml",
+        "tqdm",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={"triton": ["triton>=3.6,<3.9"]},
+)

@@ -1,0 +1,22 @@
+import os
+
+# Triton kernels run on the CPU through the interpreter; this must be set before any
+# kernel is defined, i.e. before `i2v.kernels` is imported anywhere.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_VIDEOS = REPO.parent / "shared" / "videos"
+
+
+@pytest.fixture
+def shared_videos():
+    """The real clips in ../shared/videos; tests using them skip cleanly when it is absent."""
+    if not SHARED_VIDEOS.is_dir():
+        pytest.skip(f"real clips not present at {SHARED_VIDEOS}")
+    return SHARED_VIDEOS
