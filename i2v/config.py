@@ -90,6 +90,9 @@ class VideoConfig:
         [], "Optional [height, width, frames] buckets; each clip goes to the nearest aspect/length bucket."
     )
     min_frames: Optional[int] = doc(None, "Reject clips with fewer decodable frames than this (default: `frames`).")
+    max_upscale: float = doc(
+        8.0, "Reject clips whose resize to height x width would enlarge them more than this factor (tiny sources)."
+    )
 
 
 @dataclass

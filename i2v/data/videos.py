@@ -1,0 +1,523 @@
+"""Video shards -> clips: a streaming decode loader built from small WebDataset stages.
+
+Shards use the video2dataset layout: `{key}.mp4` (or .webm, .avi, ...) holding the original
+bytes, `{key}.txt` the caption and `{key}.json` metadata written by `data_prep/make_shards.py`.
+
+A sample comes out as::
+
+    {"video": float32 [F, 3, H, W] in [-1, 1], "image": frame 0 [3, H, W],
+     "caption": str, "__key__": str, "meta": dict}
+
+Two entry points:
+- `iter_shard_clips(url, video)`: one shard in stored order (the precompute job reads this).
+- `build_video_dataset(cfg, rank, world_size)`: the split, shuffled, optionally endless stream.
+
+Decoding is PyAV from bytes in memory with one thread per worker. Frames are picked by
+timestamp (variable frame rate safe), after seeking near the clip start, so a short clip from
+a long video decodes only a keyframe interval's worth of extra frames. Bad samples are
+skipped, counted by reason and named by key through `BadSamples`; too many stop the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import struct
+from typing import Any, Callable, Iterable, Iterator
+
+import av
+import numpy as np
+import torch
+from webdataset import tariterators
+
+from i2v.config import Config, VideoConfig
+from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for
+from i2v.errors import ConfigError, DataError
+
+VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "ogv", "wmv", "gif")
+
+# Reasons a sample is skipped; make_shards writes the same words into rejects.jsonl.
+EMPTY = "empty"
+UNDECODABLE = "undecodable"
+NO_VIDEO = "no video stream"
+TRUNCATED = "truncated"
+TOO_FEW = "too few frames"
+TOO_SMALL = "too small"
+NO_VIDEO_MEMBER = "no video file in sample"
+SHARD_ERROR = "shard read error"
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is one of the words above."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------- containers
+
+
+def declared_size_exceeds(data: bytes) -> bool:
+    """True when the container's own size fields claim more bytes than there are.
+
+    Catches files cut short in transfer, which FFmpeg often opens and plays up to the cut
+    without complaint. Knows ISO BMFF (mp4/mov), EBML (mkv/webm) and RIFF (avi).
+    """
+    n = len(data)
+    if n >= 8 and data[4:8] == b"ftyp":
+        pos = 0
+        while pos + 8 <= n:
+            size, = struct.unpack(">I", data[pos:pos + 4])
+            if size == 1:
+                if pos + 16 > n:
+                    return True
+                size, = struct.unpack(">Q", data[pos + 8:pos + 16])
+            elif size == 0:  # box runs to the end of the file
+                return False
+            if size < 8:
+                return False  # not a box walk we understand; let FFmpeg judge
+            pos += size
+        return pos > n
+    if n >= 12 and data[:4] == b"RIFF":
+        size, = struct.unpack("<I", data[4:8])
+        return size + 8 > n
+    if n >= 4 and data[:4] == b"\x1a\x45\xdf\xa3":
+        pos = 4
+        header_size, pos = _ebml_vint(data, pos)
+        if header_size is None:
+            return True
+        pos += header_size
+        if data[pos:pos + 4] != b"\x18\x53\x80\x67":  # Segment
+            return pos > n
+        seg_size, pos = _ebml_vint(data, pos + 4)
+        if seg_size is None:
+            return True
+        return seg_size >= 0 and pos + seg_size > n
+    return False
+
+
+def _ebml_vint(data: bytes, pos: int) -> tuple[int | None, int]:
+    """An EBML size at `pos`: (value or -1 for 'unknown', position after it); None if cut."""
+    if pos >= len(data):
+        return None, pos
+    first = data[pos]
+    width = 1
+    while width <= 8 and not first & (0x80 >> (width - 1)):
+        width += 1
+    if width > 8 or pos + width > len(data):
+        return None, pos
+    value = first & (0xFF >> width)
+    for b in data[pos + 1:pos + width]:
+        value = (value << 8) | b
+    if value == (1 << (7 * width)) - 1:
+        value = -1
+    return value, pos + width
+
+
+def open_video(data: bytes):
+    """(container, video stream) from bytes, or BadSample with the reason."""
+    if not data:
+        raise BadSample(EMPTY, "0 bytes")
+    try:
+        container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        reason = TRUNCATED if declared_size_exceeds(data) else UNDECODABLE
+        raise BadSample(reason, str(e)) from None
+    if not container.streams.video:
+        container.close()
+        raise BadSample(NO_VIDEO, f"streams: {[s.type for s in container.streams]}")
+    stream = container.streams.video[0]
+    # One decoding thread per worker: parallelism comes from DataLoader workers, and
+    # FFmpeg's own threads would fight them for the same cores.
+    stream.thread_type = "SLICE"
+    stream.codec_context.thread_count = 1
+    return container, stream
+
+
+@dataclasses.dataclass
+class ClipInfo:
+    """What the sampler needs to know about a video before decoding it."""
+
+    width: int
+    height: int
+    fps: float  # average frame rate
+    frames: int | None  # decodable frames, if known
+    start: float  # time of the first frame, seconds
+    last: float | None  # time of the last frame, seconds, if known
+
+
+def clip_info(stream, container, meta: dict | None) -> ClipInfo:
+    """Prefer the as-decoded numbers make_shards stored; fall back to container headers."""
+    meta = meta or {}
+    ctx = stream.codec_context
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    fps = float(meta.get("fps") or (rate if rate else 0) or 0)
+    if fps <= 0:
+        fps = 25.0  # only used for tolerances and stride when the file states no rate
+    start = meta.get("start_time")
+    if start is None:
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    frames = meta.get("frames")
+    last = meta.get("last_time")
+    if last is None and frames:
+        last = start + (frames - 1) / fps
+    if last is None:
+        if stream.duration:
+            last = start + float(stream.duration * stream.time_base) - 1.0 / fps
+        elif container.duration and len(container.streams) == 1:
+            last = start + container.duration / 1e6 - 1.0 / fps
+        if frames is None and stream.frames:
+            frames = stream.frames
+    return ClipInfo(width=int(meta.get("width") or ctx.width), height=int(meta.get("height") or ctx.height),
+                    fps=fps, frames=frames, start=float(start), last=last)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def frame_step(video: VideoConfig, info: ClipInfo) -> float:
+    """Seconds between output frames: 1/fps when resampling, else stride source frames."""
+    return 1.0 / video.fps if video.fps else video.stride / info.fps
+
+
+def choose_bucket(video: VideoConfig, info: ClipInfo) -> tuple[int, int, int]:
+    """(height, width, frames): the configured size, or the nearest aspect/length bucket."""
+    if not video.buckets:
+        return video.height, video.width, video.frames
+    dt = frame_step(video, info)
+    span = _available(info)
+    fitting = []
+    for b in video.buckets:
+        h, w, f = (int(x) for x in b)
+        if span is None or (f - 1) * dt <= span + 0.5 / info.fps:
+            fitting.append((abs(math.log((info.width / info.height) / (w / h))), -f, h, w, f))
+    if not fitting:
+        raise BadSample(TOO_FEW, f"shortest bucket needs more than the {span:.3f}s available")
+    _, _, h, w, f = min(fitting)
+    return h, w, f
+
+
+def _available(info: ClipInfo) -> float | None:
+    return None if info.last is None else info.last - info.start
+
+
+def plan_times(video: VideoConfig, info: ClipInfo, frames: int, rng: random.Random, train: bool) -> list[float]:
+    """Timestamps (seconds) of the frames to take: random start for training, centred otherwise."""
+    dt = frame_step(video, info)
+    span = (frames - 1) * dt
+    avail = _available(info)
+    if avail is None:
+        raise BadSample(UNDECODABLE, "duration unknown")  # caller measures it by decoding first
+    tol = 0.5 / info.fps
+    if span > avail + tol:
+        raise BadSample(TOO_FEW, f"needs {span:.3f}s for {frames} frames, has {avail:.3f}s")
+    slack = max(avail - span, 0.0)
+    # Start on the source frame grid so each target lands on a frame, not between two.
+    starts = int(math.floor(slack * info.fps + 1e-6))
+    first = rng.randint(0, starts) if (train and video.random_start) else starts // 2
+    t0 = info.start + first / info.fps
+    return [t0 + i * dt for i in range(frames)]
+
+
+def crop_box(video: VideoConfig, src_w: int, src_h: int, out_h: int, out_w: int, rng: random.Random,
+             train: bool) -> tuple[int, int, int, int]:
+    """(scaled_w, scaled_h, x0, y0): resize to cover out_h x out_w keeping aspect, then crop."""
+    if src_w < 1 or src_h < 1:
+        raise BadSample(TOO_SMALL, f"{src_w}x{src_h}")
+    scale = max(out_h / src_h, out_w / src_w)
+    if scale > video.max_upscale:
+        raise BadSample(TOO_SMALL, f"{src_w}x{src_h} needs x{scale:.1f} upscaling to {out_h}x{out_w} "
+                                   f"(data.video.max_upscale={video.max_upscale})")
+    sw, sh = max(out_w, round(src_w * scale)), max(out_h, round(src_h * scale))
+    if train and video.random_crop:
+        return sw, sh, rng.randint(0, sw - out_w), rng.randint(0, sh - out_h)
+    return sw, sh, (sw - out_w) // 2, (sh - out_h) // 2
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _to_rgb(frame, sw: int, sh: int, x0: int, y0: int, out_h: int, out_w: int) -> np.ndarray:
+    """Resize in swscale (cheaper than full-size RGB then resize), crop, drop alpha onto black."""
+    alpha = any(c.is_alpha for c in frame.format.components)
+    img = frame.reformat(width=sw, height=sh, format="rgba" if alpha else "rgb24",
+                         interpolation="BILINEAR").to_ndarray()
+    img = img[y0:y0 + out_h, x0:x0 + out_w]
+    if alpha:
+        a = img[..., 3:4].astype(np.uint16)
+        img = (img[..., :3].astype(np.uint16) * a // 255).astype(np.uint8)
+    return img
+
+
+def _frame_time(frame, index: int, fps: float) -> float:
+    return float(frame.time) if frame.pts is not None and frame.time is not None else index / fps
+
+
+def _measure(container, stream, info: ClipInfo) -> ClipInfo:
+    """Decode timestamps once when neither metadata nor headers give the clip's length."""
+    n, last = 0, None
+    for packet in container.demux(stream):
+        for frame in packet.decode():
+            last = _frame_time(frame, n, info.fps)
+            n += 1
+    if n == 0:
+        raise BadSample(UNDECODABLE, "no frame decoded")
+    container.seek(0)
+    return dataclasses.replace(info, frames=n, last=last)
+
+
+def decode_frames(container, stream, info: ClipInfo, times: list[float], convert: Callable) -> tuple[np.ndarray, int]:
+    """Frames nearest to `times`, converted; returns (uint8 [F, H, W, 3], frames decoded)."""
+    tol = 0.5 / info.fps
+    seeked = times[0] - info.start > tol
+    if seeked:
+        # Lands on the keyframe at or before t0; frames in between are decoded and dropped.
+        container.seek(max(int(times[0] / float(stream.time_base)), 0), stream=stream, backward=True,
+                       any_frame=False)
+    out: list[np.ndarray | None] = [None] * len(times)
+    decoded, j = 0, 0
+    prev, prev_t, prev_img = None, None, None
+    try:
+        for frame in container.decode(stream):
+            t = _frame_time(frame, decoded, info.fps)
+            if decoded == 0 and seeked and t > times[0] + tol:
+                # Some demuxers land after the target; start over from the beginning.
+                container.seek(0)
+                seeked = False
+                continue
+            decoded += 1
+            img = None
+            while j < len(times) and t >= times[j] - 1e-6:
+                if prev is not None and times[j] - prev_t < t - times[j]:
+                    if prev_img is None:
+                        prev_img = convert(prev)
+                    out[j] = prev_img
+                else:
+                    if img is None:
+                        img = convert(frame)
+                    out[j] = img
+                j += 1
+            if j == len(times):
+                break
+            prev, prev_t, prev_img = frame, t, img
+    except av.error.FFmpegError as e:
+        raise BadSample(TRUNCATED if decoded else UNDECODABLE, str(e)) from None
+    while j < len(times) and prev is not None and times[j] - prev_t <= 2 * tol:
+        out[j] = prev_img if prev_img is not None else convert(prev)
+        prev_img = out[j]
+        j += 1
+    if j < len(times):
+        reason = TOO_FEW if decoded else UNDECODABLE
+        raise BadSample(reason, f"stream ended after {decoded} decoded frames, wanted frame at {times[j]:.3f}s")
+    return np.stack(out), decoded
+
+
+def sample_rng(seed: int, key: str, salt: Any = 0) -> random.Random:
+    """A generator for one sample's clip start and crop: the same for the same seed and key."""
+    digest = hashlib.sha256(f"{seed}:{salt}:{key}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def video_member(sample: dict) -> tuple[str, bytes]:
+    for ext in VIDEO_EXTS:
+        if ext in sample:
+            return ext, sample[ext]
+    raise BadSample(NO_VIDEO_MEMBER, f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+
+
+def decode_sample(sample: dict, video: VideoConfig, rng: random.Random, train: bool) -> dict:
+    """One raw WebDataset sample -> the output dict, or BadSample."""
+    ext, data = video_member(sample)
+    meta = json.loads(sample["json"]) if sample.get("json") else {}
+    caption = sample["txt"].decode("utf-8") if isinstance(sample.get("txt"), bytes) else sample.get("txt", "")
+    if not data:
+        raise BadSample(EMPTY, "0 bytes")
+    if declared_size_exceeds(data):
+        raise BadSample(TRUNCATED, f"container declares more than the {len(data)} bytes present")
+    container, stream = open_video(data)
+    try:
+        info = clip_info(stream, container, meta)
+        if info.last is None:
+            info = _measure(container, stream, info)
+        out_h, out_w, frames = choose_bucket(video, info)
+        min_frames = video.min_frames if video.min_frames is not None else frames
+        if info.frames is not None and info.frames < min_frames:
+            raise BadSample(TOO_FEW, f"{info.frames} decodable frames < {min_frames} (data.video.min_frames)")
+        times = plan_times(video, info, frames, rng, train)
+        sw, sh, x0, y0 = crop_box(video, info.width, info.height, out_h, out_w, rng, train)
+        pixels, decoded = decode_frames(
+            container, stream, info, times, lambda f: _to_rgb(f, sw, sh, x0, y0, out_h, out_w))
+    finally:
+        container.close()
+    clip = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    meta = dict(meta, ext=ext, clip_start=times[0], clip_fps=1.0 / frame_step(video, info) if frames > 1 else info.fps,
+                crop=[x0, y0, out_w, out_h], resized=[sw, sh], decoded_frames=decoded, bucket=[out_h, out_w, frames])
+    return {"video": clip, "image": clip[0].clone(), "caption": caption, "__key__": sample["__key__"], "meta": meta}
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class CountingHandler:
+    """A WebDataset error handler that counts failures by reason instead of only warning."""
+
+    def __init__(self, bad: BadSamples):
+        self.bad = bad
+
+    def __call__(self, exn: Exception) -> bool:
+        where = next((a for a in exn.args[1:] if isinstance(a, str)), "?")
+        self.bad.add_bad(where, SHARD_ERROR, str(exn.args[0]) if exn.args else type(exn).__name__)
+        return True
+
+
+def raw_samples(urls: Iterable[str], bad: BadSamples) -> Iterator[dict]:
+    """Shard URLs -> raw samples ({"__key__", "mp4", "txt", "json", ...}), shard errors counted."""
+    handler = CountingHandler(bad)
+    stream = tariterators.url_opener(({"url": u} for u in urls), handler=handler)
+    files = tariterators.tar_file_expander(stream, handler=handler)
+    return tariterators.group_by_keys(files, handler=handler)
+
+
+def decoded(samples: Iterable[dict], video: VideoConfig, bad: BadSamples, train: bool, seed: int,
+            salt: Any = 0) -> Iterator[dict]:
+    """Raw samples -> clips; bad ones counted by reason and key, then skipped."""
+    for sample in samples:
+        key = sample.get("__key__", "?")
+        rng = random.Random(salt.getrandbits(64)) if isinstance(salt, random.Random) else sample_rng(seed, key, salt)
+        try:
+            clip = decode_sample(sample, video, rng, train)
+        except BadSample as e:
+            bad.add_bad(f"{sample.get('__url__', '?')}:{key}", e.reason, e.detail)
+            continue
+        bad.add_good()
+        yield clip
+
+
+def shuffle_buffer(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Seeded reservoir shuffle: emit a random element of a buffer of `size` samples."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: list = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) >= size:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def grouped_by_bucket(clips: Iterable[dict], group: int) -> Iterator[dict]:
+    """Reorder so every `group` consecutive clips share a bucket (homogeneous batches).
+
+    Partial groups left at the end of the stream are dropped, like drop_last.
+    """
+    pending: dict[tuple, list] = {}
+    for c in clips:
+        k = tuple(c["video"].shape)
+        pending.setdefault(k, []).append(c)
+        if len(pending[k]) == group:
+            yield from pending.pop(k)
+
+
+def check_video_config(video: VideoConfig) -> None:
+    for i, b in enumerate(video.buckets):
+        if not (isinstance(b, (list, tuple)) and len(b) == 3 and all(isinstance(x, int) and x > 0 for x in b)):
+            raise ConfigError(f"data.video.buckets[{i}]: is {b!r}, expected [height, width, frames] positive ints")
+    if video.fps is not None and video.fps <= 0:
+        raise ConfigError(f"data.video.fps: is {video.fps}, expected > 0 or null")
+    if video.max_upscale <= 0:
+        raise ConfigError(f"data.video.max_upscale: is {video.max_upscale}, expected > 0")
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def iter_shard_clips(url: str, video: VideoConfig, *, train: bool = False, seed: int = 0,
+                     bad: BadSamples | None = None) -> Iterator[dict]:
+    """Clips of ONE shard in stored order (no shuffle, no split); bad samples counted and skipped.
+
+    With train=False the clip is centred in time and centre-cropped; `seed` only matters
+    for train=True. Pass `bad` to share a counter (and its max-bad-fraction stop) across shards.
+    """
+    check_video_config(video)
+    bad = bad if bad is not None else BadSamples()
+    yield from decoded(raw_samples([url], bad), video, bad, train, seed)
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world) from torch.distributed when initialised, else RANK/WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class VideoClips(torch.utils.data.IterableDataset):
+    """Streaming clips for one rank: its shards split again by DataLoader worker.
+
+    Finite mode: each (rank, worker) slot reads a disjoint, seeded-shuffled subset of shards
+    once per epoch (`set_epoch` changes the order). Resampled mode: each slot draws from its
+    own subset with replacement, forever. Counts of bad samples live in `self.bad` (per process).
+    """
+
+    def __init__(self, urls: list[str], video: VideoConfig, *, rank: int, world_size: int, seed: int,
+                 train: bool, shuffle_buffer: int, resampled: bool, bad: BadSamples, batch_group: int = 1):
+        self.urls, self.video, self.rank, self.world_size = urls, video, rank, world_size
+        self.seed, self.train, self.buffer, self.resampled = seed, train, shuffle_buffer, resampled
+        self.bad, self.batch_group, self.epoch = bad, batch_group, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _slot(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def _shard_stream(self, mine: list[str], slot_seed: int) -> Iterator[str]:
+        if not self.resampled:
+            yield from (shuffled(mine, slot_seed) if self.train else mine)
+            return
+        rng = random.Random(slot_seed)
+        while True:
+            yield rng.choice(mine)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = self._slot()
+        mine = split_for(self.urls, self.rank, self.world_size, worker, workers)
+        slot_seed = hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF
+        stream: Iterable[dict] = raw_samples(self._shard_stream(mine, slot_seed), self.bad)
+        # Resampled streams revisit keys, so each visit draws its own start and crop.
+        salt = random.Random(slot_seed + 2) if self.resampled else self.epoch
+        stream = decoded(stream, self.video, self.bad, self.train, self.seed, salt=salt)
+        if self.train:
+            stream = shuffle_buffer(stream, self.buffer, random.Random(slot_seed + 1))
+        if self.batch_group > 1:
+            stream = grouped_by_bucket(stream, self.batch_group)
+        return iter(stream)
+
+
+def build_video_dataset(cfg: Config, rank: int, world_size: int, train: bool = True) -> VideoClips:
+    """The streaming clip dataset of `data.video_shards` for one rank.
+
+    Use it with `DataLoader(ds, batch_size=cfg.train.micro_batch_size, num_workers=cfg.data.num_workers)`;
+    with `data.video.buckets` set, consecutive micro-batches are reordered to share a bucket.
+    Evaluation (train=False) reads each shard once, in order, centred and centre-cropped.
+    """
+    d = cfg.data
+    check_video_config(d.video)
+    if not d.video_shards:
+        raise DataError("data.video_shards: not set (a directory, a .tar path, a brace pattern or a URL)")
+    urls = expand_shards(d.video_shards, "data.video_shards", allow_pipe=d.allow_pipe)
+    bad = BadSamples(d.max_bad_fraction, d.min_samples_for_bad_check)
+    group = cfg.train.micro_batch_size if d.video.buckets else 1
+    return VideoClips(urls, d.video, rank=rank, world_size=world_size, seed=cfg.run.seed, train=train,
+                      shuffle_buffer=d.shuffle_buffer, resampled=d.resampled and train, bad=bad, batch_group=group)
