@@ -1,0 +1,152 @@
+"""Synthetic captioned clips for the demo and tests: one coloured shape moving where the caption says.
+
+"a red square moving left" - the first frame fixes the shape, colour and position, and the caption
+fixes the direction, so an I2V model has exactly what it needs to predict the motion. Clips are
+written as `{key}.mp4` (H.264 through PyAV) + `{key}.txt`, the folder layout `make_shards` reads.
+
+    python -m i2v.data_prep.synthetic --output DIR --clips 48 [--seed 0 --heldout DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+from dataclasses import dataclass
+
+import av
+import numpy as np
+from PIL import Image
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 190, 70), "blue": (50, 90, 230), "yellow": (235, 215, 40),
+    "white": (240, 240, 240), "purple": (150, 60, 200), "orange": (245, 140, 30), "cyan": (40, 210, 220),
+}
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    shape: str
+    colour: str
+    direction: str
+    x: float  # centre of the shape in frame 0, pixels
+    y: float
+    size: int  # half-width of the shape, pixels
+    speed: float  # pixels per frame
+    background: tuple[int, int, int]
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.colour} {self.shape} moving {self.direction}"
+
+
+def random_spec(rng: random.Random, width: int, height: int, frames: int) -> ClipSpec:
+    """A random clip whose shape stays fully inside the frame for all `frames`."""
+    shape, colour, direction = rng.choice(SHAPES), rng.choice(sorted(COLOURS)), rng.choice(sorted(DIRECTIONS))
+    size = rng.randint(max(3, min(width, height) // 10), max(4, min(width, height) // 6))
+    speed = rng.uniform(1.5, 3.0)
+    travel = speed * (frames - 1)
+    dx, dy = DIRECTIONS[direction]
+
+    def start(extent: int, d: int) -> float:
+        lo, hi = size + 1, extent - size - 1
+        if d < 0:
+            lo += travel
+        elif d > 0:
+            hi -= travel
+        if hi < lo:  # the frame is too small for this speed: start in the middle
+            return extent / 2
+        return rng.uniform(lo, hi)
+
+    grey = rng.randint(20, 90)
+    background = tuple(int(np.clip(grey + rng.randint(-15, 15), 0, 255)) for _ in range(3))
+    return ClipSpec(shape, colour, direction, start(width, dx), start(height, dy), size, speed, background)
+
+
+def render(spec: ClipSpec, index: int, width: int, height: int) -> np.ndarray:
+    """Frame `index` of the clip as uint8 [H, W, 3]."""
+    dx, dy = DIRECTIONS[spec.direction]
+    cx, cy = spec.x + dx * spec.speed * index, spec.y + dy * spec.speed * index
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    u, v = xx - cx, yy - cy
+    s = spec.size
+    if spec.shape == "square":
+        mask = (np.abs(u) <= s) & (np.abs(v) <= s)
+    elif spec.shape == "circle":
+        mask = u * u + v * v <= s * s
+    else:  # an upward triangle: base at v = s, apex at v = -s
+        mask = (v <= s) & (v >= -s) & (np.abs(u) <= (v + s) / 2)
+    img = np.empty((height, width, 3), np.uint8)
+    img[:] = spec.background
+    img[mask] = COLOURS[spec.colour]
+    return img
+
+
+def write_mp4(path: str, frames: list[np.ndarray], fps: int) -> None:
+    h, w = frames[0].shape[:2]
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"bf": "0", "crf": "18"}
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def make_clips(output: str, clips: int, *, seed: int = 0, frames: int = 12, width: int = 64, height: int = 64,
+               fps: int = 8) -> list[ClipSpec]:
+    """Write `clips` clips as clip-NNNNN.mp4 + .txt into `output`; returns their specs."""
+    os.makedirs(output, exist_ok=True)
+    rng = random.Random(f"synthetic-{seed}")
+    specs = []
+    for i in range(clips):
+        spec = random_spec(rng, width, height, frames)
+        base = os.path.join(output, f"clip-{i:05d}")
+        write_mp4(base + ".mp4", [render(spec, t, width, height) for t in range(frames)], fps)
+        with open(base + ".txt", "w") as f:
+            f.write(spec.caption)
+        specs.append(spec)
+    return specs
+
+
+def make_heldout(output: str, *, seed: int = 0, frames: int = 12, width: int = 64, height: int = 64,
+                 fps: int = 8, name: str = "heldout") -> tuple[str, str]:
+    """A clip not in the training set: its first frame as PNG, its caption, and the full clip for reference.
+
+    Returns (png path, caption).
+    """
+    os.makedirs(output, exist_ok=True)
+    spec = random_spec(random.Random(f"heldout-{seed}"), width, height, frames)
+    base = os.path.join(output, name)
+    Image.fromarray(render(spec, 0, width, height)).save(base + ".png")
+    write_mp4(base + ".mp4", [render(spec, t, width, height) for t in range(frames)], fps)
+    with open(base + ".txt", "w") as f:
+        f.write(spec.caption)
+    return base + ".png", spec.caption
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Write synthetic captioned clips (mp4 + txt) of moving shapes.")
+    p.add_argument("--output", required=True, help="folder for clip-NNNNN.mp4 / .txt")
+    p.add_argument("--clips", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--heldout", default=None, help="also write heldout.png / .txt / .mp4 into this folder")
+    a = p.parse_args(argv)
+    geometry = dict(frames=a.frames, width=a.width, height=a.height, fps=a.fps)
+    make_clips(a.output, a.clips, seed=a.seed, **geometry)
+    print(f"wrote {a.clips} clips to {a.output}")
+    if a.heldout:
+        png, caption = make_heldout(a.heldout, seed=a.seed, **geometry)
+        print(f"held-out first frame: {png} ({caption!r})")
+
+
+if __name__ == "__main__":
+    main()
