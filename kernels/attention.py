@@ -73,13 +73,15 @@ def _configs(outer: str, inner: str, outer_sizes, inner_sizes, warps, stages):
     ]
 
 
-def _hopper_prune(outer: str, inner: str, tiles_per_stage: int, resident_tiles: int):
-    """Drop configs that cannot fit or cannot feed wgmma well on an H100/H200.
+def _hopper_prune(outer: str, inner: str, tiles_per_stage: int, resident_tiles: int, acc_tiles: int,
+                  min_inner_16bit: int = 32):
+    """Drop configs that cannot fit or cannot feed wgmma well on an H100/H200 (saves tuning time).
 
     Shared memory (227 KB per block on Hopper) must hold the resident tiles (the block this
-    program owns) plus `num_stages` copies of the streamed tiles; 4 warps (one warpgroup)
-    with a 128-row fp32 accumulator of width 128 spills registers; 8 warps on a 64-row block
-    leave each warpgroup only 32 rows, below wgmma's 64.
+    program owns) plus `num_stages` copies of the streamed tiles; the fp32 accumulators
+    (`acc_tiles` of outer x head_dim) must leave registers for the rest (<= 128 per thread);
+    each warpgroup (4 warps) of a wgmma needs 64 rows of the owned block; for 16-bit inputs,
+    streamed blocks shorter than `min_inner_16bit` are too short a step to hide their loads.
     """
 
     def prune(configs, named_args, **kwargs):
@@ -90,13 +92,12 @@ def _hopper_prune(outer: str, inner: str, tiles_per_stage: int, resident_tiles: 
         for c in configs:
             bo, bi = c.kwargs[outer], c.kwargs[inner]
             smem = (resident_tiles * bo + c.num_stages * tiles_per_stage * bi) * d * elt
-            if smem > 200 * 1024:
+            acc_regs = acc_tiles * bo * d // (32 * c.num_warps)
+            if smem > 200 * 1024 or acc_regs > 128 or bo < 16 * c.num_warps:
                 continue
-            if bo == 128 and d == 128 and c.num_warps == 4:
+            if elt == 4 and bo * bi > 64 * 64:  # fp32 operands double smem and registers
                 continue
-            if bo == 64 and c.num_warps == 8:
-                continue
-            if elt == 4 and bo * bi > 64 * 64:  # fp32 tiles double the footprint and the regs
+            if elt == 2 and bi < min_inner_16bit:
                 continue
             kept.append(c)
         return kept or configs[:1]
@@ -143,7 +144,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, lo, hi, n_k, stride_kn, stride_
 @triton.autotune(
     configs=_configs("BLOCK_M", "BLOCK_N", (64, 128), (32, 64, 128), (4, 8), (2, 3, 4)),
     key=["N_Q", "N_K", "HEAD_DIM"],
-    prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_M", "BLOCK_N", 2, 1)},
+    prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_M", "BLOCK_N", 2, 1, 1, 64)},
 )
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
@@ -248,7 +249,7 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, hi, n
 @triton.autotune(
     configs=_configs("BLOCK_N", "BLOCK_M", (64, 128), (32, 64), (4, 8), (2, 3)),
     key=["N_Q", "N_K", "HEAD_DIM"],
-    prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_N", "BLOCK_M", 2, 2)},
+    prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_N", "BLOCK_M", 2, 2, 2)},
 )
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -331,7 +332,7 @@ def _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, lo, hi, n_k,
 @triton.autotune(
     configs=_configs("BLOCK_M", "BLOCK_N", (64, 128), (32, 64), (4, 8), (2, 3)),
     key=["N_Q", "N_K", "HEAD_DIM"],
-    prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_M", "BLOCK_N", 2, 3)},
+    prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_M", "BLOCK_N", 2, 2, 1)},
 )
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
@@ -402,8 +403,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def _flags(dtype: torch.dtype):
     upcast = _INTERPRET and dtype == torch.bfloat16
-    tf32 = dtype == torch.float32 and not _INTERPRET and torch.backends.cuda.matmul.allow_tf32
-    return upcast, ("tf32" if tf32 else "ieee")
+    # input_precision only matters for fp32 operands; 16-bit dots keep triton's default.
+    ieee = dtype == torch.float32 and (_INTERPRET or not torch.backends.cuda.matmul.allow_tf32)
+    return upcast, ("ieee" if ieee else "tf32")
 
 
 def _bshd_like(t: torch.Tensor) -> torch.Tensor:
