@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import io
 import json
 import multiprocessing
@@ -153,6 +154,8 @@ def write_shard(out_dir: str, shard: int, results: list) -> dict:
     """Write one shard (temp name, then rename) and its record; returns the record."""
     record = {"shard": shard_name(shard), "inputs": [], "samples": 0, "frames": 0, "seconds": 0.0, "rejects": []}
     tar_path = os.path.join(out_dir, shard_name(shard))
+    for stale in glob.glob(glob.escape(tar_path) + ".tmp*"):
+        os.remove(stale)  # left by an interrupted run; one writer per output folder is assumed
     tmp = f"{tar_path}.tmp{os.getpid()}"
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for item, meta, data, reject in results:

@@ -131,8 +131,9 @@ def open_video(data: bytes):
         reason = TRUNCATED if declared_size_exceeds(data) else UNDECODABLE
         raise BadSample(reason, str(e)) from None
     if not container.streams.video:
+        kinds = [s.type for s in container.streams]
         container.close()
-        raise BadSample(NO_VIDEO, f"streams: {[s.type for s in container.streams]}")
+        raise BadSample(NO_VIDEO, f"streams: {kinds}")
     stream = container.streams.video[0]
     # One decoding thread per worker: parallelism comes from DataLoader workers, and
     # FFmpeg's own threads would fight them for the same cores.
@@ -429,6 +430,18 @@ def grouped_by_bucket(clips: Iterable[dict], group: int) -> Iterator[dict]:
             yield from pending.pop(k)
 
 
+def collate_clips(batch: list[dict]) -> dict:
+    """Stack `video` and `image`; keep captions, keys and metadata as lists (their fields vary)."""
+    shapes = {tuple(c["video"].shape) for c in batch}
+    if len(shapes) > 1:
+        keys = [c["__key__"] for c in batch]
+        raise DataError(f"clips of different shapes {sorted(shapes)} in one batch ({keys}); "
+                        "use data.video.buckets with a DataLoader batch_size of train.micro_batch_size")
+    return {"video": torch.stack([c["video"] for c in batch]), "image": torch.stack([c["image"] for c in batch]),
+            "caption": [c["caption"] for c in batch], "__key__": [c["__key__"] for c in batch],
+            "meta": [c["meta"] for c in batch]}
+
+
 def check_video_config(video: VideoConfig) -> None:
     for i, b in enumerate(video.buckets):
         if not (isinstance(b, (list, tuple)) and len(b) == 3 and all(isinstance(x, int) and x > 0 for x in b)):
@@ -505,13 +518,18 @@ class VideoClips(torch.utils.data.IterableDataset):
         return iter(stream)
 
 
-def build_video_dataset(cfg: Config, rank: int, world_size: int, train: bool = True) -> VideoClips:
+def build_video_dataset(cfg: Config, rank: int | None, world_size: int | None, train: bool = True) -> VideoClips:
     """The streaming clip dataset of `data.video_shards` for one rank.
 
-    Use it with `DataLoader(ds, batch_size=cfg.train.micro_batch_size, num_workers=cfg.data.num_workers)`;
+    rank/world_size None: taken from torch.distributed when initialised, else RANK/WORLD_SIZE.
+
+    Use it with `DataLoader(ds, batch_size=cfg.train.micro_batch_size, num_workers=cfg.data.num_workers,
+    collate_fn=collate_clips)`;
     with `data.video.buckets` set, consecutive micro-batches are reordered to share a bucket.
     Evaluation (train=False) reads each shard once, in order, centred and centre-cropped.
     """
+    if rank is None or world_size is None:
+        rank, world_size = dist_rank_world()
     d = cfg.data
     check_video_config(d.video)
     if not d.video_shards:
