@@ -75,7 +75,7 @@ def split_for(urls: list[str], rank: int, world: int, worker: int, workers: int)
     return urls[slot::slots]
 
 
-def shuffled(items: list, seed: int) -> list:
+def shuffled(items: list, seed: int | str) -> list:
     out = list(items)
     random.Random(seed).shuffle(out)
     return out

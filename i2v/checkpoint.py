@@ -1,0 +1,247 @@
+"""Atomic DeepSpeed checkpoints and resume.
+
+Layout under `run.output_dir/checkpoints/`:
+
+    step-00000040/            a committed checkpoint: DeepSpeed's files, rng/, COMMITTED.json
+    tmp-step-00000060/        being written (or orphaned by a crash: removed on the next start)
+    latest                    the newest committed tag, replaced atomically
+
+A save writes under a temporary tag, every rank adds its RNG state, rank 0 records the size
+and sha256 of every file in COMMITTED.json, renames the directory to its final tag (the commit)
+and only then moves `latest`. A directory without COMMITTED.json is never resumed from, and a
+file whose size or hash differs from the record marks the checkpoint corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+from i2v.distributed import DistEnv, barrier
+from i2v.errors import CheckpointError
+from i2v.faults import maybe_fault
+
+MARKER = "COMMITTED.json"
+TAG_RE = re.compile(r"^step-(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) generator states as JSON-safe values (nothing pickled)."""
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": _numpy_state(),
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _numpy_state() -> list:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+
+
+def set_rng_state(state: dict) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, g = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, g))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# --------------------------------------------------------------------------- checkpointer
+
+
+class Checkpointer:
+    def __init__(self, root: str, keep_last: int, env: DistEnv):
+        self.root, self.keep_last, self.env = root, keep_last, env
+        if env.is_main:
+            os.makedirs(root, exist_ok=True)
+        barrier()
+
+    # -- listing ----------------------------------------------------------------
+
+    def committed_tags(self) -> list[str]:
+        """Committed tags, newest first."""
+        if not os.path.isdir(self.root):
+            return []
+        tags = [t for t in os.listdir(self.root) if TAG_RE.match(t) and os.path.isfile(os.path.join(self.root, t, MARKER))]
+        return sorted(tags, reverse=True)
+
+    def clean_orphans(self) -> list[str]:
+        """Remove directories a crashed save left behind (rank 0 only)."""
+        removed = []
+        if self.env.is_main and os.path.isdir(self.root):
+            for name in os.listdir(self.root):
+                path = os.path.join(self.root, name)
+                uncommitted = TAG_RE.match(name) and not os.path.isfile(os.path.join(path, MARKER))
+                if os.path.isdir(path) and (name.startswith("tmp-") or uncommitted):
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(name)
+        barrier()
+        return removed
+
+    # -- saving -----------------------------------------------------------------
+
+    def save(self, engine, step: int, client_state: dict) -> str:
+        tag = tag_for(step)
+        tmp_tag = f"tmp-{tag}"
+        tmp_dir = os.path.join(self.root, tmp_tag)
+        engine.save_checkpoint(self.root, tag=tmp_tag, client_state=client_state, save_latest=False)
+        os.makedirs(os.path.join(tmp_dir, "rng"), exist_ok=True)
+        _write_atomic(os.path.join(tmp_dir, "rng", f"rank-{self.env.rank}.json"), json.dumps(rng_state()))
+        maybe_fault("mid_checkpoint", self.env.rank, step)
+        barrier()
+        if self.env.is_main:
+            files = {}
+            for dirpath, _, names in os.walk(tmp_dir):
+                for n in sorted(names):
+                    p = os.path.join(dirpath, n)
+                    files[os.path.relpath(p, tmp_dir)] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
+            marker = {"step": step, "world_size": self.env.world_size, "files": files}
+            _write_atomic(os.path.join(tmp_dir, MARKER), json.dumps(marker, indent=1, sort_keys=True))
+            final = os.path.join(self.root, tag)
+            if os.path.exists(final):  # a stale copy of the same step from an earlier attempt
+                shutil.rmtree(final)
+            os.rename(tmp_dir, final)  # the commit
+            _fsync_dir(self.root)
+            _write_atomic(os.path.join(self.root, "latest"), tag)
+            self._prune()
+        barrier()
+        return tag
+
+    def _prune(self) -> None:
+        # Never deletes the newest committed checkpoint: keep_last >= 1 is enforced by the config.
+        for tag in self.committed_tags()[self.keep_last :]:
+            shutil.rmtree(os.path.join(self.root, tag), ignore_errors=True)
+
+    # -- loading ----------------------------------------------------------------
+
+    def verify(self, tag: str) -> None:
+        """Raise CheckpointError if a file of `tag` is missing, truncated or altered."""
+        path = os.path.join(self.root, tag)
+        try:
+            with open(os.path.join(path, MARKER)) as f:
+                marker = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path}: unreadable commit marker {MARKER}: {e}") from None
+        for rel, rec in marker["files"].items():
+            p = os.path.join(path, rel)
+            if not os.path.isfile(p):
+                raise CheckpointError(f"checkpoint {path}: file {rel} is missing")
+            size = os.path.getsize(p)
+            if size != rec["size"]:
+                raise CheckpointError(f"checkpoint {path}: file {rel} is {size} bytes, expected {rec['size']} (truncated?)")
+            if _sha256(p) != rec["sha256"]:
+                raise CheckpointError(f"checkpoint {path}: file {rel} does not match its recorded sha256 (corrupt)")
+
+    def choose(self, fallback: bool) -> tuple[str | None, list[str]]:
+        """The newest committed tag that verifies; corrupt ones are reported (and skipped if allowed)."""
+        problems = []
+        for tag in self.committed_tags():
+            try:
+                self.verify(tag)
+                return tag, problems
+            except CheckpointError as e:
+                if not fallback:
+                    raise CheckpointError(f"{e}; set checkpoint.fallback_on_corrupt=true to resume from an older one") from None
+                problems.append(str(e))
+        return None, problems
+
+    def load(self, engine, tag: str) -> dict:
+        """Load `tag` into the engine; returns its client state. RNG states are restored last."""
+        path = os.path.join(self.root, tag)
+        with open(os.path.join(path, MARKER)) as f:
+            marker = json.load(f)
+        if marker["world_size"] != self.env.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {marker['world_size']} rank(s), this run has {self.env.world_size}: "
+                "the ZeRO optimizer partitions and the per-rank data streams cannot be resharded here; "
+                f"relaunch with {marker['world_size']} ranks, or export the weights and start a new run"
+            )
+        load_path, client_state = engine.load_checkpoint(self.root, tag=tag, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
+        rng_file = os.path.join(path, "rng", f"rank-{self.env.rank}.json")
+        with open(rng_file) as f:
+            set_rng_state(json.load(f))
+        return client_state
+
+
+def consolidated_state_dict(checkpoint_dir: str) -> dict:
+    """fp32 weights of the model from a checkpoint directory (any ZeRO stage), on the CPU."""
+    checkpoint_dir = os.path.abspath(checkpoint_dir.rstrip("/"))
+    if not os.path.isdir(checkpoint_dir):
+        raise CheckpointError(f"checkpoint directory not found: {checkpoint_dir}")
+    root, tag = os.path.split(checkpoint_dir)
+    if os.path.isfile(os.path.join(checkpoint_dir, "latest")):  # given the checkpoints/ root
+        root = checkpoint_dir
+        with open(os.path.join(root, "latest")) as f:
+            tag = f.read().strip()
+    files = os.listdir(os.path.join(root, tag))
+    if any("optim_states" in f for f in files):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+    states = os.path.join(root, tag, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(states):
+        raise CheckpointError(f"{os.path.join(root, tag)} holds no DeepSpeed model states")
+    return {k: v.float() for k, v in torch.load(states, map_location="cpu", weights_only=True)["module"].items()}
+
+
+def load_trained_transformer(cfg, checkpoint_dir: str):
+    """The trained DiT of a checkpoint, built from the run's config, in eval mode."""
+    from i2v.model import build_transformer
+
+    model = build_transformer(cfg.model, seed=cfg.run.seed)
+    state = consolidated_state_dict(checkpoint_dir)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {checkpoint_dir} does not fit model {cfg.model.pretrained or 'model.arch'}: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model.eval()

@@ -1,0 +1,326 @@
+"""Latent shards: the format shared by the precompute job (writer) and the trainer (reader).
+
+A latent shard is a WebDataset tar. Each sample has two members:
+
+- `{key}.latents.safetensors` with
+  - `video_latents` [F, C, h, w]: VAE latents, frames first as the transformer takes them, already
+    multiplied by the VAE scaling factor;
+  - `image_latents` [K, 1, C, h, w]: K draws of vae.encode(frame0 + sigma * eps) * scaling_factor
+    (the first frame plus a little noise, never noise alone);
+  - `prompt_embeds` [L, D]: the text encoder's output, padded/truncated to L tokens.
+- `{key}.json`: metadata (source key, frames, fps, size, scaling factor, sigmas, encoder identity).
+
+Beside the shards, `empty_prompt.safetensors` holds the empty prompt's embedding once (for
+classifier-free-guidance dropout) and `manifest.json` describes the dataset. Nothing is pickled.
+
+The reader is a list of small generator stages: shard list -> per-(rank, worker) split ->
+tar members -> decode + validate -> seeded shuffle buffer -> pick one image draw ->
+same-shape batches. Bad samples are counted by reason and named by `__key__`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tarfile
+import time
+from typing import Iterator
+
+import torch
+import webdataset as wds
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from safetensors.torch import load_file, save_file
+
+from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for
+from i2v.errors import DataError
+
+TENSORS = ("video_latents", "image_latents", "prompt_embeds")
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class LatentShardWriter:
+    """Writes one latent shard atomically: to `path.tmp-<pid>`, renamed to `path` on a clean close.
+
+    A crash or exception leaves no file at `path`, so a later run never reads a partial shard.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.tmp = f"{self.path}.tmp-{os.getpid()}"
+        self.count = 0
+        self._tar = tarfile.open(self.tmp, "w")
+
+    def write(self, key: str, video_latents, image_latents, prompt_embeds, meta: dict | None = None) -> None:
+        check_sample_shapes(key, video_latents, image_latents, prompt_embeds)
+        tensors = {
+            "video_latents": video_latents.detach().contiguous().cpu(),
+            "image_latents": image_latents.detach().contiguous().cpu(),
+            "prompt_embeds": prompt_embeds.detach().contiguous().cpu(),
+        }
+        self._add(f"{key}.latents.safetensors", st_save(tensors))
+        self._add(f"{key}.json", json.dumps(meta or {}, sort_keys=True).encode())
+        self.count += 1
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0  # byte-identical shards on rerun
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._tar.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+    def __enter__(self) -> "LatentShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def save_empty_prompt(directory: str | os.PathLike, prompt_embeds: torch.Tensor) -> str:
+    path = os.path.join(directory, EMPTY_PROMPT_FILE)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({"prompt_embeds": prompt_embeds.detach().contiguous().cpu()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_empty_prompt(spec: str) -> torch.Tensor | None:
+    """The dataset's empty-prompt embedding [L, D], if the shard directory holds one."""
+    directory = spec if os.path.isdir(spec) else os.path.dirname(spec.split("{")[0])
+    path = os.path.join(directory, EMPTY_PROMPT_FILE)
+    if not os.path.isfile(path):
+        return None
+    return load_file(path)["prompt_embeds"]
+
+
+def check_sample_shapes(key: str, video_latents, image_latents, prompt_embeds) -> None:
+    """Raise DataError naming `key` unless the three tensors have the documented layout."""
+    if video_latents.dim() != 4:
+        raise DataError(f"{key}: video_latents must be [F, C, h, w], got shape {tuple(video_latents.shape)}")
+    if image_latents.dim() != 5 or image_latents.shape[1] != 1:
+        raise DataError(f"{key}: image_latents must be [K, 1, C, h, w], got shape {tuple(image_latents.shape)}")
+    if tuple(image_latents.shape[2:]) != tuple(video_latents.shape[1:]):
+        raise DataError(
+            f"{key}: image_latents {tuple(image_latents.shape)} do not match video_latents "
+            f"{tuple(video_latents.shape)} in [C, h, w]"
+        )
+    if prompt_embeds.dim() != 2:
+        raise DataError(f"{key}: prompt_embeds must be [L, D], got shape {tuple(prompt_embeds.shape)}")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def decode_sample(sample: dict, expect: dict | None = None) -> dict:
+    """Raw tar sample -> tensors and metadata; raises `_Bad(reason)` for a sample to skip."""
+    if "latents.safetensors" not in sample:
+        raise _Bad("missing key", f"no .latents.safetensors member (has {sorted(k for k in sample if not k.startswith('_'))})")
+    try:
+        tensors = st_load(sample["latents.safetensors"])
+    except Exception as e:  # safetensors raises several types for damaged bytes
+        raise _Bad("undecodable", str(e)[:200]) from None
+    missing = [t for t in TENSORS if t not in tensors]
+    if missing:
+        raise _Bad("missing key", f"no tensor {missing[0]!r} in latents.safetensors")
+    key = sample.get("__key__", "?")
+    try:
+        check_sample_shapes(key, *(tensors[t] for t in TENSORS))
+    except DataError as e:
+        raise _Bad("wrong shape", str(e)) from None
+    if expect:
+        v, p = tensors["video_latents"], tensors["prompt_embeds"]
+        if "channels" in expect and v.shape[1] != expect["channels"]:
+            raise _Bad("wrong shape", f"video_latents has {v.shape[1]} channels, the model takes {expect['channels']}")
+        if "text_dim" in expect and p.shape[1] != expect["text_dim"]:
+            raise _Bad("wrong shape", f"prompt_embeds dim {p.shape[1]}, the model takes {expect['text_dim']}")
+        if "text_len" in expect and p.shape[0] != expect["text_len"]:
+            raise _Bad("wrong shape", f"prompt_embeds length {p.shape[0]}, the model takes {expect['text_len']}")
+    for name in TENSORS:
+        if not torch.isfinite(tensors[name]).all():
+            raise _Bad("non-finite", f"{name} holds NaN or Inf")
+    meta = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError as e:
+            raise _Bad("undecodable", f"bad json: {e}") from None
+    return {"__key__": key, "__url__": sample.get("__url__", ""), **tensors, "meta": meta}
+
+
+class LatentDataset(torch.utils.data.IterableDataset):
+    """Streams same-shape batches of latent samples for one rank.
+
+    Each (rank, worker) slot reads its own shards (disjoint across slots in an epoch), so no sample
+    is read twice per epoch. With `resampled`, each slot draws shards with replacement forever.
+    Every random choice is seeded from (seed, rank, worker, epoch), so the stream is reproducible;
+    `start_batch` replays and drops the batches a resumed run has already trained on.
+    """
+
+    def __init__(
+        self,
+        shards: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 64,
+        resampled: bool = True,
+        max_bad_fraction: float = 0.05,
+        min_samples_for_bad_check: int = 20,
+        expect: dict | None = None,
+        start_batch: int = 0,
+        num_workers: int = 0,
+        allow_pipe: bool = False,
+        key: str = "data.latent_shards",
+    ):
+        super().__init__()
+        self.urls = expand_shards(shards, key=key, allow_pipe=allow_pipe)
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.seed = batch_size, seed
+        self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
+        self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples_for_bad_check
+        self.expect = expect
+        self.start_batch = start_batch
+        self.num_workers = num_workers
+        # Fail now, in the main process, if some reader slot would get no shard.
+        split_for(self.urls, rank, world_size, 0, num_workers)
+
+    # -- stages --------------------------------------------------------------
+
+    def _shard_stream(self, worker: int, workers: int, rng: random.Random) -> Iterator[tuple[int, str]]:
+        mine = split_for(self.urls, self.rank, self.world_size, worker, workers)
+        epoch = 0
+        while True:
+            if self.resampled:
+                yield epoch, rng.choice(mine)
+                continue
+            for url in shuffled(mine, f"{self.seed}-{epoch}-{self.rank}-{worker}"):
+                yield epoch, url
+            epoch += 1
+
+    def _samples(self, shard_stream, bad: BadSamples) -> Iterator[dict]:
+        for epoch, url in shard_stream:
+            def handler(exn, url=url):
+                bad.add_bad(os.path.basename(url), "unreadable shard", str(exn)[:200])
+                return True  # skip the rest of this shard, keep training
+
+            raw = wds.tarfile_to_samples(handler=handler)([{"url": url}])
+            for sample in raw:
+                try:
+                    out = decode_sample(sample, self.expect)
+                except _Bad as b:
+                    bad.add_bad(f"{os.path.basename(url)}:{sample.get('__key__', '?')}", b.reason, b.detail)
+                    continue
+                bad.add_good()
+                out["epoch"] = epoch
+                yield out
+
+    def _shuffle(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buf: list[dict] = []
+        for s in samples:
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                i = rng.randrange(len(buf))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    @staticmethod
+    def _pick_draw(samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        # One of the K cached noisy image draws per step keeps the conditioning augmentation alive.
+        for s in samples:
+            k = rng.randrange(s["image_latents"].shape[0])
+            s["image_latents"] = s["image_latents"][k]  # [1, C, h, w]
+            s["draw"] = k
+            yield s
+
+    def _batches(self, samples: Iterator[dict]) -> Iterator[dict]:
+        # Group by shape so every batch stacks: clips of different sizes never mix.
+        buckets: dict[tuple, list[dict]] = {}
+        for s in samples:
+            shape = (tuple(s["video_latents"].shape), tuple(s["prompt_embeds"].shape))
+            group = buckets.setdefault(shape, [])
+            group.append(s)
+            if len(group) == self.batch_size:
+                del buckets[shape]
+                yield collate(group)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # String seeds: Python hashes strings differently in every process, random.Random(str) does not.
+        rng = random.Random(f"latents-{self.seed}-{self.rank}-{worker}")
+        bad = BadSamples(self.max_bad_fraction, self.min_samples)
+        stream = self._shard_stream(worker, workers, rng)
+        stream = self._samples(stream, bad)
+        stream = self._shuffle(stream, rng)
+        stream = self._pick_draw(stream, rng)
+        # A DataLoader hands out worker batches round-robin, so this worker's share of the
+        # batches a resumed run already consumed is every workers-th one from its own index.
+        skip = len(range(worker, self.start_batch, workers))
+        for i, batch in enumerate(self._batches(stream)):
+            if i < skip:
+                continue
+            batch["bad"] = {"worker": worker, "good": bad.good, "by_reason": dict(bad.by_reason)}
+            yield batch
+
+
+def collate(samples: list[dict]) -> dict:
+    return {
+        "video_latents": torch.stack([s["video_latents"] for s in samples]),
+        "image_latents": torch.stack([s["image_latents"] for s in samples]),
+        "prompt_embeds": torch.stack([s["prompt_embeds"] for s in samples]),
+        "keys": [s["__key__"] for s in samples],
+        "draws": [s["draw"] for s in samples],
+        "epochs": [s["epoch"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+    }
+
+
+def make_loader(dataset: LatentDataset, num_workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,  # the dataset batches by shape itself
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> str:
+    path = os.path.join(directory, MANIFEST_FILE)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({**manifest, "written_at": time.time()}, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path

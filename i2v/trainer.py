@@ -1,0 +1,282 @@
+"""The training loop: DeepSpeed engine, latent batches, fused noise injection, v-MSE.
+
+One optimizer step:
+  1. for each micro-batch: draw t and CFG dropout from a counter-keyed generator, inject noise,
+     predict v, compute the loss; all ranks agree whether every rank's loss is finite; a
+     non-finite micro-batch is dropped everywhere (nothing of it reaches the gradients) and counted;
+  2. DeepSpeed reduces gradients, clips and steps; the LR schedule advances;
+  3. rank 0 logs; a checkpoint is committed every `checkpoint.every_steps`; a preemption signal
+     saves and exits with 143 at the step boundary.
+
+All training randomness (timesteps, dropout, noise) is a function of (seed, batch counter, rank),
+not of global RNG state, so a resumed run reproduces an uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import deepspeed
+import torch
+
+from i2v import diffusion
+from i2v.checkpoint import Checkpointer
+from i2v.config import Config, dump_yaml, to_dict
+from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
+from i2v.distributed import DistEnv, all_max, all_mean
+from i2v.ds_config import build_deepspeed_config, optimizer_in_config
+from i2v.errors import I2VError
+from i2v.faults import is_armed, maybe_fault
+from i2v.kernels.noise import _key, inject_noise
+from i2v.model import build_transformer, predict, rotary_embeddings, set_attention
+
+PREEMPTED_EXIT = 143
+
+
+class TooManySkips(I2VError):
+    exit_code = 3
+
+
+def lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def training_loss(model, batch: dict, abar, cfg: Config, seed: int, offset: int, empty_prompt, device,
+                  noise_backend: str = "torch", rotary_cache: dict | None = None) -> torch.Tensor:
+    """The v-MSE of one micro-batch. `offset` keys this micro-batch's randomness."""
+    x0 = batch["video_latents"].to(device)
+    image = batch["image_latents"].to(device)
+    prompt = batch["prompt_embeds"].to(device)
+    b, frames, _, h, w = x0.shape
+    gen = torch.Generator().manual_seed(_key(seed ^ 0x5EED, offset))
+    t = diffusion.sample_timesteps(b, cfg.diffusion, gen)
+    prompt, image, _, _ = diffusion.cfg_dropout(prompt, image, empty_prompt, cfg.diffusion, gen)
+    sqrt_a, sqrt_1ma = diffusion.coefficients(abar, t)
+    model_input, target = inject_noise(
+        x0, image, sqrt_a.to(device), sqrt_1ma.to(device), seed, offset,
+        prediction=cfg.diffusion.prediction, backend=noise_backend,
+    )
+    module = getattr(model, "module", model)
+    cache = rotary_cache if rotary_cache is not None else {}
+    if (frames, h, w) not in cache:
+        cache[(frames, h, w)] = rotary_embeddings(module.config, frames, h, w, device)
+    pred = predict(model, model_input, prompt, t.to(device), cfg.diffusion.ofs, cache[(frames, h, w)])
+    return diffusion.loss_v_mse(pred, target)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg.validate(env.world_size), env
+        self.out = cfg.run.output_dir
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if env.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            dump_yaml(cfg, os.path.join(self.out, "config.yaml"))
+
+        model = build_transformer(cfg.model, seed=cfg.run.seed)
+        self.attention = set_attention(model, cfg.kernels.attention)
+        self.noise_backend = cfg.kernels.noise
+        self.engine = self._build_engine(model)
+        self.abar = diffusion.alphas_cumprod(cfg.diffusion)
+        self.rotary: dict = {}
+
+        # Counters that a checkpoint carries.
+        self.step = 0  # optimizer steps taken
+        self.consumed = 0  # micro-batches drawn by this rank (identical on every rank)
+        self.skipped = 0  # micro-batches dropped for a non-finite loss
+        self.bad_by_worker: dict = {}
+
+        self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env)
+        if cfg.checkpoint.resume:
+            self._resume()
+
+        c = model.config
+        latent_channels = c.out_channels
+        expect = {"channels": latent_channels, "text_dim": c.text_embed_dim, "text_len": c.max_text_seq_length}
+        self.dataset = LatentDataset(
+            cfg.data.latent_shards, rank=env.rank, world_size=env.world_size, batch_size=cfg.train.micro_batch_size,
+            seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
+            max_bad_fraction=cfg.data.max_bad_fraction, min_samples_for_bad_check=cfg.data.min_samples_for_bad_check,
+            expect=expect, start_batch=self.consumed, num_workers=cfg.data.num_workers, allow_pipe=cfg.data.allow_pipe,
+        )
+        empty = load_empty_prompt(cfg.data.latent_shards)
+        self.empty_prompt = empty.to(env.device) if empty is not None else None
+        self.writer = None
+        if env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.out, "tensorboard"))
+        self._preempt = False
+
+    def _build_engine(self, model):
+        cfg = self.cfg
+        ds = build_deepspeed_config(cfg, self.env.world_size)
+        optimizer = None
+        if not optimizer_in_config(cfg):
+            t = cfg.train
+            optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                          weight_decay=t.weight_decay)
+        scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               model_parameters=model.parameters() if optimizer is None else None,
+                                               config=ds)
+        return engine
+
+    # -- resume -------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        removed = self.checkpointer.clean_orphans()
+        tag, problems = self.checkpointer.choose(self.cfg.checkpoint.fallback_on_corrupt)
+        for p in problems:
+            self.log(f"warning: skipping corrupt checkpoint: {p}")
+        if removed:
+            self.log(f"removed unfinished checkpoint directories: {', '.join(removed)}")
+        if tag is None:
+            return
+        state = self.checkpointer.load(self.engine, tag)
+        self.step, self.consumed, self.skipped = state["step"], state["consumed"], state["skipped"]
+        self.log(f"resumed from {tag}: step {self.step}, {self.consumed} micro-batches consumed")
+
+    def _client_state(self) -> dict:
+        return {"step": self.step, "consumed": self.consumed, "skipped": self.skipped,
+                "samples_seen": self.consumed * self.cfg.train.micro_batch_size * self.env.world_size,
+                "world_size": self.env.world_size, "config": to_dict(self.cfg)}
+
+    def save(self) -> str:
+        return self.checkpointer.save(self.engine, self.step, self._client_state())
+
+    # -- the loop -----------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg, env = self.cfg, self.env
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            self._loop()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            if self.writer is not None:
+                self.writer.close()
+
+    def _on_signal(self, signum, frame) -> None:
+        self._preempt = True
+
+    def _loop(self) -> None:
+        cfg, env = self.cfg, self.env
+        data = iter(make_loader(self.dataset, cfg.data.num_workers))
+        self.engine.train()
+        window = {"time": 0.0, "wait": 0.0, "steps": 0}
+        consecutive_skips = 0
+        run_start, start_step = time.perf_counter(), self.step
+        while self.step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            losses, attempts = [], 0
+            while len(losses) < cfg.train.grad_accum_steps:
+                tw = time.perf_counter()
+                batch = next(data)
+                window["wait"] += time.perf_counter() - tw
+                self.bad_by_worker[batch["bad"]["worker"]] = batch["bad"]
+                offset = self.consumed * env.world_size + env.rank
+                self.consumed += 1
+                loss = training_loss(self.engine, batch, self.abar, cfg, cfg.run.seed, offset, self.empty_prompt,
+                                     env.device, self.noise_backend, self.rotary)
+                if attempts == 0 and is_armed("nan_loss", env.rank, self.step):
+                    loss = loss * float("nan")
+                attempts += 1
+                if all_max(0.0 if torch.isfinite(loss).item() else 1.0, env.device) > 0:
+                    # Dropped on every rank before backward: parameters and optimizer state stay untouched.
+                    self.skipped += 1
+                    consecutive_skips += 1
+                    self.log(f"step {self.step}: non-finite loss on some rank; micro-batch skipped "
+                             f"({consecutive_skips} in a row, {self.skipped} in total)")
+                    if self.writer:
+                        self.writer.add_scalar("train/skipped_micro_batches", self.skipped, self.step)
+                    if consecutive_skips >= cfg.train.max_consecutive_skips:
+                        raise TooManySkips(
+                            f"{consecutive_skips} consecutive micro-batches had a non-finite loss "
+                            f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips}); stopping at step {self.step}"
+                        )
+                    continue
+                consecutive_skips = 0
+                self.engine.backward(loss)
+                maybe_fault("after_backward", env.rank, self.step)
+                losses.append(loss.detach())
+                if len(losses) < cfg.train.grad_accum_steps:
+                    self.engine.step()  # a no-op for the optimizer until the accumulation boundary
+            maybe_fault("before_step", env.rank, self.step)
+            self.engine.step()
+            self.step += 1
+            window["time"] += time.perf_counter() - t0
+            window["steps"] += 1
+
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                self._log_step(torch.stack(losses).mean().item(), window, run_start, start_step)
+                window = {"time": 0.0, "wait": 0.0, "steps": 0}
+            every = cfg.checkpoint.every_steps
+            if (every and self.step % every == 0) or self.step == cfg.train.max_steps:
+                self.save()
+            if all_max(1.0 if self._preempt else 0.0, env.device) > 0:
+                if not (every and self.step % every == 0) and self.step != cfg.train.max_steps:
+                    self.save()
+                self.log(f"preempted: committed checkpoint at step {self.step}; exiting with {PREEMPTED_EXIT}")
+                raise SystemExit(PREEMPTED_EXIT)
+
+    # -- logging ------------------------------------------------------------------
+
+    def _log_step(self, local_loss: float, window: dict, run_start: float, start_step: int) -> None:
+        cfg, env = self.cfg, self.env
+        loss = all_mean(local_loss, env.device)
+        lr = self.engine.get_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        step_time = window["time"] / max(1, window["steps"])
+        samples = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
+        samples_per_s = samples / step_time if step_time > 0 else float("nan")
+        wait_frac = window["wait"] / window["time"] if window["time"] > 0 else 0.0
+        bad = sum(sum(b["by_reason"].values()) for b in self.bad_by_worker.values())
+        if not env.is_main:
+            return
+        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
+                  "step_time_s": step_time, "data_wait_frac": wait_frac, "skipped": self.skipped, "bad_samples": bad}
+        scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                   "perf/samples_per_s": samples_per_s, "perf/step_time_s": step_time,
+                   "perf/data_wait_frac": wait_frac, "data/bad_samples": bad,
+                   "train/skipped_micro_batches": self.skipped}
+        if torch.cuda.is_available():
+            record["peak_mem_gb"] = scalars["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, self.step)
+        self.writer.flush()
+        with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        elapsed = time.perf_counter() - run_start
+        done = self.step - start_step
+        eta = elapsed / done * (cfg.train.max_steps - self.step) if done else float("nan")
+        self.log(f"step {self.step}/{cfg.train.max_steps} | loss {loss:.5f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
+                 f"{samples_per_s:.1f} samples/s | data wait {wait_frac:.0%} | ETA {_hms(eta)}")
+
+    def log(self, msg: str) -> None:
+        if self.env.is_main:
+            print(f"[i2v] {msg}", flush=True)
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--:--"
+    s = int(seconds)
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
