@@ -122,6 +122,11 @@ class Trainer:
 
             self.writer = SummaryWriter(os.path.join(self.out, "tensorboard"))
         self._preempt = False
+        self.validator = None
+        if cfg.validation.every_steps > 0:
+            from i2v.validation import Validator
+
+            self.validator = Validator(cfg, env)
 
     def _build_engine(self, model):
         cfg = self.cfg
@@ -167,11 +172,23 @@ class Trainer:
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             self._loop()
+            if cfg.checkpoint.export_on_finish:
+                self._export()
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
             if self.writer is not None:
                 self.writer.close()
+
+    def _export(self) -> None:
+        from i2v.distributed import barrier
+        from i2v.export import export_pipeline
+
+        if self.env.is_main:
+            tag = os.path.join(self.checkpointer.root, self.checkpointer.committed_tags()[0])
+            out = export_pipeline(self.cfg, tag, os.path.join(self.out, "export"))
+            self.log(f"exported diffusers pipeline to {out}")
+        barrier()
 
     def _on_signal(self, signum, frame) -> None:
         self._preempt = True
@@ -230,6 +247,8 @@ class Trainer:
             every = cfg.checkpoint.every_steps
             if (every and self.step % every == 0) or self.step == cfg.train.max_steps:
                 self.save()
+            if self.validator is not None and self.step % cfg.validation.every_steps == 0:
+                self.validator.run(self.step, self.engine, self.writer)
             if all_max(1.0 if self._preempt else 0.0, env.device) > 0:
                 if not (every and self.step % every == 0) and self.step != cfg.train.max_steps:
                     self.save()
