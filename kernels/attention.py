@@ -143,7 +143,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, lo, hi, n_k, stride_kn, stride_
 
 @triton.autotune(
     configs=_configs("BLOCK_M", "BLOCK_N", (64, 128), (32, 64, 128), (4, 8), (2, 3, 4)),
-    key=["N_Q", "N_K", "HEAD_DIM"],
+    key=["H", "N_Q", "N_K", "HEAD_DIM"],  # H: the grid size matters to the best tile
     prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_M", "BLOCK_N", 2, 1, 1, 64)},
 )
 @triton.jit
@@ -248,7 +248,7 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, hi, n
 
 @triton.autotune(
     configs=_configs("BLOCK_N", "BLOCK_M", (64, 128), (32, 64), (4, 8), (2, 3)),
-    key=["N_Q", "N_K", "HEAD_DIM"],
+    key=["H", "N_Q", "N_K", "HEAD_DIM"],  # H: the grid size matters to the best tile
     prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_N", "BLOCK_M", 2, 2, 2)},
 )
 @triton.jit
@@ -331,7 +331,7 @@ def _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, lo, hi, n_k,
 
 @triton.autotune(
     configs=_configs("BLOCK_M", "BLOCK_N", (64, 128), (32, 64), (4, 8), (2, 3)),
-    key=["N_Q", "N_K", "HEAD_DIM"],
+    key=["H", "N_Q", "N_K", "HEAD_DIM"],  # H: the grid size matters to the best tile
     prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_M", "BLOCK_N", 2, 2, 1)},
 )
 @triton.jit
