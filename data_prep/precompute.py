@@ -1,0 +1,373 @@
+"""The offline precompute job: video shards -> latent shards (VAE latents, noisy first-frame latents, T5).
+
+One output shard per input shard, named from it (`shard-000003.tar` -> `latents-000003.tar`), and
+input shard i goes to rank i % world. Every random number of a sample (posterior sample, sigma
+draws, first-frame noise) is seeded from (run.seed, input shard, sample key), and clips are batched
+only within a shard in stored order, so the output bytes do not depend on the number of ranks,
+on which rank ran a shard, or on how often the job was restarted.
+
+Image conditioning: K draws per clip of `vae.encode(frame0 + sigma * eps)`, log sigma ~
+N(image_log_sigma_mean, image_log_sigma_std): the first frame plus noise, never noise alone.
+
+Resume: a shard is finished when both `latents-N.tar` and its record `latents-N.json` exist
+(the tar is renamed into place first, so a record never describes a missing tar). Anything else
+is redone; stale temporary files of a killed run are removed. The rank that completes the last
+shard merges the records into `manifest.json` and `rejects.jsonl`; no collective is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from i2v.config import Config
+from i2v.data.latents import LatentShardWriter, save_empty_prompt, write_manifest
+from i2v.data.shards import BadSamples, expand_shards
+from i2v.data.videos import iter_shard_clips
+from i2v.data_prep import encoders
+from i2v.errors import ConfigError, DataError
+from i2v.kernels.noise import condition_noise
+
+FORMAT = "i2v-latents-v1"
+REJECTS_FILE = "rejects.jsonl"
+
+
+# --------------------------------------------------------------------------- naming and assignment
+
+
+def output_name(url: str) -> str:
+    """`.../shard-000003.tar` -> `latents-000003.tar`; other names keep their stem."""
+    stem = os.path.basename(url.rstrip("/")).split("?")[0]
+    stem = stem[: -len(".tar")] if stem.endswith(".tar") else stem
+    stem = re.sub(r"^shard-", "", stem)
+    return f"latents-{stem}.tar"
+
+
+def record_path(out_dir: str, name: str) -> str:
+    return os.path.join(out_dir, name[: -len(".tar")] + ".json")
+
+
+def assignment(urls: list[str], rank: int, world: int) -> list[tuple[str, str]]:
+    """(input url, output name) of this rank's shards: input shard i -> rank i % world."""
+    names = [output_name(u) for u in urls]
+    seen: dict[str, str] = {}
+    for u, n in zip(urls, names):
+        if n in seen:
+            raise DataError(f"data.video_shards: {seen[n]} and {u} would both write {n}; give input shards distinct names")
+        seen[n] = u
+    return [(u, n) for i, (u, n) in enumerate(zip(urls, names)) if i % world == rank]
+
+
+def rank_world() -> tuple[int, int]:
+    """RANK / WORLD_SIZE as set by torchrun and the deepspeed launcher; (0, 1) without them."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise ConfigError(f"RANK / WORLD_SIZE: not integers ({os.environ.get('RANK')!r}, {os.environ.get('WORLD_SIZE')!r})") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"RANK / WORLD_SIZE: rank {rank} is not in [0, {world})")
+    return rank, world
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: str, data) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the encoder side
+
+
+class Precompute:
+    """Builds the encoders once; turns clips into latent samples."""
+
+    def __init__(self, cfg: Config, device: str | torch.device = "cpu"):
+        self.cfg, self.pre, self.device = cfg, cfg.precompute, torch.device(device)
+        frames = cfg.data.video.frames
+        if (frames - 1) % 4:
+            raise ConfigError(
+                f"data.video.frames: is {frames}; the CogVideoX VAE compresses time 4x causally, so clips "
+                "need 4k + 1 frames (e.g. 9, 49)"
+            )
+        self.vae = encoders.build_vae(cfg).to(self.device)
+        self.text = encoders.build_text_encoder(cfg)
+        self.text.model.to(self.device)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.image_scale = encoders.image_latent_scale(self.vae)
+        self.vae_identity = encoders.vae_identity(cfg, self.vae)
+        self.text_identity = self.text.identity
+        self.settings = {
+            "format": FORMAT,
+            "seed": cfg.run.seed,
+            "latents": self.pre.latents,
+            "image_draws": self.pre.image_draws,
+            "image_log_sigma_mean": self.pre.image_log_sigma_mean,
+            "image_log_sigma_std": self.pre.image_log_sigma_std,
+            "batch_size": self.pre.batch_size,
+            "video": dataclasses.asdict(cfg.data.video),
+            "vae": self.vae_identity,
+            "text_encoder": self.text_identity,
+        }
+        blob = json.dumps(self.settings, sort_keys=True).encode()
+        self.fingerprint = hashlib.sha256(blob).hexdigest()
+
+    def _seed(self, shard: str, key: str, purpose: str, draw: int = 0) -> int:
+        return encoders.stable_seed(self.cfg.run.seed, shard, key, purpose, draw)
+
+    def _generator(self, *parts) -> torch.Generator:
+        return torch.Generator().manual_seed(self._seed(*parts))
+
+    def sigmas(self, shard: str, key: str) -> torch.Tensor:
+        """K pixel-noise levels of one clip's first frame: exp(N(mean, std)), fp32 [K]."""
+        g = self._generator(shard, key, "image_sigma")
+        z = torch.randn(self.pre.image_draws, generator=g, dtype=torch.float64)
+        return torch.exp(self.pre.image_log_sigma_mean + self.pre.image_log_sigma_std * z).float()
+
+    def noisy_first_frames(self, shard: str, key: str, image: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """[K, 3, H, W]: frame 0 plus sigma_k * eps_k for each draw k."""
+        frames = image.unsqueeze(0).expand(len(sigma), *image.shape).contiguous()
+        offset = self._seed(shard, key, "image_noise")
+        return condition_noise(frames, sigma, seed=self.cfg.run.seed, offset=offset)
+
+    def _latents(self, pixels: torch.Tensor, gens: list[torch.Generator] | None) -> torch.Tensor:
+        """pixels [B, 3, F, H, W] -> [B, f, C, h, w], unscaled."""
+        mean, std = encoders.vae_posterior(self.vae, pixels.to(self.device))
+        lat = encoders.posterior_latents(mean, std, self.pre.latents, gens)
+        return lat.permute(0, 2, 1, 3, 4).cpu()
+
+    @torch.no_grad()
+    def encode(self, shard: str, clips: list[dict]) -> list[dict]:
+        """Same-shape clips of one shard -> samples for `LatentShardWriter.write`."""
+        sample = self.pre.latents == "sample"
+        keys = [c["__key__"] for c in clips]
+        k = self.pre.image_draws
+        video = torch.stack([c["video"] for c in clips]).permute(0, 2, 1, 3, 4).contiguous()  # [B, 3, F, H, W]
+        gens = [self._generator(shard, key, "video_posterior") for key in keys] if sample else None
+        video_latents = self._latents(video, gens) * self.scaling_factor
+
+        sigmas = [self.sigmas(shard, key) for key in keys]
+        noisy = torch.cat([self.noisy_first_frames(shard, key, c["image"], s) for key, c, s in zip(keys, clips, sigmas)])
+        gens = [self._generator(shard, key, "image_posterior", d) for key in keys for d in range(k)] if sample else None
+        image_latents = self._latents(noisy.unsqueeze(2), gens) * self.image_scale  # [B*K, 1, C, h, w]
+        image_latents = image_latents.view(len(clips), k, *image_latents.shape[1:])
+
+        prompt_embeds = self.text([c["caption"] for c in clips]).cpu()
+        out = []
+        for i, c in enumerate(clips):
+            m = c.get("meta", {})
+            meta = {
+                "source_key": c["__key__"],
+                "source_shard": shard,
+                "source": m.get("source"),
+                "source_sha256": m.get("sha256"),
+                "caption": c["caption"],
+                "frames": int(c["video"].shape[0]),
+                "latent_frames": int(video_latents.shape[1]),
+                "fps": m.get("clip_fps", m.get("fps")),
+                "clip_start": m.get("clip_start"),
+                "size": [int(c["video"].shape[2]), int(c["video"].shape[3])],
+                "scaling_factor": self.scaling_factor,
+                "image_latent_scale": self.image_scale,
+                "latents": self.pre.latents,
+                "sigmas": [float(s) for s in sigmas[i]],
+                "vae": self.vae_identity,
+                "text_encoder": self.text_identity,
+            }
+            out.append({
+                "key": c["__key__"],
+                "video_latents": video_latents[i],
+                "image_latents": image_latents[i],
+                "prompt_embeds": prompt_embeds[i],
+                "meta": meta,
+            })
+        return out
+
+    def empty_prompt(self) -> torch.Tensor:
+        return self.text([""])[0].cpu()
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def batches(clips: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive clips of the same shape, at most `size` at a time (stored order is kept)."""
+    batch: list[dict] = []
+    for c in clips:
+        if batch and (len(batch) == size or c["video"].shape != batch[0]["video"].shape):
+            yield batch
+            batch = []
+        batch.append(c)
+    if batch:
+        yield batch
+
+
+def is_finished(out_dir: str, name: str, fingerprint: str) -> bool:
+    """True when the shard and its record exist; a record from other settings is an error."""
+    tar, rec = os.path.join(out_dir, name), record_path(out_dir, name)
+    if not (os.path.isfile(tar) and os.path.isfile(rec)):
+        return False
+    with open(rec) as f:
+        record = json.load(f)
+    if record.get("fingerprint") != fingerprint:
+        raise DataError(
+            f"data.latent_shards: {rec} was written with other precompute settings (VAE, text encoder, "
+            "seed, clip geometry or draws); write to a new directory or delete the old shards"
+        )
+    return True
+
+
+def _remove_stale(out_dir: str, name: str) -> None:
+    for path in glob.glob(os.path.join(glob.escape(out_dir), glob.escape(name) + ".tmp-*")):
+        os.remove(path)
+    rec = record_path(out_dir, name)
+    for path in glob.glob(glob.escape(rec) + ".tmp-*"):
+        os.remove(path)
+
+
+def _expected_samples(url: str) -> int | None:
+    """make_shards writes `shard-N.json` with the sample count beside each shard; used for the ETA."""
+    side = url[: -len(".tar")] + ".json" if url.endswith(".tar") else None
+    try:
+        with open(side) as f:
+            return int(json.load(f)["samples"])
+    except (OSError, TypeError, ValueError, KeyError):
+        return None
+
+
+def run_shard(job: Precompute, url: str, out_dir: str, name: str, progress=None) -> dict:
+    """Encode one input shard into `out_dir/name` and write its record; returns the record."""
+    _remove_stale(out_dir, name)
+    shard = os.path.basename(url)
+    # Rejected samples are listed, not fatal: the manifest reports them and the trainer's own limit applies.
+    bad = BadSamples(max_fraction=1.0, min_samples=1, keep_keys=10**9)
+    shapes: dict[str, int] = {}
+    started = time.time()
+    with LatentShardWriter(os.path.join(out_dir, name)) as writer:
+        clips = iter_shard_clips(url, job.cfg.data.video, train=False, seed=job.cfg.run.seed, bad=bad)
+        for batch in batches(clips, job.pre.batch_size):
+            for s in job.encode(shard, batch):
+                writer.write(s["key"], s["video_latents"], s["image_latents"], s["prompt_embeds"], s["meta"])
+                shape = json.dumps([list(s[t].shape) for t in ("video_latents", "image_latents", "prompt_embeds")])
+                shapes[shape] = shapes.get(shape, 0) + 1
+            if progress is not None:
+                progress.update(len(batch))
+        count = writer.count
+    tar = os.path.join(out_dir, name)
+    record = {
+        "name": name,
+        "source": url,
+        "samples": count,
+        "empty": count == 0,
+        "bytes": os.path.getsize(tar),
+        "sha256": _sha256(tar),
+        "shapes": shapes,
+        "rejected": bad.bad,
+        "rejected_by_reason": dict(bad.by_reason),
+        "rejects": [{"shard": shard, "key": k, "reason": r, "detail": d} for k, r, d in bad.examples],
+        "seconds": round(time.time() - started, 3),
+        "fingerprint": job.fingerprint,
+    }
+    _write_json(record_path(out_dir, name), record)
+    return record
+
+
+def write_dataset_manifest(job: Precompute, urls: list[str], out_dir: str) -> dict | None:
+    """Merge the shard records into manifest.json + rejects.jsonl once every shard is finished."""
+    names = [output_name(u) for u in urls]
+    if not all(is_finished(out_dir, n, job.fingerprint) for n in names):
+        return None
+    records = []
+    for n in names:
+        with open(record_path(out_dir, n)) as f:
+            records.append(json.load(f))
+    shapes: dict[str, int] = {}
+    by_reason: dict[str, int] = {}
+    for r in records:
+        for s, c in r["shapes"].items():
+            shapes[s] = shapes.get(s, 0) + c
+        for reason, c in r["rejected_by_reason"].items():
+            by_reason[reason] = by_reason.get(reason, 0) + c
+    rejects = os.path.join(out_dir, REJECTS_FILE)
+    tmp = f"{rejects}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        for r in records:
+            for item in r["rejects"]:
+                f.write(json.dumps(item, sort_keys=True) + "\n")
+    os.replace(tmp, rejects)
+    manifest = {
+        **{k: v for k, v in job.settings.items()},
+        "source": job.cfg.data.video_shards,
+        "samples": sum(r["samples"] for r in records),
+        "rejected": sum(r["rejected"] for r in records),
+        "rejected_by_reason": by_reason,
+        "empty_shards": [r["name"] for r in records if r["empty"]],
+        "shapes": [{"video_latents": json.loads(s)[0], "image_latents": json.loads(s)[1],
+                    "prompt_embeds": json.loads(s)[2], "samples": c} for s, c in sorted(shapes.items())],
+        "shards": [{k: r[k] for k in ("name", "source", "samples", "empty", "bytes", "sha256", "rejected")}
+                   for r in records],
+        "empty_prompt": "empty_prompt.safetensors",
+        "fingerprint": job.fingerprint,
+    }
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def run(cfg: Config, rank: int = 0, world: int = 1, device: str | None = None, progress: bool = True) -> dict:
+    """The whole job for one rank. Returns a summary (with the manifest if this rank wrote it)."""
+    if not cfg.data.video_shards:
+        raise ConfigError("data.video_shards: required by the precompute job (a directory, .tar path or pattern)")
+    out_dir = cfg.data.latent_shards
+    if "{" in out_dir or out_dir.endswith(".tar") or out_dir.startswith(("pipe:", "http://", "https://", "s3://")):
+        raise ConfigError(f"data.latent_shards: is {out_dir!r}; the precompute job writes to a local directory")
+    urls = expand_shards(cfg.data.video_shards, key="data.video_shards", allow_pipe=cfg.data.allow_pipe)
+    if os.path.isdir(cfg.data.video_shards) and os.path.realpath(cfg.data.video_shards) == os.path.realpath(out_dir):
+        raise ConfigError("data.latent_shards: must be a different directory from data.video_shards")
+    os.makedirs(out_dir, exist_ok=True)
+    if device is None:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    job = Precompute(cfg, device)
+    save_empty_prompt(out_dir, job.empty_prompt())
+
+    mine = assignment(urls, rank, world)
+    todo = [(u, n) for u, n in mine if not is_finished(out_dir, n, job.fingerprint)]
+    expected = [_expected_samples(u) for u, _ in todo]
+    total = sum(expected) if all(e is not None for e in expected) else None
+    bar = tqdm(total=total, unit="clip", desc=f"precompute rank {rank}", disable=not progress or rank != 0,
+               dynamic_ncols=True, file=sys.stderr)
+    done = []
+    for url, name in todo:
+        done.append(run_shard(job, url, out_dir, name, bar))
+        bar.set_postfix(shards=f"{len(done)}/{len(todo)}")
+    bar.close()
+    manifest = write_dataset_manifest(job, urls, out_dir)
+    return {
+        "rank": rank,
+        "world": world,
+        "assigned": len(mine),
+        "skipped": len(mine) - len(todo),
+        "written": len(done),
+        "samples": sum(r["samples"] for r in done),
+        "rejected": sum(r["rejected"] for r in done),
+        "manifest": manifest,
+        "output": out_dir,
+    }
