@@ -278,6 +278,10 @@ class LatentDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # A DataLoader hands out worker batches round-robin starting at worker 0. After a resume at
+        # batch `start_batch`, the next batch belongs to stream start_batch % workers, so loader
+        # worker w replays stream (w + start_batch) % workers.
+        worker = (worker + self.start_batch) % workers
         # String seeds: Python hashes strings differently in every process, random.Random(str) does not.
         rng = random.Random(f"latents-{self.seed}-{self.rank}-{worker}")
         bad = BadSamples(self.max_bad_fraction, self.min_samples)
@@ -285,8 +289,7 @@ class LatentDataset(torch.utils.data.IterableDataset):
         stream = self._samples(stream, bad)
         stream = self._shuffle(stream, rng)
         stream = self._pick_draw(stream, rng)
-        # A DataLoader hands out worker batches round-robin, so this worker's share of the
-        # batches a resumed run already consumed is every workers-th one from its own index.
+        # This stream's share of the batches already consumed: every workers-th one from its index.
         skip = len(range(worker, self.start_batch, workers))
         for i, batch in enumerate(self._batches(stream)):
             if i < skip:

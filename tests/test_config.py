@@ -1,0 +1,137 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from i2v.config import Config, ConfigError, dump_yaml, from_dict, load_config, to_dict
+from i2v.ds_config import build_deepspeed_config
+from conftest import REPO
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def load(*overrides, world_size=None):
+    return load_config(TINY, list(overrides), world_size=world_size)
+
+
+def test_tiny_loads_with_documented_defaults():
+    cfg = load()
+    assert isinstance(cfg, Config)
+    assert cfg.model.arch["in_channels"] == 2 * cfg.model.arch["out_channels"]
+    assert cfg.diffusion.num_train_timesteps == 1000 and cfg.diffusion.prediction == "v"
+    for section in ("run", "train", "deepspeed", "data", "checkpoint"):
+        import dataclasses
+
+        for f in dataclasses.fields(getattr(cfg, section)):
+            assert f.metadata.get("help"), f"{section}.{f.name} has no documentation"
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load("train.max_steps=7", "deepspeed.zero_stage=3", "train.lr=3e-4", "run.output_dir=/tmp/x")
+    assert cfg.train.max_steps == 7 and cfg.deepspeed.zero_stage == 3
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.run.output_dir == "/tmp/x"
+
+
+def test_unknown_key_names_it_with_did_you_mean():
+    with pytest.raises(ConfigError) as e:
+        load("train.lrr=1")
+    assert "train.lrr" in str(e.value) and "Did you mean 'train.lr'" in str(e.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    data = yaml.safe_load(TINY.read_text())
+    data["checkpoint"]["evry_steps"] = 3
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"checkpoint\.evry_steps.*Did you mean 'checkpoint\.every_steps'"):
+        load_config(p)
+
+
+def test_wrong_type_names_key_and_expectation():
+    with pytest.raises(ConfigError, match=r"train\.max_steps: got 'many' \(str\), expected int"):
+        load("train.max_steps=many")
+    with pytest.raises(ConfigError, match=r"deepspeed\.precision: got 'bf61'.*did you mean 'bf16'"):
+        load("deepspeed.precision=bf61")
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load("train.max_steps=true")
+
+
+def test_missing_required_value(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {arch: {in_channels: 8, out_channels: 4}}\ntrain: {max_steps: 3}\nrun: {output_dir: x}\n")
+    with pytest.raises(ConfigError, match=r"data\.latent_shards: required but not set"):
+        load_config(p)
+
+
+def test_out_of_range_value():
+    with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage: is 4, expected a value in \[0, 3\]"):
+        load("deepspeed.zero_stage=4")
+
+
+def test_inconsistent_global_batch_names_all_factors():
+    with pytest.raises(ConfigError) as e:
+        load("train.global_batch_size=16", "train.micro_batch_size=2", "train.grad_accum_steps=2", world_size=2)
+    msg = str(e.value)
+    assert "train.global_batch_size" in msg and "= 8" in msg
+    assert load("train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2", world_size=2)
+
+
+def test_other_inconsistent_combinations():
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        load("deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true")
+    with pytest.raises(ConfigError, match="diffusion.t_max"):
+        load("diffusion.t_max=1000")
+    with pytest.raises(ConfigError, match="train.warmup_steps"):
+        load("train.warmup_steps=100", "train.max_steps=10")
+
+
+def test_bad_override_syntax_and_missing_file():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load("train.max_steps")
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config("/nonexistent/config.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load("train.max_steps=5")
+    dump_yaml(cfg, tmp_path / "config.yaml")
+    again = from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "bf16"), (3, "fp16")])
+def test_deepspeed_config_is_generated_from_the_tree(stage, precision):
+    cfg = load(f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}", "train.grad_accum_steps=3",
+               "train.micro_batch_size=2", "train.grad_clip=0.5")
+    ds = build_deepspeed_config(cfg, world_size=4)
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["train_batch_size"] == 2 * 3 * 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
+    assert "optimizer" not in ds
+
+
+def test_deepspeed_offload_and_passthrough():
+    cfg = load("deepspeed.offload_optimizer=true", "deepspeed.extra={zero_optimization: {overlap_comm: true}}")
+    ds = build_deepspeed_config(cfg, world_size=1)
+    assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                                       "overlap_comm": True}
+    assert ds["optimizer"]["type"] == "AdamW"
+    with pytest.raises(ConfigError, match=r"deepspeed\.extra\.train_batch_size: set by the run config"):
+        build_deepspeed_config(load("deepspeed.extra={train_batch_size: 8}"), 1)
+    with pytest.raises(ConfigError, match=r"deepspeed\.extra\.zero_optimization\.stage"):
+        build_deepspeed_config(load("deepspeed.extra={zero_optimization: {stage: 1}}"), 1)
+    with pytest.raises(ConfigError, match=r"Did you mean 'deepspeed\.extra\.wall_clock_breakdown'"):
+        build_deepspeed_config(load("deepspeed.extra={wall_clock_breakdwn: true}"), 1)
+
+
+def test_launcher_reports_config_error_without_traceback():
+    r = subprocess.run([sys.executable, "launcher/train.py", "--config", "configs/tiny.yaml", "train.lrr=1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "train.lrr" in r.stderr and "Traceback" not in r.stderr + r.stdout
