@@ -253,7 +253,7 @@ def _expected_samples(url: str) -> int | None:
         return None
 
 
-def run_shard(job: Precompute, url: str, out_dir: str, name: str, progress=None) -> dict:
+def run_shard(job: Precompute, url: str, out_dir: str, name: str, progress=None, rank: int = 0) -> dict:
     """Encode one input shard into `out_dir/name` and write its record; returns the record."""
     _remove_stale(out_dir, name)
     shard = os.path.basename(url)
@@ -285,6 +285,7 @@ def run_shard(job: Precompute, url: str, out_dir: str, name: str, progress=None)
         "rejects": [{"shard": shard, "key": k, "reason": r, "detail": d} for k, r, d in bad.examples],
         "seconds": round(time.time() - started, 3),
         "fingerprint": job.fingerprint,
+        "rank": rank,
     }
     _write_json(record_path(out_dir, name), record)
     return record
@@ -356,7 +357,7 @@ def run(cfg: Config, rank: int = 0, world: int = 1, device: str | None = None, p
                dynamic_ncols=True, file=sys.stderr)
     done = []
     for url, name in todo:
-        done.append(run_shard(job, url, out_dir, name, bar))
+        done.append(run_shard(job, url, out_dir, name, bar, rank))
         bar.set_postfix(shards=f"{len(done)}/{len(todo)}")
     bar.close()
     manifest = write_dataset_manifest(job, urls, out_dir)
