@@ -1,0 +1,178 @@
+"""Faults, kills and resume: every fault is injected with I2V_FAULT (see i2v/faults.py)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import REPO
+from latent_shards import make_latent_shards
+from test_train import ENV, TORCHRUN, losses, train
+
+EXACT = ("train.max_steps=12", "train.log_every=1", "checkpoint.every_steps=4", "run.deterministic=true",
+         "train.micro_batch_size=2", "checkpoint.keep_last=5")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("latents")
+    make_latent_shards(d, shards=4, per_shard=8)
+    return d
+
+
+def with_fault(spec):
+    return {**ENV, "I2V_FAULT": spec}
+
+
+def test_sigkill_anywhere_then_relaunch_is_bit_exact_and_world_size_change_is_refused(tmp_path, shards):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    r = train(TORCHRUN, ref, shards, *EXACT)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    # 1. rank 1 is SIGKILLed after a backward at step 6 (last commit: step 4)
+    r = train(TORCHRUN, run, shards, *EXACT, env=with_fault("1:6:after_backward:kill"))
+    assert r.returncode != 0
+    assert sorted(os.listdir(run / "checkpoints"))[:2] == ["latest", "step-00000004"]
+    # 2. the relaunch is killed in the middle of writing the step-8 checkpoint, before its commit marker
+    r = train(TORCHRUN, run, shards, *EXACT, env=with_fault("0:8:mid_checkpoint:kill"))
+    assert r.returncode != 0
+    assert (run / "checkpoints" / "tmp-step-00000008").is_dir()
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
+    # 3. the same command again finishes; the orphan is removed
+    r = train(TORCHRUN, run, shards, *EXACT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from step-00000004" in r.stdout and "tmp-step-00000008" in r.stdout
+    assert not (run / "checkpoints" / "tmp-step-00000008").exists()
+
+    ref_losses, ref_records = losses(ref)
+    run_losses, run_records = losses(run)
+    assert len(ref_losses) == 12
+    assert run_losses == ref_losses  # exact float equality, every step
+    assert run_records[12]["skipped"] == 0
+
+    # 4. a different world size cannot reshard the ZeRO state: a clear error, not a silent restart
+    r = train([sys.executable], run, shards, *EXACT[1:], "train.max_steps=14")
+    assert r.returncode == 2
+    assert "written by 2 rank(s), this run has 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(args, world=2, env=None):
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        e = {**(env or ENV), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen(args, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_sigterm_on_one_rank_commits_a_checkpoint_and_exits_143(tmp_path, shards):
+    out = tmp_path / "run"
+    args = [sys.executable, "launcher/train.py", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
+            f"data.latent_shards={shards}", "train.max_steps=500", "train.log_every=1", "checkpoint.every_steps=0"]
+    procs = spawn_ranks(args)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)  # only rank 1 is told: the ranks must agree among themselves
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], results[0][1][-2000:]
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert (out / "checkpoints" / latest / "COMMITTED.json").is_file()
+    step = int(latest.split("-")[1])
+    assert 3 <= step < 500
+    assert f"preempted: committed checkpoint at step {step}" in results[0][0]
+
+
+NAN_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    from i2v.config import load_config
+    from i2v.distributed import init_distributed
+    from i2v.trainer import Trainer, TooManySkips
+
+    cfg = load_config("configs/tiny.yaml", sys.argv[1:])
+    env = init_distributed()
+    tr = Trainer(cfg, env)
+    tr.train()                                   # 2 clean steps
+    def snapshot():
+        params = {n: p.detach().clone() for n, p in tr.engine.module.named_parameters()}
+        opt = tr.engine.optimizer.optimizer.state
+        state = [(k, v.clone()) for s in opt.values() for k, v in s.items() if torch.is_tensor(v)]
+        return params, state
+    params, state = snapshot()
+    assert state, "optimizer has state after two steps"
+    os.environ["I2V_FAULT"] = "1:2:nan_loss"   # rank 1 only
+    cfg.train.max_steps, cfg.train.max_consecutive_skips = 4, 1
+    try:
+        tr.train()
+        raise SystemExit("expected TooManySkips")
+    except TooManySkips as e:
+        assert "train.max_consecutive_skips=1" in str(e)
+    params2, state2 = snapshot()
+    assert all(torch.equal(params[n], params2[n]) for n in params), "parameters changed"
+    assert len(state) == len(state2) and all(k == k2 and torch.equal(a, b) for (k, a), (k2, b) in zip(state, state2))
+    assert tr.engine.global_steps == 2 and tr.skipped == 1 and tr.step == 2
+    cfg.train.max_consecutive_skips = 3         # now the same fault is skipped and training goes on
+    tr.train()
+    assert tr.step == 4 and tr.engine.global_steps == 4 and tr.skipped == 2
+    print(f"NAN-GUARD-OK rank {env.rank}", flush=True)
+""")
+
+
+def test_nan_on_one_rank_skips_everywhere_and_leaves_state_untouched(tmp_path, shards):
+    script = tmp_path / "nan_guard.py"
+    script.write_text(NAN_SCRIPT)
+    args = [sys.executable, str(script), f"run.output_dir={tmp_path / 'run'}", f"data.latent_shards={shards}",
+            "train.max_steps=2", "train.warmup_steps=0", "checkpoint.every_steps=0", "checkpoint.resume=false",
+            "train.log_every=1"]
+    procs = spawn_ranks(args)
+    results = [p.communicate(timeout=300) for p in procs]
+    for rank, (p, (out, err)) in enumerate(zip(procs, results)):
+        assert p.returncode == 0, err[-3000:]
+        assert f"NAN-GUARD-OK rank {rank}" in out
+    assert "non-finite loss on some rank" in results[0][0]
+
+
+def test_consecutive_nan_skips_abort_with_distinct_exit_code(tmp_path, shards):
+    r = train([sys.executable], tmp_path / "run", shards, "train.max_steps=3", "train.warmup_steps=0",
+              "train.max_consecutive_skips=1",
+              env=with_fault("0:1:nan_loss"))
+    assert r.returncode == 3
+    assert "consecutive micro-batches had a non-finite loss" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_keep_last_and_corrupt_checkpoint_fallback(tmp_path, shards):
+    out = tmp_path / "run"
+    common = ("train.log_every=1", "checkpoint.every_steps=2", "checkpoint.keep_last=2")
+    r = train([sys.executable], out, shards, "train.max_steps=8", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = out / "checkpoints"
+    assert sorted(p for p in os.listdir(ckpts) if p.startswith("step-")) == ["step-00000006", "step-00000008"]
+
+    # truncate a file of the newest checkpoint
+    victim = ckpts / "step-00000008" / "mp_rank_00_model_states.pt"
+    victim.write_bytes(victim.read_bytes()[:100])
+    r = train([sys.executable], out, shards, "train.max_steps=10", "checkpoint.fallback_on_corrupt=false", *common)
+    assert r.returncode == 2
+    assert "mp_rank_00_model_states.pt is 100 bytes" in r.stderr and "fallback_on_corrupt" in r.stderr
+
+    r = train([sys.executable], out, shards, "train.max_steps=10", *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipping corrupt checkpoint" in r.stdout and "resumed from step-00000006" in r.stdout
+    # keep_last=2 keeps the two newest committed ones
+    assert sorted(p for p in os.listdir(ckpts) if p.startswith("step-")) == ["step-00000008", "step-00000010"]
+    assert (ckpts / "latest").read_text() == "step-00000010"
