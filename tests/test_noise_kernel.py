@@ -2,6 +2,11 @@
 reproducibility, the documented Philox stream, and the guard against encoding noise alone.
 CPU: the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py), so shapes stay small."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -245,6 +250,46 @@ def test_condition_noise_reproducible_and_separate_from_latent_noise(backend):
     latent = _eps((1, 1, 4, 2, 16), seed=6, offset=2, backend=backend)
     assert abs(_corr(out, latent)) < 0.5  # same key, different stream: unrelated draws
     assert not torch.equal(out.flatten(), latent.flatten())
+
+
+# --------------------------------------------------------------------------- GPU compilation
+
+# The interpreter accepts programs a GPU compiler refuses, so compile the real kernels for an H100/H200
+# (sm_90) ahead of time: this needs triton's bundled ptxas, not a GPU. Runs in a child process
+# because TRITON_INTERPRET, set for this one, decides at import how the kernels are defined.
+_COMPILE_FOR_SM90 = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from i2v.kernels import noise
+
+    target = GPUTarget("cuda", 90, 32)
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(7)}  # pointers, as a real launch sees them
+    for ty in ("bf16", "fp16", "fp32"):
+        for predict_v, store_eps in ((True, True), (False, False)):
+            sig = {name: f"*{ty}" for name in ("x0_ptr", "img_ptr", "input_ptr", "target_ptr", "eps_ptr")}
+            sig.update(sqrt_a_ptr="*fp32", sqrt_1ma_ptr="*fp32", seed="i64", off_lo="i32", off_hi="i32")
+            sig.update(frames="i32", n="i32", blocks_per_row="i32")
+            const = dict(PREDICT_V=predict_v, STORE_EPS=store_eps, SOFT_BF16=False, BLOCK=2048)
+            sig.update({name: "constexpr" for name in const})
+            kernel = triton.compile(ASTSource(noise._inject_kernel, sig, const, aligned), target=target)
+            assert kernel.asm["cubin"], ty
+        sig = dict(frames_ptr=f"*{ty}", sigma_ptr="*fp32", out_ptr=f"*{ty}", eps_ptr=f"*{ty}", seed="i64")
+        sig.update(off_lo="i32", off_hi="i32", n="i32", blocks_per_row="i32")
+        const = dict(STORE_EPS=True, SOFT_BF16=False, BLOCK=2048)
+        sig.update({name: "constexpr" for name in const})
+        kernel = triton.compile(ASTSource(noise._condition_kernel, sig, const, aligned), target=target)
+        assert kernel.asm["cubin"], ty
+    print("compiled")
+    """
+)
+
+
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- bad input
