@@ -55,27 +55,42 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def training_loss(model, batch: dict, abar, cfg: Config, seed: int, offset: int, empty_prompt, device,
-                  noise_backend: str = "torch", rotary_cache: dict | None = None) -> torch.Tensor:
-    """The v-MSE of one micro-batch. `offset` keys this micro-batch's randomness."""
+def prepare_inputs(batch: dict, abar, cfg: Config, seed: int, offset: int, empty_prompt, device,
+                   noise_backend: str = "torch", return_noise: bool = False) -> dict:
+    """Model input, target, prompt and timesteps of one micro-batch; `offset` keys its randomness."""
     x0 = batch["video_latents"].to(device)
     image = batch["image_latents"].to(device)
     prompt = batch["prompt_embeds"].to(device)
-    b, frames, _, h, w = x0.shape
     gen = torch.Generator().manual_seed(_key(seed ^ 0x5EED, offset))
-    t = diffusion.sample_timesteps(b, cfg.diffusion, gen)
+    t = diffusion.sample_timesteps(x0.shape[0], cfg.diffusion, gen)
     prompt, image, _, _ = diffusion.cfg_dropout(prompt, image, empty_prompt, cfg.diffusion, gen)
     sqrt_a, sqrt_1ma = diffusion.coefficients(abar, t)
-    model_input, target = inject_noise(
-        x0, image, sqrt_a.to(device), sqrt_1ma.to(device), seed, offset,
-        prediction=cfg.diffusion.prediction, backend=noise_backend,
-    )
+    out = inject_noise(x0, image, sqrt_a.to(device), sqrt_1ma.to(device), seed, offset,
+                       prediction=cfg.diffusion.prediction, backend=noise_backend, return_noise=return_noise)
+    inputs = {"model_input": out[0], "target": out[1], "prompt": prompt, "t": t.to(device),
+              "x0": x0, "image": image, "sqrt_a": sqrt_a, "sqrt_1ma": sqrt_1ma}
+    if return_noise:
+        inputs["noise"] = out[2]
+    return inputs
+
+
+def loss_from_inputs(model, inputs: dict, cfg: Config, rotary_cache: dict | None = None) -> torch.Tensor:
+    """The transformer's v (or epsilon) MSE on prepared inputs."""
     module = getattr(model, "module", model)
+    _, frames, _, h, w = inputs["model_input"].shape
     cache = rotary_cache if rotary_cache is not None else {}
     if (frames, h, w) not in cache:
-        cache[(frames, h, w)] = rotary_embeddings(module.config, frames, h, w, device)
-    pred = predict(model, model_input, prompt, t.to(device), cfg.diffusion.ofs, cache[(frames, h, w)])
-    return diffusion.loss_v_mse(pred, target)
+        cache[(frames, h, w)] = rotary_embeddings(module.config, frames, h, w, inputs["model_input"].device)
+    pred = predict(model, inputs["model_input"], inputs["prompt"], inputs["t"], cfg.diffusion.ofs,
+                   cache[(frames, h, w)])
+    return diffusion.loss_v_mse(pred, inputs["target"])
+
+
+def training_loss(model, batch: dict, abar, cfg: Config, seed: int, offset: int, empty_prompt, device,
+                  noise_backend: str = "torch", rotary_cache: dict | None = None) -> torch.Tensor:
+    """The loss of one micro-batch: prepare its inputs, run the model."""
+    inputs = prepare_inputs(batch, abar, cfg, seed, offset, empty_prompt, device, noise_backend)
+    return loss_from_inputs(model, inputs, cfg, rotary_cache)
 
 
 class Trainer:
