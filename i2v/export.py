@@ -87,9 +87,12 @@ def _norm(value):
 
 def trained_config(checkpoint_dir: str) -> tuple[dict | None, int]:
     """(config, step) the trainer recorded in the checkpoint's client state (None, -1 when absent)."""
-    states = os.path.join(checkpoint_dir, "mp_rank_00_model_states.pt")
-    if not os.path.isfile(states):
-        raise CheckpointError(f"checkpoint {checkpoint_dir} holds no DeepSpeed model states (mp_rank_00_model_states.pt)")
+    # ZeRO-3 names rank 0's model-states file differently; either carries the client state.
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    found = [os.path.join(checkpoint_dir, n) for n in names if os.path.isfile(os.path.join(checkpoint_dir, n))]
+    if not found:
+        raise CheckpointError(f"checkpoint {checkpoint_dir} holds no DeepSpeed model states ({' or '.join(names)})")
+    states = found[0]
     try:
         state = torch.load(states, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing problem
