@@ -1,4 +1,4 @@
-"""Noise injection for the I2V training step: one fused pass instead of ~15 launches.
+"""Noise injection for the I2V training step: one fused pass instead of about a dozen launches.
 
 Given x0 [B, F, C, h, w], image latents [B, 1, C, h, w] and per-sample sqrt(alpha_bar),
 sqrt(1 - alpha_bar) [B], produce
@@ -30,23 +30,30 @@ Noise stream of the Triton backend (fixed here, independent of block size, grid 
 No autograd.Function: nothing upstream of noise injection is trained (x0 and the image
 latents come from the frozen VAE), so the outputs carry no graph.
 
-Tested (CPU, interpreter): B in {1, 2, 3}, F in {1, 2, 4}, C in {3, 4, 16}, h*w not a multiple
-of the block; x0 and image latents in fp32, fp16, bf16 (mixed too); fp32 outputs match the
-reference on the kernel's own noise within 1e-6, 16-bit ones within one rounding step.
-Limits: contiguous copies are made of non-contiguous inputs; B*F < 2**30 and C*h*w < 2**31 - 2**12
-(the in-row index is int32); seed and offset are ints in [0, 2**64). GPU timing: bench/noise.py.
+Tested on CPU under the interpreter: B in {1, 2, 3}, F in {1, 2, 3, 4}, C in {2, 3, 4, 16}, h*w
+from 20 to 3200 (35, 63, 143: not a multiple of any block); x0 and image latents in fp32, fp16,
+bf16 (16-bit x0 with fp32 image latents too); fp32 outputs match the reference on the kernel's
+own noise within 1e-6, 16-bit ones within one rounding of the exact value; noise statistics over
+102,400 values. Both kernels compile for sm_90 ahead of time (a test, triton's own ptxas), but
+have not yet run on a GPU: speed and GPU correctness come from `python bench/noise.py` there.
+Limits: non-contiguous inputs are copied; C*h*w < 2**31 - 2048 (the in-row index is int32);
+B*F*ceil(C*h*w / BLOCK) < 2**31 programs (one grid axis); seed and offset are ints in [0, 2**64).
+Under the interpreter bf16 stores round in integer arithmetic, as its own fp32 -> bf16 cast
+truncates; on a GPU they use the hardware round-to-nearest-even conversion.
 
 Why condition_noise shares the kernel family although it does not pay for itself:
 a [B, 3, 480, 720] fp32 frame batch is 4.1 MB per sample. Eager torch (randn, sigma * eps,
 frames + that) moves about 24 bytes per element, the fused kernel 8 (read frames, write the
 result), so fusion saves ~17 MB and three launches per sample, a few microseconds on an H200,
-next to a VAE encode of the same frame that takes milliseconds. It is kept because it costs one
+next to a VAE encode of the same frame that takes milliseconds (an estimate; bench/noise.py times
+the noise side). It is kept because it costs one
 short kernel on the same noise helper, gives `backend="triton"` the same meaning for both ops,
 and draws from the same documented Philox stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 
@@ -233,6 +240,11 @@ def _block_for(n: int) -> int:
     return max(64, min(_MAX_BLOCK, triton.next_power_of_2(n)))
 
 
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU: Triton uses the current device, which need not be the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _soft_bf16(out: torch.Tensor) -> bool:
     return _INTERPRET and out.dtype == torch.bfloat16
 
@@ -256,11 +268,12 @@ def _launch_inject(x0, image_latents, sqrt_alpha, sqrt_one_minus_alpha, seed, of
         block = block or _block_for(n)
         blocks_per_row = triton.cdiv(n, block)
         seed, off_lo, off_hi = _split_key(seed, offset)
-        _inject_kernel[(b * f * blocks_per_row,)](
-            x0, image_latents, sqrt_a, sqrt_1ma, model_input, target, eps,
-            seed, off_lo, off_hi, f, n, blocks_per_row,
-            PREDICT_V=prediction == "v", STORE_EPS=return_noise, SOFT_BF16=_soft_bf16(x0), BLOCK=block,
-        )  # fmt: skip
+        with _on_device(x0):
+            _inject_kernel[(b * f * blocks_per_row,)](
+                x0, image_latents, sqrt_a, sqrt_1ma, model_input, target, eps,
+                seed, off_lo, off_hi, f, n, blocks_per_row,
+                PREDICT_V=prediction == "v", STORE_EPS=return_noise, SOFT_BF16=_soft_bf16(x0), BLOCK=block,
+            )  # fmt: skip
     return model_input, target, (eps if return_noise else None)
 
 
@@ -275,10 +288,11 @@ def _launch_condition(frames, sigma, seed, offset, return_noise, block=None):
         block = block or _block_for(n)
         blocks_per_row = triton.cdiv(n, block)
         seed, off_lo, off_hi = _split_key(seed, offset)
-        _condition_kernel[(rows * blocks_per_row,)](
-            frames, sigma, out, eps, seed, off_lo, off_hi, n, blocks_per_row,
-            STORE_EPS=return_noise, SOFT_BF16=_soft_bf16(frames), BLOCK=block,
-        )  # fmt: skip
+        with _on_device(frames):
+            _condition_kernel[(rows * blocks_per_row,)](
+                frames, sigma, out, eps, seed, off_lo, off_hi, n, blocks_per_row,
+                STORE_EPS=return_noise, SOFT_BF16=_soft_bf16(frames), BLOCK=block,
+            )  # fmt: skip
     return out, (eps if return_noise else None)
 
 
