@@ -34,9 +34,13 @@ forward and backward, against an fp64 reference with tolerance 2 x (torch SDPA's
 at that dtype) + 1e-5; strided inputs give bit-identical results. Under the interpreter bf16
 blocks are upcast to fp32 right after loading (the interpreter multiplies bf16 bit patterns),
 so the bf16 rounding of P is not exercised on CPU.
-Not yet measured on a GPU: speed, autotune choice, and compile of every pruned config on
-triton 3.6 / Hopper (bench/attention.py does all three). Limits: no causal mode, no
-attention mask, no dropout, head dim <= 128.
+Compiled, not run, for sm_90a with triton 3.7 and its bundled ptxas: every pruned bf16
+config at D=64 and 128 (register use and spills checked; the pruning rules come from
+that), first/last pruned configs for fp16/fp32 and D=16. Not yet run on a GPU: numerics on
+hardware (bf16 P rounding, TF32/IEEE fp32 dots), speed, the autotune choice, and compiling
+with triton 3.6 (bench/attention.py checks and measures all of it). Limits: no causal mode,
+no attention mask, no dropout, head dim <= 128; the first call per (H, Sq, Sk, D, dtype)
+autotunes on a GPU (about a minute).
 """
 
 from __future__ import annotations
@@ -73,15 +77,16 @@ def _configs(outer: str, inner: str, outer_sizes, inner_sizes, warps, stages):
     ]
 
 
-def _hopper_prune(outer: str, inner: str, tiles_per_stage: int, resident_tiles: int, acc_tiles: int,
-                  min_inner_16bit: int = 32):
-    """Drop configs that cannot fit or cannot feed wgmma well on an H100/H200 (saves tuning time).
+def _hopper_prune(outer: str, inner: str, tiles_per_stage: int, resident_tiles: int, reg_tiles: float,
+                  score_tiles: int, min_inner_16bit: int = 32):
+    """Drop configs that cannot fit, or spill heavily, on an H100/H200 (saves tuning time).
 
     Shared memory (227 KB per block on Hopper) must hold the resident tiles (the block this
-    program owns) plus `num_stages` copies of the streamed tiles; the fp32 accumulators
-    (`acc_tiles` of outer x head_dim) must leave registers for the rest (<= 128 per thread);
-    each warpgroup (4 warps) of a wgmma needs 64 rows of the owned block; for 16-bit inputs,
-    streamed blocks shorter than `min_inner_16bit` are too short a step to hide their loads.
+    program owns) plus `num_stages` copies of the streamed tiles. Registers: an estimate of
+    the fp32 words per thread held live, `reg_tiles` outer x head_dim tiles (accumulators and
+    owned operands) plus `score_tiles` outer x inner tiles (S/P, dP/dS); above 160, ptxas
+    (triton 3.7, sm_90a) spills hundreds of bytes. For 16-bit inputs, streamed blocks shorter
+    than `min_inner_16bit` are too short a step to hide their loads.
     """
 
     def prune(configs, named_args, **kwargs):
@@ -92,10 +97,8 @@ def _hopper_prune(outer: str, inner: str, tiles_per_stage: int, resident_tiles: 
         for c in configs:
             bo, bi = c.kwargs[outer], c.kwargs[inner]
             smem = (resident_tiles * bo + c.num_stages * tiles_per_stage * bi) * d * elt
-            acc_regs = acc_tiles * bo * d // (32 * c.num_warps)
-            if smem > 200 * 1024 or acc_regs > 128 or bo < 16 * c.num_warps:
-                continue
-            if elt == 4 and bo * bi > 64 * 64:  # fp32 operands double smem and registers
+            regs = (reg_tiles * bo * d * (2 if elt == 4 else 1) + score_tiles * bo * bi) / (32 * c.num_warps)
+            if smem > 200 * 1024 or regs > 160:
                 continue
             if elt == 2 and bi < min_inner_16bit:
                 continue
@@ -144,7 +147,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, lo, hi, n_k, stride_kn, stride_
 @triton.autotune(
     configs=_configs("BLOCK_M", "BLOCK_N", (64, 128), (32, 64, 128), (4, 8), (2, 3, 4)),
     key=["H", "N_Q", "N_K", "HEAD_DIM"],  # H: the grid size matters to the best tile
-    prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_M", "BLOCK_N", 2, 1, 1, 64)},
+    prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_M", "BLOCK_N", 2, 1, 1.5, 1, 64)},
 )
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
@@ -247,9 +250,9 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, hi, n
 
 
 @triton.autotune(
-    configs=_configs("BLOCK_N", "BLOCK_M", (64, 128), (32, 64), (4, 8), (2, 3)),
+    configs=_configs("BLOCK_N", "BLOCK_M", (32, 64, 128), (16, 32, 64), (4, 8), (2, 3)),
     key=["H", "N_Q", "N_K", "HEAD_DIM"],  # H: the grid size matters to the best tile
-    prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_N", "BLOCK_M", 2, 2, 2)},
+    prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_N", "BLOCK_M", 2, 2, 3, 2, 16)},
 )
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -332,7 +335,7 @@ def _bwd_q_inner(dq, q, do, lse, delta, k_base, v_base, lo, hi, n_k,
 @triton.autotune(
     configs=_configs("BLOCK_M", "BLOCK_N", (64, 128), (32, 64), (4, 8), (2, 3)),
     key=["H", "N_Q", "N_K", "HEAD_DIM"],  # H: the grid size matters to the best tile
-    prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_M", "BLOCK_N", 2, 2, 1)},
+    prune_configs_by={"early_config_prune": _hopper_prune("BLOCK_M", "BLOCK_N", 2, 2, 2, 2)},
 )
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
