@@ -430,7 +430,7 @@ def _flash_fwd(q, k, v, scale):
     return o, lse
 
 
-def _flash_bwd(do, q, k, v, o, lse, scale):
+def _flash_bwd(do, q, k, v, o, lse, scale, need_dq=True, need_dkdv=True):
     b, h, n_q, d = q.shape
     n_k = k.shape[2]
     upcast, precision = _flags(q.dtype)
@@ -438,17 +438,21 @@ def _flash_bwd(do, q, k, v, o, lse, scale):
     block = 128 if _INTERPRET else 64  # the interpreter pays per op, the GPU per register
     _bwd_delta[(triton.cdiv(n_q, block), b * h)](o, do, delta, *o.stride(), *do.stride(), h, n_q,
                                                    HEAD_DIM=d, BLOCK_M=block)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h)  # noqa: E731
-    _attn_bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv,
-                            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-                            h, n_q, n_k, scale * _LOG2E, scale,
-                            HEAD_DIM=d, UPCAST=upcast, PRECISION=precision)
-    grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
-    _attn_bwd_dq[grid_q](q, k, v, do, lse, delta, dq,
-                         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                         h, n_q, n_k, scale * _LOG2E, scale,
-                         HEAD_DIM=d, UPCAST=upcast, PRECISION=precision)
+    dq = dk = dv = None
+    if need_dkdv:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        grid_kv = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h)  # noqa: E731
+        _attn_bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv,
+                                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+                                h, n_q, n_k, scale * _LOG2E, scale,
+                                HEAD_DIM=d, UPCAST=upcast, PRECISION=precision)
+    if need_dq:
+        dq = torch.empty_like(q)
+        grid_q = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
+        _attn_bwd_dq[grid_q](q, k, v, do, lse, delta, dq,
+                             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                             h, n_q, n_k, scale * _LOG2E, scale,
+                             HEAD_DIM=d, UPCAST=upcast, PRECISION=precision)
     return dq, dk, dv
 
 
@@ -465,7 +469,8 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.scale)
+        dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, ctx.scale, need_dq=ctx.needs_input_grad[0],
+                                need_dkdv=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         return dq, dk, dv, None
 
 
@@ -497,5 +502,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if resolve_backend(backend, q.device) == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if torch.is_autocast_enabled(q.device.type):
+        # Same rule as SDPA under autocast: run in the autocast dtype (LayerNorm'd Q/K come out fp32).
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     _check_inputs(q, k, v)
     return FlashAttentionFunction.apply(q, k, v, scale)

@@ -140,3 +140,22 @@ def test_unknown_backend_raises():
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="backend"):
         flash_attention(q, q, q, backend="flash")
+
+
+def test_autocast_runs_in_autocast_dtype_like_sdpa():
+    # Under autocast, LayerNorm'd Q/K arrive in fp32 next to a bf16 V; SDPA runs them in bf16.
+    q, k, v, _ = (t.float() for t in _inputs((1, 1, 33, 16), seed=5))
+    with torch.autocast("cpu", dtype=BF16):
+        ours = flash_attention(q, k, v.to(BF16), backend="triton")
+        sdpa = F.scaled_dot_product_attention(q, k, v.to(BF16))
+    assert ours.dtype == sdpa.dtype == BF16
+    ref = attention_ref(*(t.double() for t in (q, k, v)))
+    assert _max_err(ours.double(), ref) <= 2 * _max_err(sdpa.double(), ref) + 1e-5
+
+
+def test_gradient_for_query_only():
+    q, k, v, do = (t.float() for t in _inputs((1, 1, 50, 32), seed=9))
+    q_ours, q_ref = q.clone().requires_grad_(), q.clone().requires_grad_()
+    flash_attention(q_ours, k, v, backend="triton").backward(do)
+    attention_ref(q_ref, k, v).backward(do)
+    assert _max_err(q_ours.grad.double(), q_ref.grad.double()) < 1e-5
