@@ -92,12 +92,14 @@ class CogVideoXFlashAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
-def apply_attention_backend(transformer: torch.nn.Module, backend: str) -> str:
+def apply_attention_backend(transformer: torch.nn.Module, backend: str, device=None) -> str:
     """Install the attention processors for `backend` on a CogVideoXTransformer3DModel; return the one used.
 
     "triton": our fused kernel everywhere (raises if triton is missing).
     "sdpa": diffusers' default processors (ours, if installed earlier, are replaced by them).
     "auto": "triton" when the model's parameters are on CUDA and triton imports, else "sdpa".
+    `device`, if given, is where the model will run and replaces its parameters' device in
+    that choice (for a model built on the CPU and moved to the GPU afterwards).
     """
     from diffusers.models.attention_processor import (
         Attention,
@@ -106,13 +108,15 @@ def apply_attention_backend(transformer: torch.nn.Module, backend: str) -> str:
     )
 
     if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"model.attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        raise ValueError(f"kernels.attention must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        param = next(transformer.parameters(), None)
-        on_cuda = param is not None and param.device.type == "cuda"
+        if device is None:
+            param = next(transformer.parameters(), None)
+            device = param.device if param is not None else "cpu"
+        on_cuda = torch.device(device).type == "cuda"
         backend = "triton" if on_cuda and _triton_available() else "sdpa"
     if backend == "triton" and not _triton_available():
-        raise ValueError("model.attention_backend is 'triton' but triton is not installed (pip install i2v[triton])")
+        raise ValueError("kernels.attention is 'triton' but triton is not installed (pip install i2v[triton])")
 
     modules = [m for m in transformer.modules() if isinstance(m, Attention)]
     if not modules:

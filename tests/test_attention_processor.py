@@ -113,6 +113,13 @@ def test_auto_on_cpu_keeps_diffusers_default_and_sdpa_restores_it():
     assert all(type(p) is CogVideoXAttnProcessor2_0 for p in _processors(model))
 
 
+def test_auto_for_a_model_headed_to_cuda_installs_triton():
+    # Built on the CPU, trained on the GPU: the caller names the device the model will run on.
+    model = _tiny_model()
+    assert apply_attention_backend(model, "auto", device="cuda") == "triton"
+    assert all(isinstance(p, CogVideoXFlashAttnProcessor) for p in _processors(model))
+
+
 def test_sdpa_processor_backend_matches_diffusers():
     model = _tiny_model()
     x, text, rope, _ = _batch()
@@ -126,7 +133,7 @@ def test_sdpa_processor_backend_matches_diffusers():
 
 def test_bad_backend_names_raise():
     model = _tiny_model()
-    with pytest.raises(ValueError, match="attention_backend"):
+    with pytest.raises(ValueError, match="kernels.attention"):
         apply_attention_backend(model, "flash")
     with pytest.raises(ValueError, match="backend"):
         CogVideoXFlashAttnProcessor("auto")
