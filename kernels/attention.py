@@ -11,8 +11,9 @@ Backward, split in three launches:
   2. dK, dV: one program per K/V block, looping over all query blocks (P recomputed from LSE)
   3. dQ:     one program per query block, looping over all K/V blocks
 Every gradient is accumulated in registers by the one program that owns its rows, so there
-are no atomics, no fp32 dQ scratch buffer and the gradients are bit-reproducible run to run
-(golden-loss tests and resumed runs stay exact). The price is recomputing Q K^T and dO V^T in
+are no atomics, no fp32 dQ scratch buffer and the gradients are bit-reproducible for a given
+tile config (autotuning may pick another config in another process: TRITON_CACHE_AUTOTUNING=1
+keeps the first choice on disk). The price is recomputing Q K^T and dO V^T in
 launch 3: 7 block matmuls per (query, key) block pair instead of 5. At S ~ 17.8k and B*H >= 30
 each launch has thousands of programs, so the split costs no parallelism.
 
@@ -29,8 +30,8 @@ Head dims: 16, 32, 64, 128 (powers of two; 64 and 128 are the CogVideoX sizes, 1
 tiny test models).
 
 Tested (CPU, TRITON_INTERPRET=1, tests/test_attention_kernel.py): lengths 1, 17, 77, 130,
-333 (and Sq != Sk), head dims 64 and 128 (16 through the processor test), fp32/fp16/bf16,
-forward and backward, against an fp64 reference with tolerance 2 x (torch SDPA's own error
+333 (and Sq != Sk), head dims 64 and 128 (16 and 32 in the smaller tests and the processor
+test), fp32/fp16/bf16 and autocast, forward and backward, against an fp64 reference with tolerance 2 x (torch SDPA's own error
 at that dtype) + 1e-5; strided inputs give bit-identical results. Under the interpreter bf16
 blocks are upcast to fp32 right after loading (the interpreter multiplies bf16 bit patterns),
 so the bf16 rounding of P is not exercised on CPU.
