@@ -119,6 +119,8 @@ class Validator:
             # The pipeline's own preprocessing: resize to height x width, scale to [-1, 1].
             p["pixels"] = processor.preprocess(p.pop("image"), height=self.height, width=self.width)[0].float()
         del text
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()  # return the encoder's memory before training resumes
         from i2v.sampling import PIPELINE_OFS, build_scheduler
 
         self.scheduler = build_scheduler(cfg.diffusion, "ddim")

@@ -8,6 +8,7 @@ precompute job and the training step construct from the same image.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,14 +44,15 @@ def _train_cmd(out, shards, stage):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{stage: run dir} of two finished 2-step runs, trained side by side."""
+    """{stage: run dir} of two finished 2-step runs, trained side by side; ZeRO-3 exports on finish."""
     root = tmp_path_factory.mktemp("export_runs")
     shards = str(root / "latents")
     make_latent_shards(shards, shards=2, per_shard=4)
     procs = {}
     for stage in (2, 3):
         out = str(root / f"zero{stage}")
-        procs[stage] = (out, subprocess.Popen(_train_cmd(out, shards, stage), cwd=REPO, env=_env(),
+        cmd = _train_cmd(out, shards, stage) + (["checkpoint.export_on_finish=true"] if stage == 3 else [])
+        procs[stage] = (out, subprocess.Popen(cmd, cwd=REPO, env=_env(),
                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     result = {}
     for stage, (out, p) in procs.items():
@@ -126,6 +128,20 @@ def test_export_loads_in_pipeline_and_generates(runs, stage, tmp_path):
                  generator=torch.Generator().manual_seed(0)).frames
     assert video.shape == (1, 9, 3, 64, 64)
     assert torch.isfinite(video).all()
+
+
+def test_export_on_finish_writes_the_final_weights(runs):
+    from diffusers import CogVideoXTransformer3DModel
+
+    from i2v.checkpoint import consolidated_state_dict
+
+    run = runs[3]
+    out = os.path.join(run, "export")
+    info = json.load(open(os.path.join(out, "i2v_export.json")))
+    assert info["step"] == 2 and info["checkpoint"] == _checkpoint(run)
+    exported = CogVideoXTransformer3DModel.from_pretrained(os.path.join(out, "transformer")).state_dict()
+    for k, v in consolidated_state_dict(_checkpoint(run)).items():
+        assert torch.equal(exported[k], v), k
 
 
 def test_export_cli_replaces_atomically_and_reports_errors(runs, tmp_path):
