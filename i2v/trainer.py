@@ -104,7 +104,7 @@ class Trainer:
             dump_yaml(cfg, os.path.join(self.out, "config.yaml"))
 
         model = build_transformer(cfg.model, seed=cfg.run.seed)
-        self.attention = set_attention(model, cfg.kernels.attention)
+        self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
         self.noise_backend = cfg.kernels.noise
         self.engine = self._build_engine(model)
         self.abar = diffusion.alphas_cumprod(cfg.diffusion)
