@@ -22,8 +22,10 @@ import glob
 import hashlib
 import json
 import os
+import queue
 import re
 import sys
+import threading
 import time
 from typing import Iterator
 
@@ -220,6 +222,51 @@ def batches(clips: Iterator[dict], size: int) -> Iterator[list[dict]]:
         yield batch
 
 
+class _Raised:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def prefetched(iterable, depth: int = 8) -> Iterator:
+    """Run `iterable` in a thread, `depth` items ahead: video decoding (PyAV releases the GIL)
+    overlaps the encoders. Exceptions re-raise in the consumer; stopping early stops the thread."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in iterable:
+                if not put(item):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(_Raised(e))
+        put(end)
+
+    thread = threading.Thread(target=work, name="precompute-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def is_finished(out_dir: str, name: str, fingerprint: str) -> bool:
     """True when the shard and its record exist; a record from other settings is an error."""
     tar, rec = os.path.join(out_dir, name), record_path(out_dir, name)
@@ -262,7 +309,7 @@ def run_shard(job: Precompute, url: str, out_dir: str, name: str, progress=None,
     shapes: dict[str, int] = {}
     started = time.time()
     with LatentShardWriter(os.path.join(out_dir, name)) as writer:
-        clips = iter_shard_clips(url, job.cfg.data.video, train=False, seed=job.cfg.run.seed, bad=bad)
+        clips = prefetched(iter_shard_clips(url, job.cfg.data.video, train=False, seed=job.cfg.run.seed, bad=bad))
         for batch in batches(clips, job.pre.batch_size):
             for s in job.encode(shard, batch):
                 writer.write(s["key"], s["video_latents"], s["image_latents"], s["prompt_embeds"], s["meta"])
