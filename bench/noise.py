@@ -146,8 +146,9 @@ def time_blocks(shape, dtype, device, smoke, blocks):
     n = math.prod(shape[2:])
     out = {}
     for block in blocks:
-        fn = lambda: noise._launch_inject(x0, img, sqrt_a, sqrt_1ma, SEED, OFFSET, "v", False, block=block)  # noqa: E731
-        out[str(block)] = _median_ms(fn, smoke)
+        out[str(block)] = _median_ms(
+            lambda: noise._launch_inject(x0, img, sqrt_a, sqrt_1ma, SEED, OFFSET, "v", False, block=block), smoke
+        )
     return {"shape": list(shape), "default_block": noise._block_for(n), "ms": out}
 
 
@@ -168,7 +169,9 @@ def time_condition(shape, device, smoke, use_compile):
 def check_correctness(shape, dtype, device):
     """Ours against the reference on its own noise: fp32 closely, `dtype` within the stock chain's error."""
     x0, img, sqrt_a, sqrt_1ma = _inputs(shape, torch.float32, device, seed=1)
-    inp32, tgt32, eps32 = noise.inject_noise(x0, img, sqrt_a, sqrt_1ma, SEED, OFFSET, backend="triton", return_noise=True)
+    inp32, tgt32, eps32 = noise.inject_noise(
+        x0, img, sqrt_a, sqrt_1ma, SEED, OFFSET, backend="triton", return_noise=True
+    )
     ref_inp, ref_tgt = noise.inject_noise_ref(x0, img, sqrt_a, sqrt_1ma, eps32)
     err32 = max((inp32 - ref_inp).abs().max().item(), (tgt32 - ref_tgt).abs().max().item())
 
@@ -269,18 +272,20 @@ def main(argv=None):
     correctness = check_correctness(check_shape, dtype, device)
     record["correctness"] = correctness
     print(f"correctness at {check_shape}: fp32 err {correctness['max_abs_err_fp32']:.2e}, "
-          f"{args.dtype} err {correctness['max_abs_err_lowp']:.2e} (stock {correctness['max_abs_err_stock_lowp']:.2e}), "
+          f"{args.dtype} err {correctness['max_abs_err_lowp']:.2e} "
+          f"(stock {correctness['max_abs_err_stock_lowp']:.2e}), "
           f"noise mean {correctness['noise_mean']:+.4f} std {correctness['noise_std']:.4f}: "
           f"{'ok' if correctness['ok'] else 'FAILED ' + str(correctness['checks'])}")  # fmt: skip
 
     if correctness["ok"]:
-        record["shapes"] = {key: time_injection(shape, dtype, device, smoke, use_compile) for key, shape in shapes.items()}
+        record["shapes"] = {k: time_injection(shape, dtype, device, smoke, use_compile) for k, shape in shapes.items()}
         b1, b64 = record["shapes"]["b1"]["ms"], record["shapes"]["b64"]["ms"]
         record["speedup_vs_eager_b1"] = b1["eager"] / b1["ours"]
         record["speedup_vs_compile_b1"] = b1["compile"] / b1["ours"] if use_compile else None
         record["fraction_of_copy_bw_b64"] = b64["copy"] / b64["ours"]
         record["fraction_of_copy_bw_b1"] = b1["copy"] / b1["ours"]
-        record["block_sweep_b64"] = time_blocks(shapes["b64"], dtype, device, smoke, SMOKE_BLOCKS if smoke else GPU_BLOCKS)
+        blocks = SMOKE_BLOCKS if smoke else GPU_BLOCKS
+        record["block_sweep_b64"] = time_blocks(shapes["b64"], dtype, device, smoke, blocks)
         record["condition"] = time_condition(SMOKE_FRAMES if smoke else GPU_FRAMES, device, smoke, use_compile)
 
         for key in shapes:

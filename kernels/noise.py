@@ -253,7 +253,9 @@ def _split_key(seed: int, offset: int) -> tuple[int, int, int]:
     return seed, offset & 0xFFFFFFFF, offset >> 32
 
 
-def _launch_inject(x0, image_latents, sqrt_alpha, sqrt_one_minus_alpha, seed, offset, prediction, return_noise, block=None):
+def _launch_inject(
+    x0, image_latents, sqrt_alpha, sqrt_one_minus_alpha, seed, offset, prediction, return_noise, block=None
+):
     """Run _inject_kernel on validated inputs; `block` overrides the block size (the benchmark sweeps it)."""
     b, f, c, h, w = x0.shape
     n = c * h * w
@@ -303,7 +305,8 @@ def _check_key(seed, offset):
     try:
         seed, offset = operator.index(seed), operator.index(offset)
     except TypeError:
-        raise ValueError(f"seed and offset must be ints, got {type(seed).__name__} and {type(offset).__name__}") from None
+        types = f"{type(seed).__name__} and {type(offset).__name__}"
+        raise ValueError(f"seed and offset must be ints, got {types}") from None
     for name, value in (("seed", seed), ("offset", offset)):
         if not 0 <= value < 2**64:
             raise ValueError(f"{name} must be in [0, 2**64), got {value}")

@@ -74,7 +74,9 @@ def test_fp32_matches_reference_on_own_noise(shape, prediction):
 @pytest.mark.parametrize("img_dtype", [None, torch.float32])
 def test_16bit_matches_reference(shape, dtype, img_dtype):
     x0, img, sqrt_a, sqrt_1ma = _inputs(shape, dtype, img_dtype)
-    model_input, target, eps = inject_noise(x0, img, sqrt_a, sqrt_1ma, seed=5, offset=9, backend="triton", return_noise=True)
+    model_input, target, eps = inject_noise(
+        x0, img, sqrt_a, sqrt_1ma, seed=5, offset=9, backend="triton", return_noise=True
+    )
     assert model_input.dtype == target.dtype == eps.dtype == dtype
     # The stream does not depend on the dtype: the fp32 run draws the same noise, unrounded.
     eps32 = _eps(shape, seed=5, offset=9)
@@ -149,7 +151,12 @@ def test_stream_is_the_documented_one():
     u = [((w >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24) for w in words]
     two_pi = np.float32(2 * np.pi)
     rad01, rad23 = np.sqrt(np.float32(-2) * np.log(u[0])), np.sqrt(np.float32(-2) * np.log(u[2]))
-    normals = [rad01 * np.cos(two_pi * u[1]), rad01 * np.sin(two_pi * u[1]), rad23 * np.cos(two_pi * u[3]), rad23 * np.sin(two_pi * u[3])]
+    normals = [
+        rad01 * np.cos(two_pi * u[1]),
+        rad01 * np.sin(two_pi * u[1]),
+        rad23 * np.cos(two_pi * u[3]),
+        rad23 * np.sin(two_pi * u[3]),
+    ]
     expected = np.choose(j % 4, normals)
     np.testing.assert_allclose(eps, expected, rtol=1e-5, atol=1e-5)
 
@@ -288,7 +295,9 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
 
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
 
 
