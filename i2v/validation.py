@@ -7,8 +7,9 @@ latents and RoPE of diffusers' `CogVideoXImageToVideoPipeline`), written to
 and logged to TensorBoard as an animated GIF under `validation/pair-I`.
 
 Collectives, and why no rank can be left waiting in one:
-- ZeRO-3 partitions the weights. Every rank enters one `GatheredParameters` over all of them,
-  copies the full weights into a private replica (no DeepSpeed hooks) and leaves; sampling then
+- ZeRO-3 partitions the weights. Every rank enters the same sequence of `GatheredParameters`
+  (one per top-level module or transformer block, in the same order everywhere), copies the full weights into a
+  private replica (no DeepSpeed hooks) and releases them; sampling then
   runs on the replica without any collective, so ranks may do different numbers of pairs
   (rank r gets ceil((P - r) / world)). ZeRO 0-2 ranks hold full weights and sample in place.
   The replica costs one extra copy of the weights per rank for the duration of validation.
@@ -27,6 +28,7 @@ The prompts are encoded once (the T5 is freed afterwards) and the VAE is built o
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -96,6 +98,8 @@ class Validator:
         self.height, self.width = cfg.data.video.height, cfg.data.video.width
         pairs = load_pairs(cfg)
         self.num_pairs = len(pairs)
+        self.prompts = [p["prompt"] for p in pairs]
+        self._described = False
         self.slots = -(-self.num_pairs // env.world_size)  # pairs per rank, rounded up: equal on every rank
         self.mine = [p for p in pairs if p["index"] % env.world_size == env.rank]
         self.fps = float(cfg.data.video.fps or 8)
@@ -143,11 +147,17 @@ class Validator:
             replica = replica.to(dtype=dtype)
         replica = replica.to_empty(device=self.env.device)
         params = dict(src.named_parameters())
-        with deepspeed.zero.GatheredParameters(list(src.parameters()), modifier_rank=None):
-            with torch.no_grad():
-                for name, p in replica.named_parameters():
-                    p.copy_(params[name].data.view(p.shape))
-        buffers = dict(src.named_buffers())
+        # Gathered one block at a time, so the peak is the replica plus one block, not two models.
+        # Every rank walks the same names in the same order, so the gathers pair up across ranks.
+        names = [n for n, _ in replica.named_parameters()]
+        for _, group in itertools.groupby(names, key=_block_of):
+            group = list(group)
+            with deepspeed.zero.GatheredParameters([params[n] for n in group], modifier_rank=None):
+                with torch.no_grad():
+                    for n in group:
+                        target = replica.get_parameter(n)
+                        target.copy_(params[n].data.view(target.shape))
+        buffers = dict(src.named_buffers())  # ZeRO-3 partitions parameters only
         with torch.no_grad():
             for name, b in replica.named_buffers():
                 b.copy_(buffers[name])
@@ -241,6 +251,10 @@ class Validator:
                     add_video(writer, f"validation/pair-{i}", videos[rank, slot].numpy(), step, fps=self.fps)
             else:
                 report.append(f"pair {i} on rank {rank}: {STATUS.get(code, code)}")
+        if writer is not None and not self._described:
+            rows = "\n".join(f"| pair-{i} | {p.replace('|', '/')} |" for i, p in enumerate(self.prompts))
+            writer.add_text("validation/prompts", "| video | prompt |\n|---|---|\n" + rows, step)
+            self._described = True
         if writer is not None:
             writer.add_scalar("validation/seconds", seconds, step)
             writer.add_scalar("validation/completed_pairs", done, step)
@@ -248,6 +262,12 @@ class Validator:
         tail = f" ({'; '.join(report)})" if report else ""
         print(f"[i2v] validation at step {step}: {done}/{self.num_pairs} videos in {seconds:.1f} s "
               f"-> {sample_dir(self.cfg.run.output_dir, step)}{tail}", flush=True)
+
+
+def _block_of(name: str) -> str:
+    """`transformer_blocks.3.attn1.to_q.weight` -> `transformer_blocks.3`; `proj_out.bias` -> `proj_out`."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
 
 
 def _pair_seed(seed: int, index: int) -> int:
