@@ -110,6 +110,12 @@ class Precompute:
                 f"data.video.frames: is {frames}; the CogVideoX VAE compresses time 4x causally, so clips "
                 "need 4k + 1 frames (e.g. 9, 49)"
             )
+        if self.pre.samples_per_shard:
+            raise ConfigError(
+                f"precompute.samples_per_shard: is {self.pre.samples_per_shard}; output shards mirror input shards "
+                "one to one (that keeps reruns and rank counts from changing the output), so set it to 0 and "
+                "choose the shard size with make_shards --samples-per-shard"
+            )
         self.vae = encoders.build_vae(cfg).to(self.device)
         self.text = encoders.build_text_encoder(cfg)
         self.text.model.to(self.device)

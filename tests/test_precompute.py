@@ -26,7 +26,7 @@ from i2v.data_prep import encoders
 from i2v.data_prep.precompute import assignment, output_name, run
 from i2v.data_prep.make_shards import make_shards
 from i2v.data_prep.synthetic import random_spec, render, write_mp4
-from i2v.errors import ConfigError
+from i2v.errors import ConfigError, DataError
 
 from conftest import REPO
 
@@ -275,6 +275,9 @@ def test_rejects_are_listed_and_an_all_bad_shard_is_empty_and_valid(shards, tmp_
     assert len(rejects) == 4 and all(r["reason"] for r in rejects)
     assert {r["shard"] for r in rejects} == {"shard-000000.tar", "shard-000001.tar"}
     assert any("000000101" in r["key"] for r in rejects)
+    # Finished shards written with other settings are never mixed into a dataset.
+    with pytest.raises(DataError, match="other precompute settings"):
+        run(cfg_for(str(videos), str(out), "precompute.image_draws=3"), progress=False)
 
 
 def test_assignment_and_names():
@@ -290,6 +293,8 @@ def test_config_errors(shards, tmp_path):
         run(cfg_for(shards, tmp_path / "a", "data.video.frames=8"), progress=False)
     with pytest.raises(ConfigError, match="data.latent_shards"):
         run(cfg_for(shards, shards), progress=False)
+    with pytest.raises(ConfigError, match="precompute.samples_per_shard"):
+        run(cfg_for(shards, tmp_path / "c", "precompute.samples_per_shard=5"), progress=False)
     proc = _launch([f"data.video_shards={shards}", f"data.latent_shards={tmp_path}/b", *SMALL,
                     "precompute.vae.arch.latent_channels=8"])
     _, stderr = proc.communicate(timeout=120)
