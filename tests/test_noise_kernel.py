@@ -206,6 +206,14 @@ def test_reproducible_per_key_and_independent_across_keys(backend):
         assert abs(_corr(base, eps)) < bound, f"(seed, offset) = {other}"
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_seed_and_offset_wrap_mod_2_64(backend):
+    # Negative seeds are legal (torch.manual_seed takes them); both backends read keys mod 2**64.
+    shape = (1, 1, 2, 3, 4)
+    assert torch.equal(_eps(shape, -1, -2, backend), _eps(shape, 2**64 - 1, 2**64 - 2, backend))
+    assert not torch.equal(_eps(shape, -1, 0, backend), _eps(shape, 1, 0, backend))
+
+
 def test_sample_noise_does_not_depend_on_batch_size():
     # Row r = b * F + f keys the stream, so sample 0 draws the same noise in a batch of 1 or 3.
     alone = _eps((1, 2, 3, 4, 5), seed=9)
@@ -315,9 +323,8 @@ def _bad_inject_cases():
         ("sqrt_one_minus_alpha must", dict(sqrt_one_minus_alpha=s.view(2, 1))),
         ("prediction", dict(prediction="x0")),
         ("backend", dict(backend="cuda")),
-        ("seed", dict(seed=-1)),
-        ("offset", dict(offset=2**64)),
         ("seed and offset must be ints", dict(seed=1.5)),
+        ("seed and offset must be ints", dict(offset="3")),
     ]
 
 
