@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 import torch
 from webdataset import tariterators
 
@@ -245,11 +246,28 @@ def crop_box(video: VideoConfig, src_w: int, src_h: int, out_h: int, out_w: int,
 # --------------------------------------------------------------------------- decoding
 
 
-def _to_rgb(frame, sw: int, sh: int, x0: int, y0: int, out_h: int, out_w: int) -> np.ndarray:
-    """Resize in swscale (cheaper than full-size RGB then resize), crop, drop alpha onto black."""
-    alpha = any(c.is_alpha for c in frame.format.components)
-    img = frame.reformat(width=sw, height=sh, format="rgba" if alpha else "rgb24",
-                         interpolation="BILINEAR").to_ndarray()
+class Scaler:
+    """Resize in the decoder's pixel format, then convert to RGB at the output size.
+
+    Two swscale passes beat one: scaling within YUV and then converting without scaling
+    both take FFmpeg's SIMD paths, where a combined scale+convert takes the generic one.
+    The contexts are reused across a clip's frames, as building one costs more than using it.
+    """
+
+    def __init__(self, width: int, height: int):
+        self.width, self.height = width, height
+        self.resize, self.convert = VideoReformatter(), VideoReformatter()
+
+    def __call__(self, frame) -> np.ndarray:
+        alpha = any(c.is_alpha for c in frame.format.components)
+        small = self.resize.reformat(frame, width=self.width, height=self.height, interpolation="BILINEAR")
+        return self.convert.reformat(small, format="rgba" if alpha else "rgb24").to_ndarray()
+
+
+def _to_rgb(scaler: Scaler, frame, x0: int, y0: int, out_h: int, out_w: int) -> np.ndarray:
+    """Scaled RGB frame, cropped, with any alpha channel flattened onto black."""
+    img = scaler(frame)
+    alpha = img.shape[-1] == 4
     img = img[y0:y0 + out_h, x0:x0 + out_w]
     if alpha:
         a = img[..., 3:4].astype(np.uint16)
@@ -274,8 +292,9 @@ def _measure(container, stream, info: ClipInfo) -> ClipInfo:
     return dataclasses.replace(info, frames=n, last=last)
 
 
-def decode_frames(container, stream, info: ClipInfo, times: list[float], convert: Callable) -> tuple[np.ndarray, int]:
-    """Frames nearest to `times`, converted; returns (uint8 [F, H, W, 3], frames decoded)."""
+def decode_frames(container, stream, info: ClipInfo, times: list[float],
+                  convert: Callable) -> tuple[list[np.ndarray], int]:
+    """Frames nearest to `times`, converted; returns (F uint8 [H, W, 3] images, frames decoded)."""
     tol = 0.5 / info.fps
     seeked = times[0] - info.start > tol
     if seeked:
@@ -317,7 +336,7 @@ def decode_frames(container, stream, info: ClipInfo, times: list[float], convert
     if j < len(times):
         reason = TOO_FEW if decoded else UNDECODABLE
         raise BadSample(reason, f"stream ended after {decoded} decoded frames, wanted frame at {times[j]:.3f}s")
-    return np.stack(out), decoded
+    return out, decoded
 
 
 def sample_rng(seed: int, key: str, salt: Any = 0) -> random.Random:
@@ -353,14 +372,25 @@ def decode_sample(sample: dict, video: VideoConfig, rng: random.Random, train: b
             raise BadSample(TOO_FEW, f"{info.frames} decodable frames < {min_frames} (data.video.min_frames)")
         times = plan_times(video, info, frames, rng, train)
         sw, sh, x0, y0 = crop_box(video, info.width, info.height, out_h, out_w, rng, train)
+        scaler = Scaler(sw, sh)
         pixels, decoded = decode_frames(
-            container, stream, info, times, lambda f: _to_rgb(f, sw, sh, x0, y0, out_h, out_w))
+            container, stream, info, times, lambda f: _to_rgb(scaler, f, x0, y0, out_h, out_w))
     finally:
         container.close()
-    clip = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    clip = to_unit_range(pixels)
     meta = dict(meta, ext=ext, clip_start=times[0], clip_fps=1.0 / frame_step(video, info) if frames > 1 else info.fps,
                 crop=[x0, y0, out_w, out_h], resized=[sw, sh], decoded_frames=decoded, bucket=[out_h, out_w, frames])
-    return {"video": clip, "image": clip[0].clone(), "caption": caption, "__key__": sample["__key__"], "meta": meta}
+    # `image` is a view of frame 0 (no copy); clone it before changing `video` in place.
+    return {"video": clip, "image": clip[0], "caption": caption, "__key__": sample["__key__"], "meta": meta}
+
+
+def to_unit_range(frames: list[np.ndarray]) -> torch.Tensor:
+    """uint8 [H, W, 3] frames -> float32 [F, 3, H, W] in [-1, 1], one copy per frame."""
+    h, w, _ = frames[0].shape
+    out = torch.empty((len(frames), 3, h, w), dtype=torch.float32)
+    for i, img in enumerate(frames):
+        out[i].copy_(torch.from_numpy(img).permute(2, 0, 1))
+    return out.mul_(1.0 / 127.5).sub_(1.0)
 
 
 # --------------------------------------------------------------------------- stages
