@@ -108,3 +108,24 @@ def test_save_video_mp4_and_gif(tmp_path):
     with pytest.raises(ValueError, match=r"\.avi"):
         save_video(frames, str(tmp_path / "a.avi"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif", "a.mp4", "odd.mp4"]  # no temp files left
+
+
+def test_cogvideox_15_style_model_matches_the_pipeline():
+    """patch_size_t (latent frames padded in front, dropped after), ofs = 2.0, inverted image scale."""
+    cfg = load_config(CONFIG, ["model.arch.patch_size_t=2", "model.arch.ofs_embed_dim=32",
+                               "precompute.vae.arch.invert_scale_latents=true"])
+    transformer = build_transformer(cfg.model, seed=0).eval()
+    with torch.no_grad():
+        transformer.proj_out.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
+    text, vae = encoders.build_text_encoder(cfg), encoders.build_vae(cfg)
+    prompt, negative = text(["a blue circle moving right", ""])
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    ours = sample_video(transformer, vae, build_scheduler(cfg.diffusion, "dpm"), image, prompt, negative,
+                        num_frames=9, num_inference_steps=3, guidance_scale=6.0,
+                        generator=torch.Generator().manual_seed(7))
+    ref = _pipeline(cfg, transformer, text, vae, "dpm")(
+        image=image[None] * 0.5 + 0.5, prompt_embeds=prompt[None], negative_prompt_embeds=negative[None],
+        height=64, width=64, num_frames=9, num_inference_steps=3, guidance_scale=6.0,
+        generator=torch.Generator().manual_seed(7), output_type="pt", return_dict=False)[0]
+    assert ours.shape == (9, 3, 64, 64)
+    torch.testing.assert_close(ours * 0.5 + 0.5, ref[0], atol=1e-5, rtol=1e-5)
