@@ -104,12 +104,14 @@ class Precompute:
 
     def __init__(self, cfg: Config, device: str | torch.device = "cpu"):
         self.cfg, self.pre, self.device = cfg, cfg.precompute, torch.device(device)
-        frames = cfg.data.video.frames
-        if (frames - 1) % 4:
-            raise ConfigError(
-                f"data.video.frames: is {frames}; the CogVideoX VAE compresses time 4x causally, so clips "
-                "need 4k + 1 frames (e.g. 9, 49)"
-            )
+        lengths = [("data.video.frames", cfg.data.video.frames)]
+        lengths += [(f"data.video.buckets[{i}]", b[2]) for i, b in enumerate(cfg.data.video.buckets) if len(b) == 3]
+        for key, frames in lengths:
+            if not isinstance(frames, int) or (frames - 1) % 4:
+                raise ConfigError(
+                    f"{key}: {frames!r} frames; the CogVideoX VAE compresses time 4x causally, so clips "
+                    "need 4k + 1 frames (e.g. 9, 49)"
+                )
         if self.pre.samples_per_shard:
             raise ConfigError(
                 f"precompute.samples_per_shard: is {self.pre.samples_per_shard}; output shards mirror input shards "
@@ -135,7 +137,10 @@ class Precompute:
             "vae": self.vae_identity,
             "text_encoder": self.text_identity,
         }
-        blob = json.dumps(self.settings, sort_keys=True).encode()
+        # A model directory may move between runs; its config hash, not its path, identifies it.
+        portable = {k: ({n: x for n, x in v.items() if n != "path"} if isinstance(v, dict) else v)
+                    for k, v in self.settings.items()}
+        blob = json.dumps(portable, sort_keys=True).encode()
         self.fingerprint = hashlib.sha256(blob).hexdigest()
 
     def _seed(self, shard: str, key: str, purpose: str, draw: int = 0) -> int:
