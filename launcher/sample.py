@@ -67,7 +67,7 @@ def main():
 
     from i2v.checkpoint import load_trained_transformer
     from i2v.data_prep.encoders import build_text_encoder, build_vae
-    from i2v.sampling import build_scheduler, sample_video, save_video
+    from i2v.sampling import PIPELINE_OFS, build_scheduler, sample_video, save_video
 
     v = cfg.validation
     steps = args.steps or v.num_inference_steps
@@ -87,6 +87,7 @@ def main():
         transformer, vae, build_scheduler(cfg.diffusion, args.scheduler), image, prompt, negative,
         num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
         generator=torch.Generator().manual_seed(seed), image_latents_mode=cfg.precompute.latents,
+        ofs=cfg.diffusion.ofs if cfg.diffusion.ofs is not None else PIPELINE_OFS,
     )
     for out in args.out:
         save_video(frames_out, out, fps=args.fps)
