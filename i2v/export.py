@@ -53,7 +53,8 @@ from i2v.errors import CheckpointError, ConfigError
 # values must not be exported under this config.
 MODEL_KEYS = ("model.pretrained", "model.arch")
 SCHEDULE_KEYS = tuple(f"diffusion.{k}" for k in (
-    "num_train_timesteps", "beta_start", "beta_end", "snr_shift_scale", "rescale_zero_terminal_snr", "prediction", "ofs"))
+    "num_train_timesteps", "beta_start", "beta_end", "snr_shift_scale", "rescale_zero_terminal_snr", "prediction",
+    "ofs"))
 ENCODER_KEYS = ("precompute.vae.pretrained", "precompute.vae.arch", "precompute.text_encoder.pretrained",
                 "precompute.text_encoder.arch", "precompute.text_encoder.max_length")
 

@@ -33,7 +33,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -168,6 +167,7 @@ class Validator:
 
     def run(self, step: int, engine, writer) -> None:
         from i2v.sampling import sample_video, save_video
+        from i2v.tb_video import to_uint8_frames
 
         env, v = self.env, self.cfg.validation
         start = time.monotonic()
@@ -201,7 +201,7 @@ class Validator:
                             torch.Generator().manual_seed(seed), image_latents_mode=self.image_mode, ofs=self.ofs,
                         )
                         save_video(frames, os.path.join(out_dir, f"pair-{pair['index']}.mp4"), fps=int(self.fps))
-                        videos[slot] = torch.from_numpy(_uint8(frames))
+                        videos[slot] = torch.from_numpy(to_uint8_frames(frames))
                         status[slot] = OK
                     except _OutOfTime:
                         status[slot] = TIMED_OUT
@@ -215,6 +215,8 @@ class Validator:
                 h.remove()
             del model
             module.train(was_training)
+            if env.device.type == "cuda":
+                torch.cuda.empty_cache()  # the replica and activations, before training resumes
 
         gathered = self._gather(videos, status)
         if env.is_main:
@@ -275,9 +277,3 @@ def _pair_seed(seed: int, index: int) -> int:
     from i2v.data_prep.encoders import stable_seed
 
     return stable_seed(seed, "validation", index)
-
-
-def _uint8(frames: torch.Tensor) -> np.ndarray:
-    from i2v.tb_video import to_uint8_frames
-
-    return to_uint8_frames(frames)

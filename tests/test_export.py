@@ -176,7 +176,8 @@ def test_export_refuses_mismatched_config_and_foreign_output(runs, tmp_path):
     config = os.path.join(run, "config.yaml")
     ckpt = _checkpoint(run)
     cfg = load_config(config, ["model.arch.num_layers=3"])
-    with pytest.raises(ConfigError, match=r"model\.arch: checkpoint has .*'num_layers': 2.*config has .*'num_layers': 3"):
+    mismatch = r"model\.arch: checkpoint has .*'num_layers': 2.*config has .*'num_layers': 3"
+    with pytest.raises(ConfigError, match=mismatch):
         export_pipeline(cfg, ckpt, str(tmp_path / "a"))
     cfg = load_config(config, ["diffusion.snr_shift_scale=1.0"])
     with pytest.raises(ConfigError, match=r"diffusion\.snr_shift_scale: checkpoint has 3\.0, config has 1\.0"):
@@ -248,7 +249,8 @@ def test_image_latent_convention_matches_pipeline(variant, tmp_path):
     hook = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
     image, seed = _image(3), 1234
     pipe(image=image, prompt="a blue disk", num_frames=9, height=64, width=64, num_inference_steps=1,
-         guidance_scale=6.0, max_sequence_length=32, output_type="latent", generator=torch.Generator().manual_seed(seed))
+         guidance_scale=6.0, max_sequence_length=32, output_type="latent",
+         generator=torch.Generator().manual_seed(seed))
     hook.remove()
     hidden = captured[0]["hidden_states"]  # [2 (uncond, cond), F, 2C, h, w]
     c = cfg.model.arch["out_channels"]
