@@ -30,7 +30,7 @@ Latent conventions (tests/test_export.py checks each against the pipeline itself
 - CogVideoX 1.5 (`patch_size_t` set): when the latent length f is not a multiple of patch_size_t the
   pipeline samples f + pad latent frames, keeps the image latent at frame 0 followed by zeros (its
   "first-frame duplication" line selects `F % patch_size_t = 0` frames, i.e. nothing), and drops the
-  first `pad` generated frames before decoding. Its transformer input is therefore
+  first `pad` generated frames before decoding (`output_type="latent"` keeps them). Its transformer input is therefore
   `model_input(x_t, image_latent)` on the padded length: train 1.5 models on latent lengths that are
   multiples of patch_size_t (the extra front frame carries no image condition), with
   `diffusion.ofs: 2.0`, the value the pipeline feeds to models with an ofs embedding.

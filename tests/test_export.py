@@ -248,9 +248,9 @@ def test_image_latent_convention_matches_pipeline(variant, tmp_path):
 
     hook = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
     image, seed = _image(3), 1234
-    pipe(image=image, prompt="a blue disk", num_frames=9, height=64, width=64, num_inference_steps=1,
-         guidance_scale=6.0, max_sequence_length=32, output_type="latent",
-         generator=torch.Generator().manual_seed(seed))
+    result = pipe(image=image, prompt="a blue disk", num_frames=9, height=64, width=64, num_inference_steps=1,
+                  guidance_scale=6.0, max_sequence_length=32, output_type="latent",
+                  generator=torch.Generator().manual_seed(seed)).frames
     hook.remove()
     hidden = captured[0]["hidden_states"]  # [2 (uncond, cond), F, 2C, h, w]
     c = cfg.model.arch["out_channels"]
@@ -277,6 +277,21 @@ def test_image_latent_convention_matches_pipeline(variant, tmp_path):
     for backend in ("torch", "triton"):
         mi, _ = inject_noise(x_t, image_latents, one * 0.5, one * 0.5, seed=0, offset=0, backend=backend)
         torch.testing.assert_close(mi[0, :, c:], hidden[1, :, c:], rtol=0, atol=0)
+
+    # Video latents: the precompute job's scaled latents decode through the pipeline to the VAE's own decode.
+    clip = torch.rand(1, 3, 9, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    unscaled = job._latents(clip, [torch.Generator().manual_seed(6)])  # [1, f, C, h, w]
+    stored = unscaled * job.scaling_factor
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.decode_latents(stored), pipe.vae.decode(unscaled.permute(0, 2, 1, 3, 4)).sample,
+                                   rtol=1e-5, atol=1e-5)
+    # 1.5: the padding latent frame is kept in latent output and dropped before decoding, so the
+    # decoded clip has the requested 9 frames.
+    assert result.shape == (1, frames, c, 8, 8)
+    video = pipe(image=image, prompt="a blue disk", num_frames=9, height=64, width=64, num_inference_steps=1,
+                 guidance_scale=1.0, max_sequence_length=32, output_type="pt",
+                 generator=torch.Generator().manual_seed(seed)).frames
+    assert video.shape == (1, 9, 3, 64, 64)
 
     if variant == "cogvideox-1.5":
         # 9 frames -> 3 latent frames, padded to 4 for patch_size_t 2; the ofs input is 2.0.
