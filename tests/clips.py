@@ -35,19 +35,20 @@ def frame_index(rgb: np.ndarray) -> int:
     return hi * 40 + lo
 
 
-def pattern(i: int, width: int, height: int, alpha: bool = False) -> np.ndarray:
+def pattern(i: int, width: int, height: int, alpha: bool = False, opacity: int = 255) -> np.ndarray:
     img = np.empty((height, width, 4 if alpha else 3), np.uint8)
     half = max(width // 2, 1)
     img[:, :half, :3] = level(i)
     img[:, half:, :3] = level(i // 40)
     if alpha:
-        img[..., 3] = 255
+        img[..., 3] = opacity
     return img
 
 
 def encode(path: str | os.PathLike, *, frames: int = 12, width: int = 64, height: int = 48, fps: int = 24,
            codec: str = "libx264", pix_fmt: str = "yuv420p", gop: int = 12, pts: list[int] | None = None,
-           time_base: fractions.Fraction | None = None, audio: bool = False, options: dict | None = None) -> str:
+           time_base: fractions.Fraction | None = None, audio: bool = False, options: dict | None = None,
+           opacity: int = 255) -> str:
     """Encode `frames` pattern frames to `path` (container from the extension).
 
     `pts` (with `time_base`) gives explicit, possibly irregular, timestamps: a VFR clip.
@@ -66,7 +67,7 @@ def encode(path: str | os.PathLike, *, frames: int = 12, width: int = 64, height
         astream = out.add_stream("aac", rate=16000) if audio else None
         has_alpha = "a" in pix_fmt.replace("yuv", "").replace("gray", "") or pix_fmt in ("rgba", "argb", "bgra")
         for i in range(frames):
-            img = pattern(i, width, height, alpha=has_alpha)
+            img = pattern(i, width, height, alpha=has_alpha, opacity=opacity)
             frame = av.VideoFrame.from_ndarray(img, format="rgba" if has_alpha else "rgb24")
             if pts is not None:
                 frame.pts = pts[i]

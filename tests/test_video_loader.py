@@ -71,6 +71,12 @@ def test_centred_clip_picks_middle_frames_and_fps_resamples(synthetic):
     # At 12 fps every second source frame: span 8 frames, slack 9, start 4.
     c = next(iter_shard_clips(str(shards / "shard-000003.tar"), VideoConfig(frames=5, height=16, width=16, fps=12)))
     assert [clips.frame_index(f.numpy()) for f in c["video"]] == [4, 6, 8, 10, 12]
+    # At 48 fps each source frame is used twice (half-way targets go to the later frame),
+    # the repeat being an exact copy.
+    c = next(iter_shard_clips(str(shards / "shard-000003.tar"), VideoConfig(frames=6, height=16, width=16, fps=48)))
+    s = clips.frame_index(c["video"][0].numpy())
+    assert [clips.frame_index(f.numpy()) for f in c["video"]] == [s, s + 1, s + 1, s + 2, s + 2, s + 3]
+    assert torch.equal(c["video"][1], c["video"][2]) and torch.equal(c["video"][3], c["video"][4])
     # Stride 3: span 12 frames, slack 5, start 2.
     c = next(iter_shard_clips(str(shards / "shard-000003.tar"), VideoConfig(frames=5, height=16, width=16, stride=3)))
     assert [clips.frame_index(f.numpy()) for f in c["video"]] == [2, 5, 8, 11, 14]
@@ -103,6 +109,7 @@ def _bad_shard(path, tmp):
         "g_vp9": clips.encode(tmp / "v.webm", codec="libvpx-vp9"),
         "g_avi": clips.encode(tmp / "m.avi", codec="mpeg4"),
         "g_alpha": clips.encode(tmp / "alpha.mov", codec="png", pix_fmt="rgba"),
+        "g_clear": clips.encode(tmp / "clear.mov", codec="png", pix_fmt="rgba", opacity=0),
     }
     long = clips.encode(tmp / "long.mp4", frames=60, gop=10)
     bad = {
@@ -129,14 +136,17 @@ def test_bad_files_are_counted_by_reason_and_never_crash(tmp_path):
     assert sorted(keys_of(out)) == good
     for c in out:
         assert c["video"].shape == (5, 3, 16, 16) and torch.isfinite(c["video"]).all()
-    assert bad.good == 4
+    assert bad.good == 5
     assert dict(bad.by_reason) == {"truncated": 1, "undecodable": 1, "empty": 1, "no video stream": 1,
                                    "too few frames": 1, "too small": 1}
     named = {k.rsplit(":", 1)[1]: r for k, r, _ in bad.examples}
     assert named == bad_reasons
-    # The alpha clip is flattened onto black: opaque here, so its pattern survives.
+    # The alpha clips are flattened onto black: an opaque one keeps its pattern...
     alpha = next(c for c in out if c["__key__"] == "g_alpha")
     assert [clips.frame_index(f.numpy()) for f in alpha["video"]] == [3, 4, 5, 6, 7]
+    # ...and a fully transparent one comes out black.
+    clear = next(c for c in out if c["__key__"] == "g_clear")
+    assert torch.all(clear["video"] == -1.0)
 
 
 def test_max_bad_fraction_stops_with_keys_named(tmp_path):

@@ -246,33 +246,47 @@ def crop_box(video: VideoConfig, src_w: int, src_h: int, out_h: int, out_w: int,
 # --------------------------------------------------------------------------- decoding
 
 
-class Scaler:
-    """Resize in the decoder's pixel format, then convert to RGB at the output size.
+class ClipWriter:
+    """Scales, crops and converts the chosen frames straight into float32 [F, 3, H, W] in [-1, 1].
 
-    Two swscale passes beat one: scaling within YUV and then converting without scaling
-    both take FFmpeg's SIMD paths, where a combined scale+convert takes the generic one.
-    The contexts are reused across a clip's frames, as building one costs more than using it.
+    Scaling happens within the decoder's pixel format and the conversion to RGB after it:
+    both passes take FFmpeg's SIMD paths, where one combined scale+convert takes the
+    generic one. (Planar RGB output would spare the transpose, but FFmpeg's unscaled
+    YUV->GBRP path writes garbage into the last columns of odd widths.) The swscale
+    contexts are reused across a clip's frames, as building one costs more than using it.
+    Alpha is flattened onto black. In a DataLoader worker the output is allocated in
+    shared memory, which spares a copy when it is sent to the main process.
     """
 
-    def __init__(self, width: int, height: int):
-        self.width, self.height = width, height
+    def __init__(self, frames: int, sw: int, sh: int, x0: int, y0: int, out_h: int, out_w: int):
+        self.size, self.box = (sw, sh), (x0, y0, out_h, out_w)
+        self.out = torch.empty((frames, 3, out_h, out_w), dtype=torch.float32)
+        if torch.utils.data.get_worker_info() is not None:
+            self.out.share_memory_()
         self.resize, self.convert = VideoReformatter(), VideoReformatter()
+        self.last: tuple[Any, int] = (None, -1)
 
-    def __call__(self, frame) -> np.ndarray:
-        alpha = any(c.is_alpha for c in frame.format.components)
-        small = self.resize.reformat(frame, width=self.width, height=self.height, interpolation="BILINEAR")
-        return self.convert.reformat(small, format="rgba" if alpha else "rgb24").to_ndarray()
-
-
-def _to_rgb(scaler: Scaler, frame, x0: int, y0: int, out_h: int, out_w: int) -> np.ndarray:
-    """Scaled RGB frame, cropped, with any alpha channel flattened onto black."""
-    img = scaler(frame)
-    alpha = img.shape[-1] == 4
-    img = img[y0:y0 + out_h, x0:x0 + out_w]
-    if alpha:
-        a = img[..., 3:4].astype(np.uint16)
-        img = (img[..., :3].astype(np.uint16) * a // 255).astype(np.uint8)
-    return img
+    def put(self, j: int, frame) -> None:
+        if frame is self.last[0]:  # the same source frame again (output rate above the source's)
+            self.out[j].copy_(self.out[self.last[1]])
+            return
+        fmt = frame.format
+        alpha = any(c.is_alpha for c in fmt.components)
+        sw, sh = self.size
+        target = "rgba" if alpha else "rgb24"
+        if fmt.has_palette or fmt.is_bit_stream or fmt.is_bayer:
+            rgb = self.convert.reformat(frame, width=sw, height=sh, format=target, interpolation="BILINEAR")
+        else:
+            small = self.resize.reformat(frame, width=sw, height=sh, interpolation="BILINEAR")
+            rgb = self.convert.reformat(small, format=target)
+        x0, y0, h, w = self.box
+        img = torch.from_numpy(rgb.to_ndarray()[y0:y0 + h, x0:x0 + w]).permute(2, 0, 1)
+        o = self.out[j]
+        torch.mul(img[:3], 1.0 / 127.5, out=o)
+        if alpha:
+            o.mul_(img[3].to(torch.float32).div_(255.0))
+        o.sub_(1.0)
+        self.last = (frame, j)
 
 
 def _frame_time(frame, index: int, fps: float) -> float:
@@ -292,18 +306,16 @@ def _measure(container, stream, info: ClipInfo) -> ClipInfo:
     return dataclasses.replace(info, frames=n, last=last)
 
 
-def decode_frames(container, stream, info: ClipInfo, times: list[float],
-                  convert: Callable) -> tuple[list[np.ndarray], int]:
-    """Frames nearest to `times`, converted; returns (F uint8 [H, W, 3] images, frames decoded)."""
+def decode_frames(container, stream, info: ClipInfo, times: list[float], put: Callable) -> int:
+    """Hand the frame nearest to each of `times` to `put(j, frame)`; returns frames decoded."""
     tol = 0.5 / info.fps
     seeked = times[0] - info.start > tol
     if seeked:
         # Lands on the keyframe at or before t0; frames in between are decoded and dropped.
         container.seek(max(int(times[0] / float(stream.time_base)), 0), stream=stream, backward=True,
                        any_frame=False)
-    out: list[np.ndarray | None] = [None] * len(times)
     decoded, j = 0, 0
-    prev, prev_t, prev_img = None, None, None
+    prev, prev_t = None, 0.0
     try:
         for frame in container.decode(stream):
             t = _frame_time(frame, decoded, info.fps)
@@ -313,30 +325,23 @@ def decode_frames(container, stream, info: ClipInfo, times: list[float],
                 seeked = False
                 continue
             decoded += 1
-            img = None
             while j < len(times) and t >= times[j] - 1e-6:
-                if prev is not None and times[j] - prev_t < t - times[j]:
-                    if prev_img is None:
-                        prev_img = convert(prev)
-                    out[j] = prev_img
-                else:
-                    if img is None:
-                        img = convert(frame)
-                    out[j] = img
+                closer_prev = prev is not None and times[j] - prev_t < t - times[j]
+                put(j, prev if closer_prev else frame)
                 j += 1
             if j == len(times):
                 break
-            prev, prev_t, prev_img = frame, t, img
+            prev, prev_t = frame, t
     except av.error.FFmpegError as e:
         raise BadSample(TRUNCATED if decoded else UNDECODABLE, str(e)) from None
+    # Targets past the last frame take it if they are within a frame of it.
     while j < len(times) and prev is not None and times[j] - prev_t <= 2 * tol:
-        out[j] = prev_img if prev_img is not None else convert(prev)
-        prev_img = out[j]
+        put(j, prev)
         j += 1
     if j < len(times):
         reason = TOO_FEW if decoded else UNDECODABLE
         raise BadSample(reason, f"stream ended after {decoded} decoded frames, wanted frame at {times[j]:.3f}s")
-    return out, decoded
+    return decoded
 
 
 def sample_rng(seed: int, key: str, salt: Any = 0) -> random.Random:
@@ -372,25 +377,15 @@ def decode_sample(sample: dict, video: VideoConfig, rng: random.Random, train: b
             raise BadSample(TOO_FEW, f"{info.frames} decodable frames < {min_frames} (data.video.min_frames)")
         times = plan_times(video, info, frames, rng, train)
         sw, sh, x0, y0 = crop_box(video, info.width, info.height, out_h, out_w, rng, train)
-        scaler = Scaler(sw, sh)
-        pixels, decoded = decode_frames(
-            container, stream, info, times, lambda f: _to_rgb(scaler, f, x0, y0, out_h, out_w))
+        writer = ClipWriter(frames, sw, sh, x0, y0, out_h, out_w)
+        decoded = decode_frames(container, stream, info, times, writer.put)
     finally:
         container.close()
-    clip = to_unit_range(pixels)
+    clip = writer.out
     meta = dict(meta, ext=ext, clip_start=times[0], clip_fps=1.0 / frame_step(video, info) if frames > 1 else info.fps,
                 crop=[x0, y0, out_w, out_h], resized=[sw, sh], decoded_frames=decoded, bucket=[out_h, out_w, frames])
     # `image` is a view of frame 0 (no copy); clone it before changing `video` in place.
     return {"video": clip, "image": clip[0], "caption": caption, "__key__": sample["__key__"], "meta": meta}
-
-
-def to_unit_range(frames: list[np.ndarray]) -> torch.Tensor:
-    """uint8 [H, W, 3] frames -> float32 [F, 3, H, W] in [-1, 1], one copy per frame."""
-    h, w, _ = frames[0].shape
-    out = torch.empty((len(frames), 3, h, w), dtype=torch.float32)
-    for i, img in enumerate(frames):
-        out[i].copy_(torch.from_numpy(img).permute(2, 0, 1))
-    return out.mul_(1.0 / 127.5).sub_(1.0)
 
 
 # --------------------------------------------------------------------------- stages
