@@ -268,6 +268,8 @@ _RANGES = {
     "precompute.image_log_sigma_std": (0.0, None),
     "validation.every_steps": (0, None),
     "validation.num_inference_steps": (1, None),
+    # Ranks meet in a collective after validation: stay well inside the 1800 s process-group timeout.
+    "validation.timeout_s": (0.0, 1500.0),
 }
 
 

@@ -56,9 +56,17 @@ def lr_lambda(cfg: Config):
 
 
 def prepare_inputs(batch: dict, abar, cfg: Config, seed: int, offset: int, empty_prompt, device,
-                   noise_backend: str = "torch", return_noise: bool = False) -> dict:
-    """Model input, target, prompt and timesteps of one micro-batch; `offset` keys its randomness."""
+                   noise_backend: str = "torch", return_noise: bool = False, patch_size_t: int | None = None) -> dict:
+    """Model input, target, prompt and timesteps of one micro-batch; `offset` keys its randomness.
+
+    CogVideoX-1.5 models patch latent frames in groups of `patch_size_t`; a clip whose latent
+    length is not a multiple gets its first latent frame repeated in front, which is what the
+    pipeline's sampling layout corresponds to (the image latent stays at frame 0).
+    """
     x0 = batch["video_latents"].to(device)
+    if patch_size_t and x0.shape[1] % patch_size_t:
+        pad = patch_size_t - x0.shape[1] % patch_size_t
+        x0 = torch.cat([x0[:, :1].expand(-1, pad, -1, -1, -1), x0], dim=1)
     image = batch["image_latents"].to(device)
     prompt = batch["prompt_embeds"].to(device)
     gen = torch.Generator().manual_seed(_key(seed ^ 0x5EED, offset))
@@ -89,7 +97,9 @@ def loss_from_inputs(model, inputs: dict, cfg: Config, rotary_cache: dict | None
 def training_loss(model, batch: dict, abar, cfg: Config, seed: int, offset: int, empty_prompt, device,
                   noise_backend: str = "torch", rotary_cache: dict | None = None) -> torch.Tensor:
     """The loss of one micro-batch: prepare its inputs, run the model."""
-    inputs = prepare_inputs(batch, abar, cfg, seed, offset, empty_prompt, device, noise_backend)
+    module = getattr(model, "module", model)
+    inputs = prepare_inputs(batch, abar, cfg, seed, offset, empty_prompt, device, noise_backend,
+                            patch_size_t=module.config.patch_size_t)
     return loss_from_inputs(model, inputs, cfg, rotary_cache)
 
 

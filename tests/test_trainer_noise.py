@@ -37,3 +37,22 @@ def test_trainer_loss_identical_with_torch_and_triton_given_same_noise(tmp_path,
     # and the noise really enters the loss: another stream gives another loss
     other = prepare_inputs(batch, abar, cfg, seed=7, offset=4, empty_prompt=None, device="cpu", noise_backend="triton")
     assert loss_from_inputs(model, other, cfg).item() != loss_fused.item()
+
+
+def test_cogvideox_15_pads_latent_frames_to_patch_size_t(tmp_path):
+    """1.5-style models patch frames in pairs: 3 latent frames train as 4, first frame repeated in front."""
+    arch = {**load_config(REPO / "configs" / "tiny.yaml").model.arch, "patch_size_t": 2, "ofs_embed_dim": 32,
+            "use_learned_positional_embeddings": False}
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.arch={arch}".replace("'", '"'), "diffusion.ofs=2.0"])
+    make_latent_shards(tmp_path, shards=1, per_shard=2)
+    batch = next(iter(make_loader(LatentDataset(str(tmp_path), batch_size=2, shuffle_buffer=0, resampled=False), 0)))
+    model = build_transformer(cfg.model, seed=0)
+    abar = diffusion.alphas_cumprod(cfg.diffusion)
+    inputs = prepare_inputs(batch, abar, cfg, 0, 0, None, "cpu", "torch", patch_size_t=2)
+    assert inputs["model_input"].shape == (2, 4, 8, 8, 8)
+    assert torch.equal(inputs["x0"][:, 0], inputs["x0"][:, 1])  # the repeated first latent frame
+    assert torch.count_nonzero(inputs["model_input"][:, 1:, 4:]) == 0  # image latent only at frame 0
+    from i2v.trainer import training_loss
+
+    loss = training_loss(model, batch, abar, cfg, 0, 0, None, "cpu")
+    assert torch.isfinite(loss)
