@@ -66,6 +66,7 @@ def main(argv=None) -> dict:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. precompute.batch_size=2")
     a = p.parse_args(argv)
 
+    load_before = os.getloadavg()[0]
     work = tempfile.mkdtemp(prefix="bench-precompute-")
     try:
         make_clips(os.path.join(work, "clips"), a.clips, seed=0)
@@ -98,6 +99,7 @@ def main(argv=None) -> dict:
         "bare_seconds": [round(t, 3) for t in bare_s],
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after: shared CPU
         "torch": torch.__version__,
         "machine": platform.platform(),
         "overrides": a.overrides,
