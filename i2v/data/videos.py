@@ -282,7 +282,8 @@ class ClipWriter:
         x0, y0, h, w = self.box
         img = torch.from_numpy(rgb.to_ndarray()[y0:y0 + h, x0:x0 + w]).permute(2, 0, 1)
         o = self.out[j]
-        torch.mul(img[:3], 1.0 / 127.5, out=o)
+        # Divide, not multiply by 1/127.5: 255 must land on exactly 1.0 after the shift.
+        torch.div(img[:3], 127.5, out=o)
         if alpha:
             o.mul_(img[3].to(torch.float32).div_(255.0))
         o.sub_(1.0)
