@@ -42,14 +42,20 @@ step "3/5 latent shards (VAE + T5, noisy first-frame draws) -> $DIR/latents"
 "$PY" launcher/precompute.py --config "$CONFIG" "${OVERRIDES[@]}"
 
 step "4/5 train $TRAIN_STEPS steps ($LAUNCHER launcher) -> $DIR"
+PROMPT=$(cat "$DIR/heldout/heldout.txt")
+# Validation videos of the held-out pair at half-way and at the end, shown in TensorBoard.
+VALIDATION=(
+  "validation.every_steps=$(( TRAIN_STEPS / 2 > 0 ? TRAIN_STEPS / 2 : 1 ))"
+  "validation.num_inference_steps=$SAMPLE_STEPS"
+  "validation.pairs=[{image: \"$DIR/heldout/heldout.png\", prompt: \"$PROMPT\"}]"
+)
 if [ "$LAUNCHER" = deepspeed ]; then
-  "$DEEPSPEED" --num_gpus 1 launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}"
+  "$DEEPSPEED" --num_gpus 1 launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}" "${VALIDATION[@]}"
 else
-  "$PY" launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}"
+  "$PY" launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}" "${VALIDATION[@]}"
 fi
 
 step "5/5 sample from the held-out first frame -> $DIR/samples"
-PROMPT=$(cat "$DIR/heldout/heldout.txt")
 "$PY" launcher/sample.py --config "$CONFIG" "${OVERRIDES[@]}" --checkpoint "$DIR/checkpoints" \
   --image "$DIR/heldout/heldout.png" --prompt "$PROMPT" --steps "$SAMPLE_STEPS" \
   --out "$DIR/samples/heldout.gif" --out "$DIR/samples/heldout.mp4"
@@ -62,7 +68,8 @@ cat <<EOF
   latent shards:      $DIR/latents/          (manifest.json, rejects.jsonl)
   checkpoints:        $DIR/checkpoints/      (newest: $(cat "$DIR/checkpoints/latest" 2>/dev/null || echo '?'))
   metrics:            $DIR/metrics.jsonl
-  tensorboard:        $DIR/tensorboard/
+  tensorboard:        $DIR/tensorboard/      (loss, lr, grad norm, throughput; validation/pair-0 videos)
+  validation videos:  $DIR/samples/step-*/pair-0.mp4
   sampled video:      $DIR/samples/heldout.gif  $DIR/samples/heldout.mp4
 Open TensorBoard with:
   $(dirname "$PY")/tensorboard --logdir $DIR/tensorboard    # then browse http://localhost:6006

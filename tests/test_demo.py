@@ -29,6 +29,9 @@ def test_demo_script_runs_end_to_end(tmp_path):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     assert acc.Tags()["scalars"], "no scalars in the TensorBoard events"
+    assert "validation/pair-0" in acc.Tags()["images"], acc.Tags()
+    assert sorted(p.parent.name for p in (out / "samples").glob("step-*/pair-0.mp4")) == [
+        "step-00000002", "step-00000004"]
 
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert (out / "checkpoints" / latest).is_dir() and latest.endswith("4")
