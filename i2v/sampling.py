@@ -25,6 +25,7 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
 from i2v.config import DiffusionConfig
+from i2v.data_prep.encoders import image_latent_scale
 from i2v.model import predict, rotary_embeddings
 
 # The I2V pipelines feed this ofs value to CogVideoX 1.5 models (those with an ofs embedding).
@@ -51,11 +52,6 @@ def build_scheduler(diffusion: DiffusionConfig, kind: str = "ddim"):
     )
 
 
-def _image_scale(vae) -> float:
-    sf = float(vae.config.scaling_factor)
-    return 1.0 / sf if vae.config.invert_scale_latents else sf
-
-
 @torch.no_grad()
 def encode_image(vae, image: torch.Tensor, generator=None, mode: str = "sample", dtype=None) -> torch.Tensor:
     """image [3, H, W] in [-1, 1] -> scaled image latent [1, 1, C, h, w]."""
@@ -65,7 +61,7 @@ def encode_image(vae, image: torch.Tensor, generator=None, mode: str = "sample",
     dist = vae.encode(pixels).latent_dist
     lat = dist.sample(generator) if mode == "sample" else dist.mode()
     lat = lat.to(dtype or vae_dtype).permute(0, 2, 1, 3, 4)
-    return _image_scale(vae) * lat
+    return image_latent_scale(vae) * lat
 
 
 @torch.no_grad()
