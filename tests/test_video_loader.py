@@ -149,6 +149,30 @@ def test_bad_files_are_counted_by_reason_and_never_crash(tmp_path):
     assert torch.all(clear["video"] == -1.0)
 
 
+def test_broken_shard_and_metadata_are_counted_not_fatal(synthetic, tmp_path):
+    shards, _ = synthetic
+    cut = tmp_path / "cut.tar"
+    with tarfile.open(shards / "shard-000000.tar") as t:
+        second = t.getmember("000000001.mp4")
+    data = (shards / "shard-000000.tar").read_bytes()
+    cut.write_bytes(data[:second.offset_data + second.size // 2])  # ends inside the second video
+    meta = tmp_path / "meta.tar"
+    with tarfile.open(shards / "shard-000001.tar") as src, tarfile.open(meta, "w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            if m.name == "000000002.json":
+                data = b"{not json"
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    bad = BadSamples(max_fraction=1.0, min_samples=1)
+    video = VideoConfig(frames=5, height=16, width=16)
+    got = [c["__key__"] for url in (cut, meta, shards / "shard-000002.tar")
+           for c in iter_shard_clips(str(url), video, bad=bad)]
+    assert got == ["000000000", "000000003", "000000004", "000000005"]
+    assert dict(bad.by_reason) == {"shard read error": 1, "bad metadata": 1}
+    assert [k for k, _, _ in bad.examples] == [str(cut), f"{meta}:000000002"]
+
+
 def test_max_bad_fraction_stops_with_keys_named(tmp_path):
     _bad_shard(tmp_path / "bad.tar", tmp_path)
     bad = BadSamples(max_fraction=0.2, min_samples=4)

@@ -51,6 +51,7 @@ TOO_FEW = "too few frames"
 TOO_SMALL = "too small"
 NO_VIDEO_MEMBER = "no video file in sample"
 SHARD_ERROR = "shard read error"
+BAD_META = "bad metadata"
 
 
 class BadSample(Exception):
@@ -156,29 +157,25 @@ class ClipInfo:
 
 
 def clip_info(stream, container, meta: dict | None) -> ClipInfo:
-    """Prefer the as-decoded numbers make_shards stored; fall back to container headers."""
+    """Prefer the as-decoded numbers make_shards stored; fall back to container headers.
+
+    Width and height always come from the decoder: other tools' metadata may describe
+    the file before it was resized.
+    """
     meta = meta or {}
     ctx = stream.codec_context
+    if all(isinstance(meta.get(k), (int, float)) for k in ("fps", "frames", "start_time", "last_time")):
+        return ClipInfo(width=ctx.width, height=ctx.height, fps=float(meta["fps"]), frames=int(meta["frames"]),
+                        start=float(meta["start_time"]), last=float(meta["last_time"]))
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    fps = float(meta.get("fps") or (rate if rate else 0) or 0)
-    if fps <= 0:
-        fps = 25.0  # only used for tolerances and stride when the file states no rate
-    start = meta.get("start_time")
-    if start is None:
-        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    frames = meta.get("frames")
-    last = meta.get("last_time")
-    if last is None and frames:
-        last = start + (frames - 1) / fps
-    if last is None:
-        if stream.duration:
-            last = start + float(stream.duration * stream.time_base) - 1.0 / fps
-        elif container.duration and len(container.streams) == 1:
-            last = start + container.duration / 1e6 - 1.0 / fps
-        if frames is None and stream.frames:
-            frames = stream.frames
-    return ClipInfo(width=int(meta.get("width") or ctx.width), height=int(meta.get("height") or ctx.height),
-                    fps=fps, frames=frames, start=float(start), last=last)
+    fps = float(rate) if rate else 25.0  # 25 only sets tolerances when the file states no rate
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    last = None
+    if stream.duration:
+        last = start + float(stream.duration * stream.time_base) - 1.0 / fps
+    elif container.duration and len(container.streams) == 1:
+        last = start + container.duration / 1e6 - 1.0 / fps
+    return ClipInfo(width=ctx.width, height=ctx.height, fps=fps, frames=stream.frames or None, start=start, last=last)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -361,29 +358,42 @@ def video_member(sample: dict) -> tuple[str, bytes]:
 def decode_sample(sample: dict, video: VideoConfig, rng: random.Random, train: bool) -> dict:
     """One raw WebDataset sample -> the output dict, or BadSample."""
     ext, data = video_member(sample)
-    meta = json.loads(sample["json"]) if sample.get("json") else {}
-    caption = sample["txt"].decode("utf-8") if isinstance(sample.get("txt"), bytes) else sample.get("txt", "")
+    try:
+        meta = json.loads(sample["json"]) if sample.get("json") else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadSample(BAD_META, str(e)) from None
+    if not isinstance(meta, dict):
+        raise BadSample(BAD_META, f"expected a JSON object, got {type(meta).__name__}")
+    caption = sample.get("txt", b"")
+    caption = caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else str(caption)
     if not data:
         raise BadSample(EMPTY, "0 bytes")
     if declared_size_exceeds(data):
         raise BadSample(TRUNCATED, f"container declares more than the {len(data)} bytes present")
     container, stream = open_video(data)
     try:
-        info = clip_info(stream, container, meta)
-        if info.last is None:
-            info = _measure(container, stream, info)
-        out_h, out_w, frames = choose_bucket(video, info)
-        min_frames = video.min_frames if video.min_frames is not None else frames
-        if info.frames is not None and info.frames < min_frames:
-            raise BadSample(TOO_FEW, f"{info.frames} decodable frames < {min_frames} (data.video.min_frames)")
-        times = plan_times(video, info, frames, rng, train)
-        sw, sh, x0, y0 = crop_box(video, info.width, info.height, out_h, out_w, rng, train)
-        writer = ClipWriter(frames, sw, sh, x0, y0, out_h, out_w)
-        decoded = decode_frames(container, stream, info, times, writer.put)
+        return _decode_open(container, stream, sample, ext, meta, caption, video, rng, train)
+    except (av.error.FFmpegError, ValueError, OSError, MemoryError) as e:
+        # A damaged stream can fail anywhere in FFmpeg; it is this sample's fault, not the run's.
+        raise BadSample(UNDECODABLE, f"{type(e).__name__}: {e}") from None
     finally:
         container.close()
+
+
+def _decode_open(container, stream, sample, ext, meta, caption, video, rng, train) -> dict:
+    info = clip_info(stream, container, meta)
+    if info.last is None:
+        info = _measure(container, stream, info)
+    out_h, out_w, frames = choose_bucket(video, info)
+    min_frames = video.min_frames if video.min_frames is not None else frames
+    if info.frames is not None and info.frames < min_frames:
+        raise BadSample(TOO_FEW, f"{info.frames} decodable frames < {min_frames} (data.video.min_frames)")
+    times = plan_times(video, info, frames, rng, train)
+    sw, sh, x0, y0 = crop_box(video, info.width, info.height, out_h, out_w, rng, train)
+    writer = ClipWriter(frames, sw, sh, x0, y0, out_h, out_w)
+    decoded = decode_frames(container, stream, info, times, writer.put)
     clip = writer.out
-    meta = dict(meta, ext=ext, clip_start=times[0], clip_fps=1.0 / frame_step(video, info) if frames > 1 else info.fps,
+    meta = dict(meta, ext=ext, clip_start=times[0], clip_fps=1.0 / frame_step(video, info),
                 crop=[x0, y0, out_w, out_h], resized=[sw, sh], decoded_frames=decoded, bucket=[out_h, out_w, frames])
     # `image` is a view of frame 0 (no copy); clone it before changing `video` in place.
     return {"video": clip, "image": clip[0], "caption": caption, "__key__": sample["__key__"], "meta": meta}
@@ -393,21 +403,32 @@ def decode_sample(sample: dict, video: VideoConfig, rng: random.Random, train: b
 
 
 class CountingHandler:
-    """A WebDataset error handler that counts failures by reason instead of only warning."""
+    """A WebDataset error handler that counts shard failures instead of only warning.
+
+    A broken shard is counted once, under its URL, however many stages notice it.
+    """
 
     def __init__(self, bad: BadSamples):
         self.bad = bad
+        self.url: str | None = None
+        self.counted: str | None = None
+
+    def track(self, urls: Iterable[str]) -> Iterator[dict]:
+        for url in urls:
+            self.url, self.counted = url, None
+            yield {"url": url}
 
     def __call__(self, exn: Exception) -> bool:
-        where = next((a for a in exn.args[1:] if isinstance(a, str)), "?")
-        self.bad.add_bad(where, SHARD_ERROR, str(exn.args[0]) if exn.args else type(exn).__name__)
+        if self.counted != self.url:
+            self.counted = self.url
+            self.bad.add_bad(str(self.url), SHARD_ERROR, f"{type(exn).__name__}: {exn}")
         return True
 
 
 def raw_samples(urls: Iterable[str], bad: BadSamples) -> Iterator[dict]:
     """Shard URLs -> raw samples ({"__key__", "mp4", "txt", "json", ...}), shard errors counted."""
     handler = CountingHandler(bad)
-    stream = tariterators.url_opener(({"url": u} for u in urls), handler=handler)
+    stream = tariterators.url_opener(handler.track(urls), handler=handler)
     files = tariterators.tar_file_expander(stream, handler=handler)
     return tariterators.group_by_keys(files, handler=handler)
 
