@@ -169,6 +169,7 @@ def main(argv=None) -> int:
         "clips": clips, "bare_clips": bare_clips, "frames": args.frames, "height": args.height,
         "width": args.width, "fps": args.fps, "workers": args.workers, "epochs": args.epochs,
         "repeat": args.repeat, "ours_round_s": [r[0] for r in ours_runs], "bare_round_s": [r[0] for r in bare_runs],
+        "command": "python bench/loader.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "shards": len(urls), "cpus": os.cpu_count(), "torch": torch.__version__, "av": av.__version__,
         "python": platform.python_version(),
     }

@@ -32,8 +32,8 @@ def probe_bytes(data: bytes, source: str = "", min_frames: int = 1) -> dict:
                     first = t if first is None else first
                     last = t
                 n += 1
-        except av.error.FFmpegError as e:
-            raise BadSample(TRUNCATED if n else UNDECODABLE, str(e)) from None
+        except (av.error.FFmpegError, ValueError, MemoryError) as e:
+            raise BadSample(TRUNCATED if n else UNDECODABLE, f"{type(e).__name__}: {e}") from None
         if n == 0:
             raise BadSample(UNDECODABLE, "no frame decoded")
         stated = stream.frames or 0
