@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
 import torch
+from av.video.reformatter import VideoReformatter
 from webdataset import tariterators
 
 from i2v.config import Config, VideoConfig
@@ -508,6 +508,7 @@ def iter_shard_clips(url: str, video: VideoConfig, *, train: bool = False, seed:
 
     With train=False the clip is centred in time and centre-cropped; `seed` only matters
     for train=True. Pass `bad` to share a counter (and its max-bad-fraction stop) across shards.
+    `url` is used as given: take it from `expand_shards`, which applies the `pipe:` guard.
     """
     check_video_config(video)
     bad = bad if bad is not None else BadSamples()
@@ -553,7 +554,7 @@ class VideoClips(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker, workers = self._slot()
         mine = split_for(self.urls, self.rank, self.world_size, worker, workers)
-        slot_seed = hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF
+        slot_seed = sample_rng(self.seed, f"slot:{self.rank}:{worker}", self.epoch).getrandbits(32)
         stream: Iterable[dict] = raw_samples(self._shard_stream(mine, slot_seed), self.bad)
         # Resampled streams revisit keys, so each visit draws its own start and crop.
         salt = random.Random(slot_seed + 2) if self.resampled else self.epoch
