@@ -3,6 +3,10 @@ uses the training schedule, and writes readable .mp4 / .gif files."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import av
 import numpy as np
 import pytest
@@ -129,3 +133,21 @@ def test_cogvideox_15_style_model_matches_the_pipeline():
         generator=torch.Generator().manual_seed(7), output_type="pt", return_dict=False)[0]
     assert ours.shape == (9, 3, 64, 64)
     torch.testing.assert_close(ours * 0.5 + 0.5, ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sample_launcher_reports_user_errors_in_one_line(tmp_path):
+    png = tmp_path / "f.png"
+    Image.new("RGB", (80, 64), (200, 30, 30)).save(png)
+    base = [sys.executable, str(REPO / "launcher" / "sample.py"), "--config", CONFIG, "--prompt", "a red square"]
+    cases = [
+        (["--checkpoint", str(tmp_path), "--image", str(png), "--out", str(tmp_path / "x.avi")], "error: --out"),
+        (["--checkpoint", str(tmp_path / "none"), "--image", str(png), "--out", str(tmp_path / "x.gif")],
+         "error: --checkpoint: directory not found"),
+        (["--checkpoint", str(tmp_path), "--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.gif")],
+         "error: --image: file not found"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run(base + args, cwd=str(REPO), capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
