@@ -261,6 +261,7 @@ _RANGES = {
     "data.video.height": (1, None),
     "data.video.width": (1, None),
     "data.video.stride": (1, None),
+    "data.video.max_upscale": (1e-6, None),
     "checkpoint.every_steps": (0, None),
     "checkpoint.keep_last": (1, None),
     "precompute.image_draws": (1, None),
