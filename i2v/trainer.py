@@ -14,6 +14,7 @@ not of global RNG state, so a resumed run reproduces an uninterrupted one step f
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -35,6 +36,14 @@ from i2v.kernels.noise import _key, inject_noise
 from i2v.model import build_transformer, predict, rotary_embeddings, set_attention
 
 PREEMPTED_EXIT = 143
+
+
+def resolve_noise_backend(choice: str, device) -> str:
+    """What `kernels.noise: auto` means here: the fused kernel on CUDA, the torch path elsewhere."""
+    if choice != "auto":
+        return choice
+    has_triton = importlib.util.find_spec("triton") is not None
+    return "triton" if torch.device(device).type == "cuda" and has_triton else "torch"
 
 
 class TooManySkips(I2VError):
@@ -115,7 +124,7 @@ class Trainer:
 
         model = build_transformer(cfg.model, seed=cfg.run.seed)
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
-        self.noise_backend = cfg.kernels.noise
+        self.noise_backend = resolve_noise_backend(cfg.kernels.noise, env.device)
         self.engine = self._build_engine(model)
         self.abar = diffusion.alphas_cumprod(cfg.diffusion)
         self.rotary: dict = {}
@@ -126,6 +135,10 @@ class Trainer:
         self.skipped = 0  # micro-batches dropped for a non-finite loss
         self.bad_by_worker: dict = {}
 
+        n_params = sum(p.numel() for p in model.parameters())
+        self.log(f"{n_params / 1e6:.2f}M parameters | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
+                 f"{env.world_size} rank(s) on {env.device.type} | attention: {self.attention} | "
+                 f"noise: {self.noise_backend}")
         self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env)
         if cfg.checkpoint.resume:
             self._resume()
