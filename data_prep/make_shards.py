@@ -33,6 +33,7 @@ from tqdm import tqdm
 from i2v.data.videos import VIDEO_EXTS, BadSample
 from i2v.data_prep.probe import probe_file
 from i2v.errors import DataError
+from i2v.fsutil import write_text_atomic
 
 MISSING = "missing"
 NO_CAPTION = "no caption"
@@ -143,13 +144,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_shard(out_dir: str, shard: int, results: list) -> dict:
     """Write one shard (temp name, then rename) and its record; returns the record."""
     record = {"shard": shard_name(shard), "inputs": [], "samples": 0, "frames": 0, "seconds": 0.0, "rejects": []}
@@ -171,7 +165,7 @@ def write_shard(out_dir: str, shard: int, results: list) -> dict:
             record["frames"] += meta["frames"]
             record["seconds"] += meta["duration"]
     # The record goes first: a shard counts as finished only once its tar is in place.
-    _write_atomic(tar_path[:-4] + ".json", json.dumps(record, indent=1))
+    write_text_atomic(tar_path[:-4] + ".json", json.dumps(record, indent=1))
     if record["samples"]:
         os.replace(tmp, tar_path)
     else:
@@ -249,6 +243,6 @@ def write_summary(output: str, records: list[dict], samples_per_shard: int) -> d
         "total_frames": sum(s["frames"] for s in shards),
         "total_hours": sum(r["seconds"] for r in records) / 3600.0,
     }
-    _write_atomic(os.path.join(output, "rejects.jsonl"), "".join(json.dumps(r) + "\n" for r in rejects))
-    _write_atomic(os.path.join(output, "manifest.json"), json.dumps(manifest, indent=1))
+    write_text_atomic(os.path.join(output, "rejects.jsonl"), "".join(json.dumps(r) + "\n" for r in rejects))
+    write_text_atomic(os.path.join(output, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest

@@ -37,6 +37,7 @@ from i2v.data.latents import LatentShardWriter, save_empty_prompt, write_manifes
 from i2v.data.shards import BadSamples, expand_shards
 from i2v.data.videos import iter_shard_clips
 from i2v.data_prep import encoders
+from i2v.fsutil import sha256_file, write_json_atomic
 from i2v.errors import ConfigError, DataError
 from i2v.kernels.noise import condition_noise
 
@@ -79,21 +80,6 @@ def rank_world() -> tuple[int, int]:
     if world < 1 or not 0 <= rank < world:
         raise ConfigError(f"RANK / WORLD_SIZE: rank {rank} is not in [0, {world})")
     return rank, world
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the encoder side
@@ -336,7 +322,7 @@ def run_shard(job: Precompute, url: str, out_dir: str, name: str, progress=None,
         "samples": count,
         "empty": count == 0,
         "bytes": os.path.getsize(tar),
-        "sha256": _sha256(tar),
+        "sha256": sha256_file(tar),
         "shapes": shapes,
         "rejected": bad.bad,
         "rejected_by_reason": dict(bad.by_reason),
@@ -345,7 +331,7 @@ def run_shard(job: Precompute, url: str, out_dir: str, name: str, progress=None,
         "fingerprint": job.fingerprint,
         "rank": rank,
     }
-    _write_json(record_path(out_dir, name), record)
+    write_json_atomic(record_path(out_dir, name), record)
     return record
 
 

@@ -14,7 +14,6 @@ file whose size or hash differs from the record marks the checkpoint corrupt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -27,6 +26,7 @@ import torch
 from i2v.distributed import DistEnv, barrier
 from i2v.errors import CheckpointError
 from i2v.faults import maybe_fault
+from i2v.fsutil import sha256_file, write_text_atomic
 
 MARKER = "COMMITTED.json"
 TAG_RE = re.compile(r"^step-(\d{8})$")
@@ -34,23 +34,6 @@ TAG_RE = re.compile(r"^step-(\d{8})$")
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: str) -> None:
@@ -131,7 +114,7 @@ class Checkpointer:
         tmp_dir = os.path.join(self.root, tmp_tag)
         engine.save_checkpoint(self.root, tag=tmp_tag, client_state=client_state, save_latest=False)
         os.makedirs(os.path.join(tmp_dir, "rng"), exist_ok=True)
-        _write_atomic(os.path.join(tmp_dir, "rng", f"rank-{self.env.rank}.json"), json.dumps(rng_state()))
+        write_text_atomic(os.path.join(tmp_dir, "rng", f"rank-{self.env.rank}.json"), json.dumps(rng_state()))
         maybe_fault("mid_checkpoint", self.env.rank, step)
         barrier()
         if self.env.is_main:
@@ -139,15 +122,15 @@ class Checkpointer:
             for dirpath, _, names in os.walk(tmp_dir):
                 for n in sorted(names):
                     p = os.path.join(dirpath, n)
-                    files[os.path.relpath(p, tmp_dir)] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
+                    files[os.path.relpath(p, tmp_dir)] = {"size": os.path.getsize(p), "sha256": sha256_file(p)}
             marker = {"step": step, "world_size": self.env.world_size, "files": files}
-            _write_atomic(os.path.join(tmp_dir, MARKER), json.dumps(marker, indent=1, sort_keys=True))
+            write_text_atomic(os.path.join(tmp_dir, MARKER), json.dumps(marker, indent=1, sort_keys=True))
             final = os.path.join(self.root, tag)
             if os.path.exists(final):  # a stale copy of the same step from an earlier attempt
                 shutil.rmtree(final)
             os.rename(tmp_dir, final)  # the commit
             _fsync_dir(self.root)
-            _write_atomic(os.path.join(self.root, "latest"), tag)
+            write_text_atomic(os.path.join(self.root, "latest"), tag)
             self._prune()
         barrier()
         return tag
@@ -174,7 +157,7 @@ class Checkpointer:
             size = os.path.getsize(p)
             if size != rec["size"]:
                 raise CheckpointError(f"checkpoint {path}: file {rel} is {size} bytes, expected {rec['size']} (truncated?)")
-            if _sha256(p) != rec["sha256"]:
+            if sha256_file(p) != rec["sha256"]:
                 raise CheckpointError(f"checkpoint {path}: file {rel} does not match its recorded sha256 (corrupt)")
 
     def choose(self, fallback: bool) -> tuple[str | None, list[str]]:

@@ -424,10 +424,9 @@ def from_dict(data: dict, world_size: int | None = None) -> Config:
 
 def dump_yaml(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (another run reads it)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    from i2v.fsutil import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def get_dotted(cfg: Any, key: str) -> Any:

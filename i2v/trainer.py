@@ -206,7 +206,7 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------
 
     def train(self) -> None:
-        cfg, env = self.cfg, self.env
+        cfg = self.cfg
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             self._loop()

@@ -5,7 +5,6 @@
 """
 
 import os
-import sys
 
 from i2v.cli import run
 from i2v.config import parse_args

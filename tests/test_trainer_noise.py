@@ -1,6 +1,5 @@
 """The trainer's loss with the fused noise kernel equals the torch path given the same noise."""
 
-import itertools
 
 import pytest
 import torch

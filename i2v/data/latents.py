@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for
 from i2v.errors import DataError
+from i2v.fsutil import write_json_atomic
 
 TENSORS = ("video_latents", "image_latents", "prompt_embeds")
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
@@ -322,8 +323,5 @@ def make_loader(dataset: LatentDataset, num_workers: int) -> torch.utils.data.Da
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> str:
     path = os.path.join(directory, MANIFEST_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({**manifest, "written_at": time.time()}, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, {**manifest, "written_at": time.time()}, indent=2)
     return path

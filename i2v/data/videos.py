@@ -31,7 +31,6 @@ import struct
 from typing import Any, Callable, Iterable, Iterator
 
 import av
-import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 from webdataset import tariterators
