@@ -173,24 +173,29 @@ class Checkpointer:
                 problems.append(str(e))
         return None, problems
 
-    def load(self, engine, tag: str) -> dict:
-        """Load `tag` into the engine; returns its client state. RNG states are restored last."""
+    def load(self, engine, tag: str, reshard_blocker: str | None = None) -> dict:
+        """Load `tag` into the engine; returns its client state. RNG states are restored last.
+
+        `reshard_blocker` names what prevents loading at another world size (None: nothing does).
+        """
         path = os.path.join(self.root, tag)
         with open(os.path.join(path, MARKER)) as f:
             marker = json.load(f)
-        if marker["world_size"] != self.env.world_size:
+        resharding = marker["world_size"] != self.env.world_size
+        if resharding and reshard_blocker:
             raise CheckpointError(
                 f"checkpoint {path} was written by {marker['world_size']} rank(s), this run has {self.env.world_size}: "
-                "the ZeRO optimizer partitions and the per-rank data streams cannot be resharded here; "
-                f"relaunch with {marker['world_size']} ranks, or export the weights and start a new run"
+                f"{reshard_blocker} cannot be resharded here; relaunch with {marker['world_size']} ranks, "
+                "or export the weights and start a new run"
             )
         load_path, client_state = engine.load_checkpoint(self.root, tag=tag, load_optimizer_states=True,
                                                          load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
         rng_file = os.path.join(path, "rng", f"rank-{self.env.rank}.json")
-        with open(rng_file) as f:
-            set_rng_state(json.load(f))
+        if os.path.isfile(rng_file):  # a rank that did not exist at save time keeps its fresh state
+            with open(rng_file) as f:
+                set_rng_state(json.load(f))
         return client_state
 
 

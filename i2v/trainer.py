@@ -28,6 +28,7 @@ from i2v import diffusion
 from i2v.checkpoint import Checkpointer
 from i2v.config import Config, dump_yaml, to_dict
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
+from i2v.data.shards import expand_shards
 from i2v.distributed import DistEnv, all_max, all_mean
 from i2v.ds_config import build_deepspeed_config, optimizer_in_config
 from i2v.errors import I2VError
@@ -131,7 +132,7 @@ class Trainer:
 
         # Counters that a checkpoint carries.
         self.step = 0  # optimizer steps taken
-        self.consumed = 0  # micro-batches drawn by this rank (identical on every rank)
+        self.position = 0  # global micro-batches drawn by all ranks together (world_size per round)
         self.skipped = 0  # micro-batches dropped for a non-finite loss
         self.bad_by_worker: dict = {}
 
@@ -139,6 +140,7 @@ class Trainer:
         self.log(f"{n_params / 1e6:.2f}M parameters | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
                  f"{env.world_size} rank(s) on {env.device.type} | attention: {self.attention} | "
                  f"noise: {self.noise_backend}")
+        self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe)
         self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env)
         if cfg.checkpoint.resume:
             self._resume()
@@ -150,7 +152,8 @@ class Trainer:
             cfg.data.latent_shards, rank=env.rank, world_size=env.world_size, batch_size=cfg.train.micro_batch_size,
             seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
             max_bad_fraction=cfg.data.max_bad_fraction, min_samples_for_bad_check=cfg.data.min_samples_for_bad_check,
-            expect=expect, start_batch=self.consumed, num_workers=cfg.data.num_workers, allow_pipe=cfg.data.allow_pipe,
+            expect=expect, start_batch=self.position // env.world_size, start_global=self.position,
+            num_workers=cfg.data.num_workers, allow_pipe=cfg.data.allow_pipe, order=cfg.data.order,
         )
         empty = load_empty_prompt(cfg.data.latent_shards)
         self.empty_prompt = empty.to(env.device) if empty is not None else None
@@ -191,13 +194,22 @@ class Trainer:
             self.log(f"removed unfinished checkpoint directories: {', '.join(removed)}")
         if tag is None:
             return
-        state = self.checkpointer.load(self.engine, tag)
-        self.step, self.consumed, self.skipped = state["step"], state["consumed"], state["skipped"]
-        self.log(f"resumed from {tag}: step {self.step}, {self.consumed} micro-batches consumed")
+        state = self.checkpointer.load(self.engine, tag, self._reshard_blocker())
+        self.step, self.position, self.skipped = state["step"], state["position"], state["skipped"]
+        self.log(f"resumed from {tag}: step {self.step}, {self.position} global micro-batches consumed")
+
+    def _reshard_blocker(self) -> str | None:
+        """What, if anything, stops a resume at another world size."""
+        stage = self.cfg.deepspeed.zero_stage
+        if stage > 0:
+            return f"the ZeRO-{stage} optimizer partitions (DeepSpeed loads them only at the world size that wrote them)"
+        if self.cfg.data.order == "stream" or not all(os.path.isfile(u) for u in self.shard_urls):
+            return "the per-rank data streams (data.order=stream)"
+        return None
 
     def _client_state(self) -> dict:
-        return {"step": self.step, "consumed": self.consumed, "skipped": self.skipped,
-                "samples_seen": self.consumed * self.cfg.train.micro_batch_size * self.env.world_size,
+        return {"step": self.step, "position": self.position, "skipped": self.skipped,
+                "samples_seen": self.position * self.cfg.train.micro_batch_size,
                 "world_size": self.env.world_size, "config": to_dict(self.cfg)}
 
     def save(self) -> str:
@@ -246,19 +258,24 @@ class Trainer:
                 batch = next(data)
                 window["wait"] += time.perf_counter() - tw
                 self.bad_by_worker[batch["bad"]["worker"]] = batch["bad"]
-                offset = self.consumed * env.world_size + env.rank
-                self.consumed += 1
-                loss = training_loss(self.engine, batch, self.abar, cfg, cfg.run.seed, offset, self.empty_prompt,
-                                     env.device, self.noise_backend, self.rotary)
+                # This micro-batch's global position keys its noise, timesteps and dropout.
+                offset = self.position + env.rank
+                self.position += env.world_size
+                if batch.get("empty"):  # every sample of it was bad (counted by the reader)
+                    loss = torch.tensor(float("nan"))
+                else:
+                    loss = training_loss(self.engine, batch, self.abar, cfg, cfg.run.seed, offset,
+                                         self.empty_prompt, env.device, self.noise_backend, self.rotary)
                 if attempts == 0 and is_armed("nan_loss", env.rank, self.step):
                     loss = loss * float("nan")
                 attempts += 1
                 if all_max(0.0 if torch.isfinite(loss).item() else 1.0, env.device) > 0:
-                    # Dropped on every rank before backward: parameters and optimizer state stay untouched.
+                    # Dropped on every rank before backward, so the ranks stay in step and parameters
+                    # and optimizer state stay untouched.
                     self.skipped += 1
                     consecutive_skips += 1
-                    self.log(f"step {self.step}: non-finite loss on some rank; micro-batch skipped "
-                             f"({consecutive_skips} in a row, {self.skipped} in total)")
+                    self.log(f"step {self.step}: non-finite loss (or no usable sample) on some rank; micro-batch "
+                             f"skipped ({consecutive_skips} in a row, {self.skipped} in total)")
                     if self.writer:
                         self.writer.add_scalar("train/skipped_micro_batches", self.skipped, self.step)
                     if consecutive_skips >= cfg.train.max_consecutive_skips:
@@ -309,7 +326,8 @@ class Trainer:
         if not env.is_main:
             return
         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
-                  "step_time_s": step_time, "data_wait_frac": wait_frac, "skipped": self.skipped, "bad_samples": bad}
+                  "step_time_s": step_time, "data_wait_frac": wait_frac, "skipped": self.skipped, "bad_samples": bad,
+                  "position": self.position}
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "perf/samples_per_s": samples_per_s, "perf/step_time_s": step_time,
                    "perf/data_wait_frac": wait_frac, "data/bad_samples": bad,

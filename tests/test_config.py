@@ -85,8 +85,6 @@ def test_other_inconsistent_combinations():
         load("deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true")
     with pytest.raises(ConfigError, match="diffusion.t_max"):
         load("diffusion.t_max=1000")
-    with pytest.raises(ConfigError, match="train.warmup_steps"):
-        load("train.warmup_steps=100", "train.max_steps=10")
 
 
 def test_bad_override_syntax_and_missing_file():

@@ -18,7 +18,7 @@ def keys_of(dataset, n_batches=None, workers=0):
 def one_epoch(directory, rank, world, workers, seed=0):
     """Epoch-0 keys of one rank. The shuffle buffer lets an epoch-0 sample surface after epoch-1 ones,
     so read a long prefix (several epochs) and keep epoch 0."""
-    ds = LatentDataset(str(directory), rank=rank, world_size=world, batch_size=1, seed=seed, shuffle_buffer=4,
+    ds = LatentDataset(order="stream", shards=str(directory), rank=rank, world_size=world, batch_size=1, seed=seed, shuffle_buffer=4,
                        resampled=False, num_workers=workers)
     batches = itertools.islice(make_loader(ds, workers), 60)
     return [k for b in batches if b["epochs"][0] == 0 for k in b["keys"]]
@@ -47,7 +47,7 @@ def test_writer_rejects_wrong_layout(tmp_path):
 
 def test_round_trip_and_empty_prompt(tmp_path):
     make_latent_shards(tmp_path, shards=1, per_shard=3)
-    ds = LatentDataset(str(tmp_path), batch_size=3, shuffle_buffer=0, resampled=False)
+    ds = LatentDataset(order="stream", shards=str(tmp_path), batch_size=3, shuffle_buffer=0, resampled=False)
     batch = next(iter(make_loader(ds, 0)))
     assert batch["keys"] == ["sample00000", "sample00001", "sample00002"]
     video, image, prompt = sample_tensors(1)
@@ -77,23 +77,23 @@ def test_shuffle_is_seeded(tmp_path):
 
 def test_start_batch_replays_exactly(tmp_path):
     make_latent_shards(tmp_path, shards=4, per_shard=4)
-    full = LatentDataset(str(tmp_path), batch_size=2, seed=3, shuffle_buffer=4, resampled=True)
-    resumed = LatentDataset(str(tmp_path), batch_size=2, seed=3, shuffle_buffer=4, resampled=True, start_batch=5)
+    full = LatentDataset(order="stream", shards=str(tmp_path), batch_size=2, seed=3, shuffle_buffer=4, resampled=True)
+    resumed = LatentDataset(order="stream", shards=str(tmp_path), batch_size=2, seed=3, shuffle_buffer=4, resampled=True, start_batch=5)
     assert keys_of(resumed, 6) == keys_of(full, 11)[10:]
 
 
 def test_start_batch_replays_with_workers(tmp_path):
     make_latent_shards(tmp_path, shards=4, per_shard=4)
     kw = dict(batch_size=1, seed=3, shuffle_buffer=4, resampled=True, num_workers=2)
-    full = keys_of(LatentDataset(str(tmp_path), **kw), 12, workers=2)
-    resumed = keys_of(LatentDataset(str(tmp_path), start_batch=5, **kw), 7, workers=2)
+    full = keys_of(LatentDataset(order="stream", shards=str(tmp_path), **kw), 12, workers=2)
+    resumed = keys_of(LatentDataset(order="stream", shards=str(tmp_path), start_batch=5, **kw), 7, workers=2)
     assert resumed == full[5:]
 
 
 def test_bad_samples_are_counted_by_reason_and_named(tmp_path):
     corrupt = {1: "nan", 4: "missing_tensor", 7: "wrong_shape", 9: "garbage", 10: "no_latents"}
     make_latent_shards(tmp_path, shards=2, per_shard=6, corrupt=corrupt)
-    ds = LatentDataset(str(tmp_path), batch_size=1, shuffle_buffer=0, resampled=False, max_bad_fraction=0.9,
+    ds = LatentDataset(order="stream", shards=str(tmp_path), batch_size=1, shuffle_buffer=0, resampled=False, max_bad_fraction=0.9,
                        expect={"channels": 4})
     batches = list(itertools.islice(make_loader(ds, 0), 7))
     keys = [k for b in batches for k in b["keys"]]
@@ -104,7 +104,7 @@ def test_bad_samples_are_counted_by_reason_and_named(tmp_path):
 
 def test_too_many_bad_samples_stop_with_a_clear_error(tmp_path):
     make_latent_shards(tmp_path, shards=1, per_shard=10, corrupt={i: "nan" for i in range(0, 10, 2)})
-    ds = LatentDataset(str(tmp_path), batch_size=1, shuffle_buffer=0, resampled=False, max_bad_fraction=0.2,
+    ds = LatentDataset(order="stream", shards=str(tmp_path), batch_size=1, shuffle_buffer=0, resampled=False, max_bad_fraction=0.2,
                        min_samples_for_bad_check=5)
     with pytest.raises(DataError) as e:
         list(itertools.islice(make_loader(ds, 0), 10))
@@ -116,7 +116,7 @@ def test_batches_only_stack_same_shapes(tmp_path):
     make_latent_shards(tmp_path / "a", shards=1, per_shard=4)
     make_latent_shards(tmp_path / "a2", shards=1, per_shard=4, frames=5)
     os.rename(tmp_path / "a2" / "latents-000000.tar", tmp_path / "a" / "latents-000001.tar")
-    ds = LatentDataset(str(tmp_path / "a"), batch_size=2, shuffle_buffer=8, resampled=False)
+    ds = LatentDataset(order="stream", shards=str(tmp_path / "a"), batch_size=2, shuffle_buffer=8, resampled=False)
     shapes = set()
     for b in itertools.islice(make_loader(ds, 0), 4):
         shapes.add(tuple(b["video_latents"].shape))
@@ -139,7 +139,7 @@ def test_missing_and_empty_shard_paths_are_named(tmp_path):
 def test_too_few_shards_for_readers(tmp_path):
     make_latent_shards(tmp_path, shards=2, per_shard=2)
     with pytest.raises(DataError, match=r"2 shard\(s\) for 2 rank\(s\) x 2 worker\(s\)"):
-        LatentDataset(str(tmp_path), rank=0, world_size=2, num_workers=2)
+        LatentDataset(order="stream", shards=str(tmp_path), rank=0, world_size=2, num_workers=2)
 
 
 def test_decode_rejects_mismatch_with_model():
@@ -153,3 +153,55 @@ def test_decode_rejects_mismatch_with_model():
     with pytest.raises(_Bad) as e:
         decode_sample(raw, {"channels": 16})
     assert e.value.reason == "wrong shape" and "the model takes 16" in e.value.detail
+
+
+# --------------------------------------------------------------------------- the global order
+
+
+def global_keys(directory, rank, world, n, workers=0, start=0, batch=2, seed=0):
+    ds = LatentDataset(str(directory), rank=rank, world_size=world, batch_size=batch, seed=seed,
+                       num_workers=workers, start_global=start, order="global")
+    return [(b["position"], tuple(b["keys"])) for b in itertools.islice(make_loader(ds, workers), n)]
+
+
+def test_global_order_is_the_same_at_any_world_size_and_worker_count(tmp_path):
+    make_latent_shards(tmp_path, shards=3, per_shard=5)
+    one = global_keys(tmp_path, 0, 1, 12)
+    assert [p for p, _ in one] == list(range(12))
+    two = sorted(global_keys(tmp_path, 0, 2, 6) + global_keys(tmp_path, 1, 2, 6))
+    three_workers = sorted(sum((global_keys(tmp_path, r, 3, 4, workers=2) for r in range(3)), []))
+    assert two == one and three_workers == one
+
+
+def test_global_order_epoch_covers_each_sample_once_and_reshuffles(tmp_path):
+    make_latent_shards(tmp_path, shards=3, per_shard=5)  # 15 samples -> 7 micro-batches of 2 per epoch
+    batches = global_keys(tmp_path, 0, 1, 14)
+    epoch0 = [k for _, ks in batches[:7] for k in ks]
+    epoch1 = [k for _, ks in batches[7:] for k in ks]
+    assert len(set(epoch0)) == 14 and len(set(epoch1)) == 14 and epoch0 != epoch1
+    assert global_keys(tmp_path, 0, 1, 7, seed=1) != batches[:7]
+
+
+def test_global_order_resumes_at_a_position_even_at_another_world_size(tmp_path):
+    make_latent_shards(tmp_path, shards=2, per_shard=6)
+    full = global_keys(tmp_path, 0, 1, 10)
+    # two ranks consumed 3 micro-batches each (6 global), one rank continues
+    assert global_keys(tmp_path, 0, 1, 4, start=6) == full[6:10]
+
+
+def test_global_order_batches_one_shape_and_counts_bad(tmp_path):
+    make_latent_shards(tmp_path / "a", shards=1, per_shard=4, corrupt={1: "nan"})
+    make_latent_shards(tmp_path / "b", shards=1, per_shard=4, frames=5)
+    os.rename(tmp_path / "b" / "latents-000000.tar", tmp_path / "a" / "latents-000001.tar")
+    ds = LatentDataset(str(tmp_path / "a"), batch_size=2, order="global", max_bad_fraction=0.5)
+    batches = list(itertools.islice(make_loader(ds, 0), 4))
+    shapes = {tuple(b["video_latents"].shape[1:]) for b in batches}
+    assert shapes == {(3, 4, 8, 8), (5, 4, 8, 8)}
+    assert sum(len(b["keys"]) for b in batches) == 7  # the NaN sample is dropped from its batch
+    assert batches[-1]["bad"]["by_reason"] == {"non-finite": 1}
+
+
+def test_global_order_needs_enough_samples_for_a_batch(tmp_path):
+    make_latent_shards(tmp_path, shards=1, per_shard=3)
+    with pytest.raises(DataError, match="cannot make one micro-batch of 4"):
+        LatentDataset(str(tmp_path), batch_size=4, order="global")

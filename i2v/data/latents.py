@@ -34,6 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import load_file, save_file
 
+from i2v.data import latent_order
 from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for
 from i2v.errors import DataError
 from i2v.fsutil import write_json_atomic
@@ -174,12 +175,17 @@ def decode_sample(sample: dict, expect: dict | None = None) -> dict:
 
 
 class LatentDataset(torch.utils.data.IterableDataset):
-    """Streams same-shape batches of latent samples for one rank.
+    """Same-shape batches of latent samples for one rank, in one of two orders.
 
-    Each (rank, worker) slot reads its own shards (disjoint across slots in an epoch), so no sample
-    is read twice per epoch. With `resampled`, each slot draws shards with replacement forever.
-    Every random choice is seeded from (seed, rank, worker, epoch), so the stream is reproducible;
-    `start_batch` replays and drops the batches a resumed run has already trained on.
+    `order="global"` (local shard files): the global micro-batch sequence is a function of
+    (seed, epoch, index) only (see `latent_order`); rank r takes every world_size-th micro-batch
+    from position `start_global + r`. The order is the same at any world size or worker count, and
+    a resume starts at its position without reading what came before.
+
+    `order="stream"` (any source, e.g. remote URLs): each (rank, worker) slot streams its own
+    shards (disjoint across slots in an epoch); with `resampled`, shards are drawn with replacement
+    forever. Choices are seeded from (seed, rank, worker, epoch); `start_batch` replays and drops
+    the batches a resumed run has already trained on. `order="auto"` picks global for local files.
     """
 
     def __init__(
@@ -196,12 +202,20 @@ class LatentDataset(torch.utils.data.IterableDataset):
         min_samples_for_bad_check: int = 20,
         expect: dict | None = None,
         start_batch: int = 0,
+        start_global: int = 0,
         num_workers: int = 0,
         allow_pipe: bool = False,
+        order: str = "auto",
         key: str = "data.latent_shards",
     ):
         super().__init__()
         self.urls = expand_shards(shards, key=key, allow_pipe=allow_pipe)
+        if order == "auto":
+            order = "global" if latent_order.is_local(self.urls) else "stream"
+        if order == "global" and not latent_order.is_local(self.urls):
+            raise DataError(f"{key}: the global sample order needs local shard files; use data.order=stream for URLs")
+        self.order = order
+        self.start_global = start_global
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.seed = batch_size, seed
         self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
@@ -209,8 +223,15 @@ class LatentDataset(torch.utils.data.IterableDataset):
         self.expect = expect
         self.start_batch = start_batch
         self.num_workers = num_workers
-        # Fail now, in the main process, if some reader slot would get no shard.
-        split_for(self.urls, rank, world_size, 0, num_workers)
+        if order == "global":
+            self.index = latent_order.index_shards(self.urls)
+            self.batches_per_epoch = len(latent_order.epoch_batches(self.index, batch_size, seed, 0))
+            if self.batches_per_epoch == 0:
+                raise DataError(f"{key}: {len(self.index)} sample(s) cannot make one micro-batch of {batch_size} "
+                                "same-shape samples")
+        else:
+            # Fail now, in the main process, if some reader slot would get no shard.
+            split_for(self.urls, rank, world_size, 0, num_workers)
 
     # -- stages --------------------------------------------------------------
 
@@ -276,9 +297,44 @@ class LatentDataset(torch.utils.data.IterableDataset):
                 del buckets[shape]
                 yield collate(group)
 
+    def _global_batches(self, worker: int, workers: int) -> Iterator[dict]:
+        bad = BadSamples(self.max_bad_fraction, self.min_samples)
+        cache: dict[int, list[list[int]]] = {}
+        # A DataLoader hands out worker batches round-robin from worker 0: worker w makes this
+        # rank's micro-batches w, w + workers, ... and the loader yields them in order.
+        local = worker
+        while True:
+            position = self.start_global + local * self.world_size + self.rank
+            epoch, j = divmod(position, self.batches_per_epoch)
+            if epoch not in cache:
+                cache.clear()
+                cache[epoch] = latent_order.epoch_batches(self.index, self.batch_size, self.seed, epoch)
+            samples = []
+            for i in cache[epoch][j]:
+                entry = self.index[i]
+                try:
+                    s = decode_sample(latent_order.read_member(entry), self.expect)
+                except _Bad as b:
+                    bad.add_bad(f"{os.path.basename(entry.shard)}:{entry.key}", b.reason, b.detail)
+                    continue
+                bad.add_good()
+                # The image draw is keyed by (seed, global position, sample), like everything else here.
+                k = random.Random(f"draw-{self.seed}-{position}-{i}").randrange(s["image_latents"].shape[0])
+                s["image_latents"], s["draw"], s["epoch"] = s["image_latents"][k], k, epoch
+                samples.append(s)
+            # A micro-batch whose samples were all bad still takes its turn, so positions stay aligned.
+            batch = collate(samples) if samples else {"empty": True}
+            batch["position"] = position
+            batch["bad"] = {"worker": worker, "good": bad.good, "by_reason": dict(bad.by_reason)}
+            yield batch
+            local += workers
+
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.order == "global":
+            yield from self._global_batches(worker, workers)
+            return
         # A DataLoader hands out worker batches round-robin starting at worker 0. After a resume at
         # batch `start_batch`, the next batch belongs to stream start_batch % workers, so loader
         # worker w replays stream (w + start_batch) % workers.

@@ -1,0 +1,105 @@
+"""A global sample order for local latent shards that does not depend on ranks or workers.
+
+The dataset is indexed once: every sample's shard, byte range and tensor shapes (read from the
+safetensors header, 8 bytes plus a small JSON, without loading the tensors). Epoch e's order is a
+list of *global micro-batches*: samples of one shape, permuted with a generator keyed by
+(seed, e), cut into micro-batches, and the micro-batches permuted again. The global sequence
+is a function of (seed, epoch, micro-batch index) only. Rank r of W takes global micro-batches
+r, r + W, r + 2W, ...: at any world size or worker count the same micro-batches are trained, in
+the same global order, and a run that has consumed G of them resumes at G exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tarfile
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Entry:
+    shard: str
+    key: str
+    latents: tuple[int, int] | None  # (byte offset, size) of {key}.latents.safetensors
+    meta: tuple[int, int] | None  # (byte offset, size) of {key}.json
+    shape: tuple | None  # (video_latents shape, prompt_embeds shape); None if the header is unreadable
+
+
+def is_local(urls: list[str]) -> bool:
+    return all(os.path.isfile(u) for u in urls)
+
+
+def _safetensors_shapes(f, offset: int, size: int) -> tuple | None:
+    """(video_latents shape, prompt_embeds shape) from the header alone, or None."""
+    if size < 8:
+        return None
+    f.seek(offset)
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > min(size - 8, 1 << 20):
+        return None
+    try:
+        header = json.loads(f.read(n))
+        return tuple(header["video_latents"]["shape"]), tuple(header["prompt_embeds"]["shape"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def index_shards(urls: list[str]) -> list[Entry]:
+    """One entry per sample key, shards in the given order, members in stored order."""
+    entries: list[Entry] = []
+    for url in urls:
+        members: dict[str, dict] = {}
+        with tarfile.open(url, "r:") as tar:
+            for m in tar:  # headers only: tarfile seeks past the data of each member
+                if not m.isfile():
+                    continue
+                base = os.path.basename(m.name)
+                key, _, ext = base.partition(".")
+                members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+        with open(url, "rb") as f:
+            for key, parts in members.items():
+                lat = parts.get("latents.safetensors")
+                shape = _safetensors_shapes(f, *lat) if lat else None
+                entries.append(Entry(url, key, lat, parts.get("json"), shape))
+    return entries
+
+
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    digest = hashlib.sha256(f"latent-order:{seed}:{epoch}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF)
+
+
+def epoch_batches(index: list[Entry], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Epoch `epoch`'s global micro-batches (lists of index positions), each of one shape.
+
+    Samples whose header could not be read form their own group; they are reported as bad when read.
+    A shape group's last partial micro-batch is left out of this epoch (a different one each epoch).
+    """
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(index):
+        groups.setdefault(repr(e.shape), []).append(i)
+    gen = _generator(seed, epoch)
+    batches: list[list[int]] = []
+    for name in sorted(groups):
+        members = groups[name]
+        perm = torch.randperm(len(members), generator=gen).tolist()
+        full = len(members) // batch_size * batch_size
+        batches += [[members[p] for p in perm[i : i + batch_size]] for i in range(0, full, batch_size)]
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in order]
+
+
+def read_member(entry: Entry) -> dict:
+    """The raw members of one sample, in the form webdataset produces (for `decode_sample`)."""
+    sample = {"__key__": entry.key, "__url__": entry.shard}
+    with open(entry.shard, "rb") as f:
+        for ext, where in (("latents.safetensors", entry.latents), ("json", entry.meta)):
+            if where is not None:
+                f.seek(where[0])
+                sample[ext] = f.read(where[1])
+    return sample
