@@ -33,7 +33,7 @@ from i2v.distributed import DistEnv, all_max, all_mean
 from i2v.ds_config import build_deepspeed_config, optimizer_in_config
 from i2v.errors import I2VError
 from i2v.faults import is_armed, maybe_fault
-from i2v.kernels.noise import _key, inject_noise
+from i2v.kernels.noise import inject_noise, mix_key
 from i2v.model import build_transformer, predict, rotary_embeddings, set_attention
 
 PREEMPTED_EXIT = 143
@@ -79,7 +79,7 @@ def prepare_inputs(batch: dict, abar, cfg: Config, seed: int, offset: int, empty
         x0 = torch.cat([x0[:, :1].expand(-1, pad, -1, -1, -1), x0], dim=1)
     image = batch["image_latents"].to(device)
     prompt = batch["prompt_embeds"].to(device)
-    gen = torch.Generator().manual_seed(_key(seed ^ 0x5EED, offset))
+    gen = torch.Generator().manual_seed(mix_key(seed ^ 0x5EED, offset))
     t = diffusion.sample_timesteps(x0.shape[0], cfg.diffusion, gen)
     prompt, image, _, _ = diffusion.cfg_dropout(prompt, image, empty_prompt, cfg.diffusion, gen)
     sqrt_a, sqrt_1ma = diffusion.coefficients(abar, t)
