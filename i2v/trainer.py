@@ -117,6 +117,8 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg.validate(env.world_size), env
         self.out = cfg.run.output_dir
+        # A missing or empty shard path fails here, before minutes of model and engine setup.
+        self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe)
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
         if env.is_main:
@@ -140,7 +142,6 @@ class Trainer:
         self.log(f"{n_params / 1e6:.2f}M parameters | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
                  f"{env.world_size} rank(s) on {env.device.type} | attention: {self.attention} | "
                  f"noise: {self.noise_backend}")
-        self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe)
         self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env)
         if cfg.checkpoint.resume:
             self._resume()

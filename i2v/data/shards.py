@@ -48,7 +48,10 @@ def expand_shards(spec: str | list[str], key: str, allow_pipe: bool = False, suf
             expanded = list(braceexpand.braceexpand(item))
             missing = [p for p in expanded if not os.path.isfile(p)]
             if missing:
-                raise DataError(f"{key}: shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                hint = ("; latent shards are written by launcher/precompute.py (`make demo` writes runs/demo/latents)"
+                        if key.endswith("latent_shards") else "")
+                raise DataError(f"{key}: shard not found: {missing[0]}"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + hint)
             empty = [p for p in expanded if os.path.getsize(p) == 0]
             if empty:
                 raise DataError(f"{key}: shard is empty (0 bytes): {empty[0]}")
