@@ -47,21 +47,25 @@ def write_random_latents(directory: str, cfg, shards: int = 4, per_shard: int = 
     save_empty_prompt(directory, torch.zeros(arch.max_text_seq_length, arch.text_embed_dim))
 
 
-def bare_loop(cfg, steps: int, device) -> list[float]:
-    model = build_transformer(cfg.model, seed=cfg.run.seed).to(device).train()
+def _optimizer_and_data(cfg, model):
+    """What every bare loop shares with the trainer: the same AdamW, schedule and latent stream."""
     t = cfg.train
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
-    abar = diffusion.alphas_cumprod(cfg.diffusion)
     ds = LatentDataset(cfg.data.latent_shards, batch_size=t.micro_batch_size, seed=cfg.run.seed,
                        shuffle_buffer=cfg.data.shuffle_buffer, resampled=True)
-    data, times, cache = iter(make_loader(ds, 0)), [], {}
+    return opt, diffusion.alphas_cumprod(cfg.diffusion), iter(make_loader(ds, 0))
+
+
+def bare_loop(cfg, steps: int, device) -> list[float]:
+    model = build_transformer(cfg.model, seed=cfg.run.seed).to(device).train()
+    opt, abar, data = _optimizer_and_data(cfg, model)
+    times, cache = [], {}
     for step in range(steps):
         t0 = time.perf_counter()
-        batch = next(data)
-        loss = training_loss(model, batch, abar, cfg, cfg.run.seed, step, None, device, "torch", cache)
+        loss = training_loss(model, next(data), abar, cfg, cfg.run.seed, step, None, device, "torch", cache)
         loss.backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -77,13 +81,9 @@ def bare_engine_loop(cfg, steps: int, device, world_size: int) -> list[float]:
     from i2v.ds_config import build_deepspeed_config
 
     model = build_transformer(cfg.model, seed=cfg.run.seed)
-    t = cfg.train
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    opt, abar, data = _optimizer_and_data(cfg, model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_deepspeed_config(cfg, world_size))
-    abar = diffusion.alphas_cumprod(cfg.diffusion)
-    ds = LatentDataset(cfg.data.latent_shards, batch_size=t.micro_batch_size, seed=cfg.run.seed,
-                       shuffle_buffer=cfg.data.shuffle_buffer, resampled=True)
-    data, times, cache = iter(make_loader(ds, 0)), [], {}
+    times, cache = [], {}
     for step in range(steps):
         t0 = time.perf_counter()
         loss = training_loss(engine, next(data), abar, cfg, cfg.run.seed, step, None, device, "torch", cache)

@@ -12,16 +12,11 @@ import os
 
 import av
 
-from i2v.data.videos import (EMPTY, NO_VIDEO, TOO_FEW, TRUNCATED, UNDECODABLE, BadSample,
-                             declared_size_exceeds, open_video)
+from i2v.data.videos import EMPTY, NO_VIDEO, TOO_FEW, TRUNCATED, UNDECODABLE, BadSample, open_video
 
 
 def probe_bytes(data: bytes, source: str = "", min_frames: int = 1) -> dict:
     """Metadata of a readable video, or BadSample(reason) naming why it is not usable."""
-    if not data:
-        raise BadSample(EMPTY, "0 bytes")
-    if declared_size_exceeds(data):
-        raise BadSample(TRUNCATED, f"container declares more than the {len(data)} bytes present")
     container, stream = open_video(data)
     try:
         n, first, last = 0, None, None

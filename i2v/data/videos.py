@@ -123,14 +123,15 @@ def _ebml_vint(data: bytes, pos: int) -> tuple[int | None, int]:
 
 
 def open_video(data: bytes):
-    """(container, video stream) from bytes, or BadSample with the reason."""
+    """(container, video stream) from bytes, or BadSample with the reason (empty, truncated, ...)."""
     if not data:
         raise BadSample(EMPTY, "0 bytes")
+    if declared_size_exceeds(data):
+        raise BadSample(TRUNCATED, f"container declares more than the {len(data)} bytes present")
     try:
         container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
-        reason = TRUNCATED if declared_size_exceeds(data) else UNDECODABLE
-        raise BadSample(reason, str(e)) from None
+        raise BadSample(UNDECODABLE, str(e)) from None
     if not container.streams.video:
         kinds = [s.type for s in container.streams]
         container.close()
@@ -365,10 +366,6 @@ def decode_sample(sample: dict, video: VideoConfig, rng: random.Random, train: b
         raise BadSample(BAD_META, f"expected a JSON object, got {type(meta).__name__}")
     caption = sample.get("txt", b"")
     caption = caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else str(caption)
-    if not data:
-        raise BadSample(EMPTY, "0 bytes")
-    if declared_size_exceeds(data):
-        raise BadSample(TRUNCATED, f"container declares more than the {len(data)} bytes present")
     container, stream = open_video(data)
     try:
         return _decode_open(container, stream, sample, ext, meta, caption, video, rng, train)
