@@ -1,4 +1,4 @@
-"""`make demo` end to end with small settings: clips -> shards -> latents -> train -> sample."""
+"""`make demo` end to end with small settings: clips -> shards -> VAE fit -> latents -> train -> sample."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from conftest import REPO
 
 def test_demo_script_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "DEMO_DIR": str(out), "DEMO_CLIPS": "8", "DEMO_PER_SHARD": "4", "DEMO_TRAIN_STEPS": "4",
+    env = {**os.environ, "DEMO_DIR": str(out), "DEMO_CLIPS": "8", "DEMO_PER_SHARD": "4", "DEMO_VAE_STEPS": "5",
+           "DEMO_TRAIN_STEPS": "4",
            "DEMO_SAMPLE_STEPS": "2", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(REPO / "launcher" / "demo.sh")], cwd=str(REPO), env=env,
                           capture_output=True, text=True, timeout=600)
@@ -23,6 +24,10 @@ def test_demo_script_runs_end_to_end(tmp_path):
 
     manifest = json.loads((out / "latents" / "manifest.json").read_text())
     assert manifest["samples"] == 8 and len(manifest["shards"]) == 2
+    # Every stage after the fit uses the fitted VAE, not the random-init one.
+    fitted = json.loads((out / "vae" / "config.json").read_text())
+    assert manifest["vae"]["source"] == "pretrained" and manifest["vae"]["path"] == str(out / "vae")
+    assert manifest["vae"]["scaling_factor"] == fitted["scaling_factor"] != 1.0
 
     events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert events
