@@ -17,6 +17,7 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.15",
         "diffusers>=0.32",
+        "accelerate",
         "transformers>=4.46",
         "tokenizers",
         "webdataset>=0.2.90",
