@@ -71,3 +71,14 @@ def all_mean(value: float, device) -> float:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits.
+
+    Left to interpreter teardown, a communication thread can still be running when its C++ object
+    is destroyed, which aborts the process ("terminate called without an active exception") after
+    a run that finished fine.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -7,11 +7,14 @@ from i2v.config import parse_args
 def main():
     cfg, _ = parse_args(description=__doc__)  # config errors surface before any process group starts
 
-    from i2v.distributed import init_distributed
+    from i2v.distributed import init_distributed, shutdown
     from i2v.trainer import Trainer
 
     env = init_distributed()
-    Trainer(cfg, env).train()
+    try:
+        Trainer(cfg, env).train()
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -147,6 +147,8 @@ NAN_SCRIPT = textwrap.dedent("""
     tr.train()
     assert tr.step == 4 and tr.engine.global_steps == 4 and tr.skipped == 2
     print(f"NAN-GUARD-OK rank {env.rank}", flush=True)
+    from i2v.distributed import shutdown
+    shutdown()
 """)
 
 
