@@ -18,9 +18,7 @@ CPU (no CUDA): a smoke run of the same code path at tiny shapes, fp32, timed wit
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import pathlib
 import platform
 import re
@@ -31,29 +29,12 @@ import time
 
 import torch
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    # Must be set before the kernels are defined: without a GPU they run in the interpreter.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _kernels import CUDA, REPO, RESULTS, load_kernel  # noqa: E402  (sets TRITON_INTERPRET without CUDA)
 
 import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-
-def _load_kernel_module():
-    """i2v.kernels.attention when the project is installed, else the file itself (it needs only torch+triton)."""
-    try:
-        from i2v.kernels import attention
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("_attention_kernel", REPO / "kernels" / "attention.py")
-        attention = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(attention)
-    return attention
-
-
-attn = _load_kernel_module()
+attn = load_kernel("attention")
 
 SEQ = 17_776
 GPU_SHAPES = {"5b": (1, 48, SEQ, 64), "2b": (1, 30, SEQ, 64), "d128": (1, 24, SEQ, 128)}

@@ -27,7 +27,6 @@ CPU (no CUDA): a smoke run of the same code at tiny shapes, timed with time.perf
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -41,30 +40,12 @@ import time
 
 import torch
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    # Must be set before the kernels are defined: without a GPU they run in the interpreter.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _kernels import CUDA, REPO, RESULTS, load_kernel  # noqa: E402  (sets TRITON_INTERPRET without CUDA)
 
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-
-def _load_kernel_module():
-    """i2v.kernels.noise when the project is installed, else the file itself (a bare checkout on a GPU box)."""
-    sys.path.insert(0, str(REPO))  # the file imports i2v.diffusion
-    try:
-        from i2v.kernels import noise
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("_noise_kernel", REPO / "kernels" / "noise.py")
-        noise = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(noise)
-    return noise
-
-
-noise = _load_kernel_module()
+noise = load_kernel("noise")
 
 GPU_SHAPES = {"b1": (1, 13, 16, 60, 90), "b64": (64, 13, 16, 60, 90)}
 SMOKE_SHAPES = {"b1": (1, 3, 4, 6, 10), "b64": (8, 2, 4, 4, 6)}  # "b64" stands for the big batch
