@@ -8,9 +8,12 @@ project is not installed, so the kernel module is loaded from its file when `i2v
 from __future__ import annotations
 
 import importlib
+import json
 import importlib.util
 import os
 import pathlib
+import re
+import subprocess
 import sys
 
 import torch
@@ -32,3 +35,26 @@ def load_kernel(name: str):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
+
+
+def git_commit(*paths: str) -> tuple[str | None, bool]:
+    """(HEAD, whether `paths` have uncommitted changes); HEAD is None outside a git checkout."""
+    def git(*args):
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--", *paths))
+
+
+def write_result(kind: str, gpu: str, smoke: bool, record: dict, out: pathlib.Path | None = None) -> pathlib.Path:
+    """Write `record` atomically to `out`, or to bench/results/<kind>-<gpu>.json (<kind>-cpu-smoke.json)."""
+    if out is None:
+        name = "cpu-smoke" if smoke else re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+        out = RESULTS / f"{kind}-{name}.json"
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return out

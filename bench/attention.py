@@ -21,15 +21,13 @@ import argparse
 import json
 import pathlib
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-from _kernels import CUDA, REPO, RESULTS, load_kernel  # noqa: E402  (sets TRITON_INTERPRET without CUDA)
+from _kernels import CUDA, git_commit, load_kernel, write_result  # noqa: E402  (sets TRITON_INTERPRET without CUDA)
 
 import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
@@ -139,22 +137,17 @@ def _device_name():
     return torch.cuda.get_device_name() if CUDA else platform.processor() or "cpu"
 
 
-def _commit():
-    def git(*args):
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    head = git("rev-parse", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--", "kernels/attention.py", "bench/attention.py"))
-    return f"{head}{'-dirty' if dirty else ''}" if head else None
-
-
 def _best_configs():
     out = {}
     for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         best = getattr(getattr(attn, name), "best_config", None)
         out[name] = str(best) if best is not None else None
     return out
+
+
+def _commit_string():
+    head, dirty = git_commit("kernels/attention.py", "bench/attention.py")
+    return f"{head}{'-dirty' if dirty else ''}" if head else None
 
 
 def main(argv=None):
@@ -216,7 +209,7 @@ def main(argv=None):
         "mode": "cpu-smoke" if smoke else "gpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "commit": _commit(),
+        "commit": _commit_string(),
         "dtype": str(dtype),
         "layout": "[B, H, S, D] contiguous",
         "timer": "time.perf_counter median of 3" if smoke else "triton.testing.do_bench median",
@@ -224,17 +217,7 @@ def main(argv=None):
         "correctness": correctness,
         "shapes": results,
     }
-    if args.out is not None:
-        out = args.out
-    elif smoke:
-        out = RESULTS / "attention-cpu-smoke.json"
-    else:
-        out = RESULTS / f"attention-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_result("attention", gpu, smoke, record, args.out)
     if summary.get("fwd_bwd_speedup_vs_best_sdpa_5b") is not None:
         print(f"5b: fwd {summary['fwd_tflops_5b']:.1f} TFLOP/s, bwd {summary['bwd_tflops_5b']:.1f} TFLOP/s, "
               f"fwd+bwd speedup vs best SDPA {summary['fwd_bwd_speedup_vs_best_sdpa_5b']:.2f}x")

@@ -27,20 +27,17 @@ CPU (no CUDA): a smoke run of the same code at tiny shapes, timed with time.perf
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import pathlib
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-from _kernels import CUDA, REPO, RESULTS, load_kernel  # noqa: E402  (sets TRITON_INTERPRET without CUDA)
+from _kernels import CUDA, git_commit, load_kernel, write_result  # noqa: E402  (sets TRITON_INTERPRET without CUDA)
 
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
@@ -200,16 +197,6 @@ def _device_name():
     return torch.cuda.get_device_name() if CUDA else platform.processor() or "cpu"
 
 
-def _commit():
-    def git(*args):
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    head = git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--", "kernels/noise.py", "bench/noise.py"))
-    return head, dirty
-
-
 def _print_table(title, rec):
     print(f"\n{title}: shape {rec['shape']} {rec['dtype']}, {rec['min_bytes'] / 1e6:.1f} MB minimal traffic")
     eager = rec["ms"]["eager"]
@@ -233,7 +220,8 @@ def main(argv=None):
     shapes = SMOKE_SHAPES if smoke else GPU_SHAPES
     use_compile = not args.no_compile
     gpu = "cpu" if smoke else _device_name()
-    commit, dirty = _commit()
+    commit, dirty = git_commit("kernels/noise.py", "bench/noise.py")
+    commit = commit or "unknown"
     record = {
         "gpu": gpu,
         "mode": "cpu-smoke" if smoke else "gpu",
@@ -279,17 +267,7 @@ def main(argv=None):
         print(f"\nspeedup vs eager (b1) {record['speedup_vs_eager_b1']:.3g}x, vs compile (b1) {compile_txt}, "
               f"fraction of copy bandwidth (b64) {record['fraction_of_copy_bw_b64']:.3g}")  # fmt: skip
 
-    if args.out:
-        out = args.out
-    elif smoke:
-        out = RESULTS / "noise-cpu-smoke.json"
-    else:
-        out = RESULTS / f"noise-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_result("noise", gpu, smoke, record, args.out)
     return 0 if correctness["ok"] else 1
 
 
