@@ -27,6 +27,7 @@ import torch
 from i2v import diffusion
 from i2v.checkpoint import Checkpointer
 from i2v.config import Config, dump_yaml, to_dict
+from i2v.data.latent_order import resolve_order
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards
 from i2v.distributed import DistEnv, all_max, all_mean
@@ -147,8 +148,7 @@ class Trainer:
             self._resume()
 
         c = model.config
-        latent_channels = c.out_channels
-        expect = {"channels": latent_channels, "text_dim": c.text_embed_dim, "text_len": c.max_text_seq_length}
+        expect = {"channels": c.out_channels, "text_dim": c.text_embed_dim, "text_len": c.max_text_seq_length}
         self.dataset = LatentDataset(
             cfg.data.latent_shards, rank=env.rank, world_size=env.world_size, batch_size=cfg.train.micro_batch_size,
             seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
@@ -204,7 +204,7 @@ class Trainer:
         stage = self.cfg.deepspeed.zero_stage
         if stage > 0:
             return f"the ZeRO-{stage} optimizer partitions (DeepSpeed loads them only at the world size that wrote them)"
-        if self.cfg.data.order == "stream" or not all(os.path.isfile(u) for u in self.shard_urls):
+        if resolve_order(self.cfg.data.order, self.shard_urls) == "stream":
             return "the per-rank data streams (data.order=stream)"
         return None
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from i2v.errors import DataError
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -32,6 +34,15 @@ class Entry:
 
 def is_local(urls: list[str]) -> bool:
     return all(os.path.isfile(u) for u in urls)
+
+
+def resolve_order(order: str, urls: list[str], key: str = "data.latent_shards") -> str:
+    """`data.order` made concrete: auto means global for local files, stream otherwise."""
+    if order == "auto":
+        return "global" if is_local(urls) else "stream"
+    if order == "global" and not is_local(urls):
+        raise DataError(f"{key}: the global sample order needs local shard files; use data.order=stream for URLs")
+    return order
 
 
 def _safetensors_shapes(f, offset: int, size: int) -> tuple | None:

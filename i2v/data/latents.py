@@ -210,11 +210,7 @@ class LatentDataset(torch.utils.data.IterableDataset):
     ):
         super().__init__()
         self.urls = expand_shards(shards, key=key, allow_pipe=allow_pipe)
-        if order == "auto":
-            order = "global" if latent_order.is_local(self.urls) else "stream"
-        if order == "global" and not latent_order.is_local(self.urls):
-            raise DataError(f"{key}: the global sample order needs local shard files; use data.order=stream for URLs")
-        self.order = order
+        self.order = order = latent_order.resolve_order(order, self.urls, key)
         self.start_global = start_global
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.seed = batch_size, seed
