@@ -273,17 +273,8 @@ class Trainer:
                 if all_max(0.0 if torch.isfinite(loss).item() else 1.0, env.device) > 0:
                     # Dropped on every rank before backward, so the ranks stay in step and parameters
                     # and optimizer state stay untouched.
-                    self.skipped += 1
                     consecutive_skips += 1
-                    self.log(f"step {self.step}: non-finite loss (or no usable sample) on some rank; micro-batch "
-                             f"skipped ({consecutive_skips} in a row, {self.skipped} in total)")
-                    if self.writer:
-                        self.writer.add_scalar("train/skipped_micro_batches", self.skipped, self.step)
-                    if consecutive_skips >= cfg.train.max_consecutive_skips:
-                        raise TooManySkips(
-                            f"{consecutive_skips} consecutive micro-batches had a non-finite loss "
-                            f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips}); stopping at step {self.step}"
-                        )
+                    self._count_skip(consecutive_skips)
                     continue
                 consecutive_skips = 0
                 self.engine.backward(loss)
@@ -310,6 +301,19 @@ class Trainer:
                     self.save()
                 self.log(f"preempted: committed checkpoint at step {self.step}; exiting with {PREEMPTED_EXIT}")
                 raise SystemExit(PREEMPTED_EXIT)
+
+    def _count_skip(self, in_a_row: int) -> None:
+        cfg = self.cfg
+        self.skipped += 1
+        self.log(f"step {self.step}: non-finite loss (or no usable sample) on some rank; micro-batch "
+                 f"skipped ({in_a_row} in a row, {self.skipped} in total)")
+        if self.writer:
+            self.writer.add_scalar("train/skipped_micro_batches", self.skipped, self.step)
+        if in_a_row >= cfg.train.max_consecutive_skips:
+            raise TooManySkips(
+                f"{in_a_row} consecutive micro-batches had a non-finite loss "
+                f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips}); stopping at step {self.step}"
+            )
 
     # -- logging ------------------------------------------------------------------
 
