@@ -30,7 +30,9 @@ from i2v.config import load_config
 from i2v.data.latents import LatentDataset, LatentShardWriter, make_loader, save_empty_prompt
 from i2v.distributed import init_distributed
 from i2v.model import build_transformer
-from i2v.trainer import Trainer, training_loss
+from i2v.objective import training_loss
+from i2v.optim import build_optimizer
+from i2v.trainer import Trainer
 
 
 def write_random_latents(directory: str, cfg, shards: int = 4, per_shard: int = 16) -> None:
@@ -49,9 +51,8 @@ def write_random_latents(directory: str, cfg, shards: int = 4, per_shard: int = 
 
 def _optimizer_and_data(cfg, model):
     """What every bare loop shares with the trainer: the same AdamW, schedule and latent stream."""
-    t = cfg.train
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
-    ds = LatentDataset(cfg.data.latent_shards, batch_size=t.micro_batch_size, seed=cfg.run.seed,
+    opt = build_optimizer(cfg, model.parameters())
+    ds = LatentDataset(cfg.data.latent_shards, batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed,
                        shuffle_buffer=cfg.data.shuffle_buffer, resampled=True)
     return opt, diffusion.alphas_cumprod(cfg.diffusion), iter(make_loader(ds, 0))
 

@@ -14,9 +14,6 @@ not of global RNG state, so a resumed run reproduces an uninterrupted one step f
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
 import os
 import signal
 import time
@@ -30,88 +27,20 @@ from i2v.config import Config, dump_yaml, to_dict
 from i2v.data.latent_order import resolve_order
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards
-from i2v.distributed import DistEnv, all_max, all_mean
+from i2v.distributed import DistEnv, all_max
 from i2v.ds_config import build_deepspeed_config, optimizer_in_config
 from i2v.errors import I2VError
 from i2v.faults import is_armed, maybe_fault
-from i2v.kernels.noise import inject_noise, mix_key
-from i2v.model import build_transformer, predict, rotary_embeddings, set_attention
+from i2v.model import build_transformer, set_attention
+from i2v.objective import resolve_noise_backend, training_loss
+from i2v.optim import build_optimizer, build_scheduler
+from i2v.telemetry import StepLogger
 
 PREEMPTED_EXIT = 143
 
 
-def resolve_noise_backend(choice: str, device) -> str:
-    """What `kernels.noise: auto` means here: the fused kernel on CUDA, the torch path elsewhere."""
-    if choice != "auto":
-        return choice
-    has_triton = importlib.util.find_spec("triton") is not None
-    return "triton" if torch.device(device).type == "cuda" and has_triton else "torch"
-
-
 class TooManySkips(I2VError):
     exit_code = 3
-
-
-def lr_lambda(cfg: Config):
-    t = cfg.train
-
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        if t.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def prepare_inputs(batch: dict, abar, cfg: Config, seed: int, offset: int, empty_prompt, device,
-                   noise_backend: str = "torch", return_noise: bool = False, patch_size_t: int | None = None) -> dict:
-    """Model input, target, prompt and timesteps of one micro-batch; `offset` keys its randomness.
-
-    CogVideoX-1.5 models patch latent frames in groups of `patch_size_t`; a clip whose latent
-    length is not a multiple gets its first latent frame repeated in front, which is what the
-    pipeline's sampling layout corresponds to (the image latent stays at frame 0).
-    """
-    x0 = batch["video_latents"].to(device)
-    if patch_size_t and x0.shape[1] % patch_size_t:
-        pad = patch_size_t - x0.shape[1] % patch_size_t
-        x0 = torch.cat([x0[:, :1].expand(-1, pad, -1, -1, -1), x0], dim=1)
-    image = batch["image_latents"].to(device)
-    prompt = batch["prompt_embeds"].to(device)
-    gen = torch.Generator().manual_seed(mix_key(seed ^ 0x5EED, offset))
-    t = diffusion.sample_timesteps(x0.shape[0], cfg.diffusion, gen)
-    prompt, image, _, _ = diffusion.cfg_dropout(prompt, image, empty_prompt, cfg.diffusion, gen)
-    sqrt_a, sqrt_1ma = diffusion.coefficients(abar, t)
-    out = inject_noise(x0, image, sqrt_a.to(device), sqrt_1ma.to(device), seed, offset,
-                       prediction=cfg.diffusion.prediction, backend=noise_backend, return_noise=return_noise)
-    inputs = {"model_input": out[0], "target": out[1], "prompt": prompt, "t": t.to(device),
-              "x0": x0, "image": image, "sqrt_a": sqrt_a, "sqrt_1ma": sqrt_1ma}
-    if return_noise:
-        inputs["noise"] = out[2]
-    return inputs
-
-
-def loss_from_inputs(model, inputs: dict, cfg: Config, rotary_cache: dict | None = None) -> torch.Tensor:
-    """The transformer's v (or epsilon) MSE on prepared inputs."""
-    module = getattr(model, "module", model)
-    _, frames, _, h, w = inputs["model_input"].shape
-    cache = rotary_cache if rotary_cache is not None else {}
-    if (frames, h, w) not in cache:
-        cache[(frames, h, w)] = rotary_embeddings(module.config, frames, h, w, inputs["model_input"].device)
-    pred = predict(model, inputs["model_input"], inputs["prompt"], inputs["t"], cfg.diffusion.ofs,
-                   cache[(frames, h, w)])
-    return diffusion.loss_v_mse(pred, inputs["target"])
-
-
-def training_loss(model, batch: dict, abar, cfg: Config, seed: int, offset: int, empty_prompt, device,
-                  noise_backend: str = "torch", rotary_cache: dict | None = None) -> torch.Tensor:
-    """The loss of one micro-batch: prepare its inputs, run the model."""
-    module = getattr(model, "module", model)
-    inputs = prepare_inputs(batch, abar, cfg, seed, offset, empty_prompt, device, noise_backend,
-                            patch_size_t=module.config.patch_size_t)
-    return loss_from_inputs(model, inputs, cfg, rotary_cache)
 
 
 class Trainer:
@@ -158,11 +87,8 @@ class Trainer:
         )
         empty = load_empty_prompt(cfg.data.latent_shards)
         self.empty_prompt = empty.to(env.device) if empty is not None else None
-        self.writer = None
-        if env.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(os.path.join(self.out, "tensorboard"))
+        self.telemetry = StepLogger(cfg, env)
+        self.writer = self.telemetry.writer  # rank 0 only; None elsewhere
         self._preempt = False
         self.validator = None
         if cfg.validation.every_steps > 0:
@@ -173,13 +99,9 @@ class Trainer:
     def _build_engine(self, model):
         cfg = self.cfg
         ds = build_deepspeed_config(cfg, self.env.world_size)
-        optimizer = None
-        if not optimizer_in_config(cfg):
-            t = cfg.train
-            optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                          weight_decay=t.weight_decay)
-        scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        # Under optimizer offload DeepSpeed builds its own CPU Adam from the config.
+        optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, model.parameters())
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg),
                                                model_parameters=model.parameters() if optimizer is None else None,
                                                config=ds)
         return engine
@@ -228,8 +150,7 @@ class Trainer:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
-            if self.writer is not None:
-                self.writer.close()
+            self.telemetry.close()
 
     def _export(self) -> None:
         from i2v.distributed import barrier
@@ -248,16 +169,15 @@ class Trainer:
         cfg, env = self.cfg, self.env
         data = iter(make_loader(self.dataset, cfg.data.num_workers))
         self.engine.train()
-        window = {"time": 0.0, "wait": 0.0, "steps": 0}
+        self.telemetry.start(self.step)
         consecutive_skips = 0
-        run_start, start_step = time.perf_counter(), self.step
         while self.step < cfg.train.max_steps:
-            t0 = time.perf_counter()
+            t0, wait = time.perf_counter(), 0.0
             losses, attempts = [], 0
             while len(losses) < cfg.train.grad_accum_steps:
                 tw = time.perf_counter()
                 batch = next(data)
-                window["wait"] += time.perf_counter() - tw
+                wait += time.perf_counter() - tw
                 self.bad_by_worker[batch["bad"]["worker"]] = batch["bad"]
                 # This micro-batch's global position keys its noise, timesteps and dropout.
                 offset = self.position + env.rank
@@ -285,12 +205,12 @@ class Trainer:
             maybe_fault("before_step", env.rank, self.step)
             self.engine.step()
             self.step += 1
-            window["time"] += time.perf_counter() - t0
-            window["steps"] += 1
+            self.telemetry.record_step(time.perf_counter() - t0, wait)
 
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                self._log_step(torch.stack(losses).mean().item(), window, run_start, start_step)
-                window = {"time": 0.0, "wait": 0.0, "steps": 0}
+                bad = sum(sum(b["by_reason"].values()) for b in self.bad_by_worker.values())
+                self.telemetry.log(self.step, torch.stack(losses).mean().item(), self.engine,
+                                   {"skipped": self.skipped, "bad_samples": bad, "position": self.position})
             every = cfg.checkpoint.every_steps
             if (every and self.step % every == 0) or self.step == cfg.train.max_steps:
                 self.save()
@@ -315,48 +235,7 @@ class Trainer:
                 f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips}); stopping at step {self.step}"
             )
 
-    # -- logging ------------------------------------------------------------------
-
-    def _log_step(self, local_loss: float, window: dict, run_start: float, start_step: int) -> None:
-        cfg, env = self.cfg, self.env
-        loss = all_mean(local_loss, env.device)
-        lr = self.engine.get_lr()[0]
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        step_time = window["time"] / max(1, window["steps"])
-        samples = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
-        samples_per_s = samples / step_time if step_time > 0 else float("nan")
-        wait_frac = window["wait"] / window["time"] if window["time"] > 0 else 0.0
-        bad = sum(sum(b["by_reason"].values()) for b in self.bad_by_worker.values())
-        if not env.is_main:
-            return
-        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
-                  "step_time_s": step_time, "data_wait_frac": wait_frac, "skipped": self.skipped, "bad_samples": bad,
-                  "position": self.position}
-        scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                   "perf/samples_per_s": samples_per_s, "perf/step_time_s": step_time,
-                   "perf/data_wait_frac": wait_frac, "data/bad_samples": bad,
-                   "train/skipped_micro_batches": self.skipped}
-        if torch.cuda.is_available():
-            record["peak_mem_gb"] = scalars["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, self.step)
-        self.writer.flush()
-        with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        elapsed = time.perf_counter() - run_start
-        done = self.step - start_step
-        eta = elapsed / done * (cfg.train.max_steps - self.step) if done else float("nan")
-        self.log(f"step {self.step}/{cfg.train.max_steps} | loss {loss:.5f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
-                 f"{samples_per_s:.1f} samples/s | data wait {wait_frac:.0%} | ETA {_hms(eta)}")
-
     def log(self, msg: str) -> None:
         if self.env.is_main:
             print(f"[i2v] {msg}", flush=True)
 
-
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "--:--:--"
-    s = int(seconds)
-    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,86 @@
+"""What a run reports every `train.log_every` steps: the console line, metrics.jsonl and TensorBoard.
+
+`StepLogger.record_step` accumulates step and data-wait times over the logging window;
+`StepLogger.log` (called on every rank: the loss is averaged over ranks) writes one record on
+rank 0 and starts a new window.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+
+from i2v.config import Config
+from i2v.distributed import DistEnv, all_mean
+
+
+class StepLogger:
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.writer = None
+        if env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(cfg.run.output_dir, "tensorboard"))
+        self.start(0)
+
+    def start(self, step: int) -> None:
+        """The loop begins (or resumes) at `step`: the ETA counts from here."""
+        self.run_start, self.start_step = time.perf_counter(), step
+        self._reset()
+
+    def _reset(self) -> None:
+        self.window = {"time": 0.0, "wait": 0.0, "steps": 0}
+
+    def record_step(self, seconds: float, data_wait: float) -> None:
+        self.window["time"] += seconds
+        self.window["wait"] += data_wait
+        self.window["steps"] += 1
+
+    def log(self, step: int, local_loss: float, engine, counters: dict) -> None:
+        """One logged step; `counters` are extra integer fields (position, skipped, bad samples)."""
+        cfg, env, window = self.cfg, self.env, self.window
+        loss = all_mean(local_loss, env.device)
+        self._reset()
+        lr = engine.get_lr()[0]
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        step_time = window["time"] / max(1, window["steps"])
+        samples = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
+        samples_per_s = samples / step_time if step_time > 0 else float("nan")
+        wait_frac = window["wait"] / window["time"] if window["time"] > 0 else 0.0
+        if not env.is_main:
+            return
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
+                  "step_time_s": step_time, "data_wait_frac": wait_frac, **counters}
+        scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                   "perf/samples_per_s": samples_per_s, "perf/step_time_s": step_time,
+                   "perf/data_wait_frac": wait_frac, "data/bad_samples": counters.get("bad_samples", 0),
+                   "train/skipped_micro_batches": counters.get("skipped", 0)}
+        if torch.cuda.is_available():
+            record["peak_mem_gb"] = scalars["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+        with open(os.path.join(cfg.run.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.run_start
+        eta = elapsed / done * (cfg.train.max_steps - step) if done else float("nan")
+        print(f"[i2v] step {step}/{cfg.train.max_steps} | loss {loss:.5f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
+              f"{samples_per_s:.1f} samples/s | data wait {wait_frac:.0%} | ETA {hms(eta)}", flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--:--"
+    s = int(seconds)
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
