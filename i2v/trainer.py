@@ -22,13 +22,15 @@ import deepspeed
 import torch
 
 from i2v import diffusion
-from i2v.checkpoint import Checkpointer
+from i2v.adapters import base_identity, check_resume, lora_enabled, trainable_parameters, with_lora
+from i2v.checkpoint import Checkpointer, saved_client_state
 from i2v.config import Config, dump_yaml, to_dict
 from i2v.data.latent_order import resolve_order
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards
 from i2v.distributed import DistEnv, all_max
 from i2v.ds_config import build_deepspeed_config, optimizer_in_config
+from i2v.ema import ShardedEMA
 from i2v.errors import I2VError
 from i2v.faults import is_armed, maybe_fault
 from i2v.model import build_transformer, set_attention
@@ -55,10 +57,16 @@ class Trainer:
             os.makedirs(self.out, exist_ok=True)
             dump_yaml(cfg, os.path.join(self.out, "config.yaml"))
 
-        model = build_transformer(cfg.model, seed=cfg.run.seed)
+        model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed), cfg.model, seed=cfg.run.seed)
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
         self.noise_backend = resolve_noise_backend(cfg.kernels.noise, env.device)
+        # Counted before the engine: ZeRO-3 leaves empty placeholders in the module.
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in trainable_parameters(model))
         self.engine = self._build_engine(model)
+        self.ema = ShardedEMA(self.engine, cfg.train.ema) if cfg.train.ema.decay > 0 else None
+        # A LoRA checkpoint holds no base weights, so it records which base it was trained on.
+        self.base = base_identity(cfg) if lora_enabled(cfg.model) else None
         self.abar = diffusion.alphas_cumprod(cfg.diffusion)
         self.rotary: dict = {}
 
@@ -68,11 +76,11 @@ class Trainer:
         self.skipped = 0  # micro-batches dropped for a non-finite loss
         self.bad_by_worker: dict = {}
 
-        n_params = sum(p.numel() for p in model.parameters())
-        self.log(f"{n_params / 1e6:.2f}M parameters | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
+        self.log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
                  f"{env.world_size} rank(s) on {env.device.type} | attention: {self.attention} | "
                  f"noise: {self.noise_backend}")
-        self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env)
+        self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env,
+                                         trainable_only=lora_enabled(cfg.model))
         if cfg.checkpoint.resume:
             self._resume()
 
@@ -94,16 +102,16 @@ class Trainer:
         if cfg.validation.every_steps > 0:
             from i2v.validation import Validator
 
-            self.validator = Validator(cfg, env)
+            self.validator = Validator(cfg, env, self.ema)
 
     def _build_engine(self, model):
         cfg = self.cfg
         ds = build_deepspeed_config(cfg, self.env.world_size)
         # Under optimizer offload DeepSpeed builds its own CPU Adam from the config.
-        optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, model.parameters())
+        params = trainable_parameters(model)  # the frozen LoRA base never reaches the optimizer
+        optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, params)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg),
-                                               model_parameters=model.parameters() if optimizer is None else None,
-                                               config=ds)
+                                               model_parameters=params if optimizer is None else None, config=ds)
         return engine
 
     # -- resume -------------------------------------------------------------------
@@ -117,7 +125,9 @@ class Trainer:
             self.log(f"removed unfinished checkpoint directories: {', '.join(removed)}")
         if tag is None:
             return
-        state = self.checkpointer.load(self.engine, tag, self._reshard_blocker())
+        path = os.path.join(self.checkpointer.root, tag)
+        check_resume(self.cfg, saved_client_state(path), path, self.base)
+        state = self.checkpointer.load(self.engine, tag, self._reshard_blocker(), self.ema)
         self.step, self.position, self.skipped = state["step"], state["position"], state["skipped"]
         self.log(f"resumed from {tag}: step {self.step}, {self.position} global micro-batches consumed")
 
@@ -133,10 +143,10 @@ class Trainer:
     def _client_state(self) -> dict:
         return {"step": self.step, "position": self.position, "skipped": self.skipped,
                 "samples_seen": self.position * self.cfg.train.micro_batch_size,
-                "world_size": self.env.world_size, "config": to_dict(self.cfg)}
+                "world_size": self.env.world_size, "config": to_dict(self.cfg), "base": self.base}
 
     def save(self) -> str:
-        return self.checkpointer.save(self.engine, self.step, self._client_state())
+        return self.checkpointer.save(self.engine, self.step, self._client_state(), self.ema)
 
     # -- the loop -----------------------------------------------------------------
 
@@ -205,6 +215,8 @@ class Trainer:
             maybe_fault("before_step", env.rank, self.step)
             self.engine.step()
             self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.step)
             self.telemetry.record_step(time.perf_counter() - t0, wait)
 
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
