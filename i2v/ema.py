@@ -138,7 +138,7 @@ class ShardedEMA:
 
     def load(self, checkpoint_dir: str) -> bool:
         """Read this rank's ranges from the checkpoint's shards (written at any world size); False if none."""
-        store = _Store.open(checkpoint_dir)
+        store = EMAFiles.open(checkpoint_dir)
         if store is None:
             return False
         with torch.no_grad():
@@ -193,7 +193,7 @@ class ShardedEMA:
 # --------------------------------------------------------------------------- the files
 
 
-class _Store:
+class EMAFiles:
     """Every fragment in a checkpoint's `ema/` shards, readable by (name, element range)."""
 
     def __init__(self, directory: str, files: list[str]):
@@ -215,7 +215,7 @@ class _Store:
         self.updates = counts.pop()
 
     @classmethod
-    def open(cls, checkpoint_dir: str) -> "_Store | None":
+    def open(cls, checkpoint_dir: str) -> "EMAFiles | None":
         files = sorted(glob.glob(os.path.join(checkpoint_dir, EMA_DIR, "rank-*.safetensors")))
         return cls(checkpoint_dir, files) if files else None
 
@@ -239,7 +239,7 @@ def has_ema(checkpoint_dir: str) -> bool:
 
 def stitch(checkpoint_dir: str) -> dict[str, torch.Tensor] | None:
     """The full fp32 EMA of a checkpoint, from its per-rank shards, on one process (None: it has none)."""
-    store = _Store.open(checkpoint_dir)
+    store = EMAFiles.open(checkpoint_dir)
     if store is None:
         return None
     return {name: store.read(name, 0, math.prod(shape)).view(shape) for name, shape in store.shapes.items()}
