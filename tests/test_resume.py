@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO
 from latent_shards import make_latent_shards
+from lora_runs import RUN_A, step_dir
 from test_train import ENV, TORCHRUN, losses, train
 
 EXACT = ("train.max_steps=12", "train.log_every=1", "checkpoint.every_steps=4", "run.deterministic=true",
@@ -60,6 +61,32 @@ def test_sigkill_anywhere_then_relaunch_is_bit_exact_and_world_size_change_is_re
     assert r.returncode == 2
     assert "written by 2 rank(s), this run has 1" in r.stderr and "ZeRO-2 optimizer partitions" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_lora_sigkill_then_relaunch_is_bit_exact_with_its_ema(tmp_path, lora_run):
+    """LoRA + EMA (run A of tests/lora_runs.py): the resumed run logs the same losses and ends with the
+    same adapters and the same EMA shards, byte for byte, as the uninterrupted one."""
+    import torch
+
+    from i2v.checkpoint import consolidated_state_dict
+
+    run, ref = tmp_path / "run", lora_run["run"]
+    # rank 1 is SIGKILLed after a backward of the sixth step (last commit: step 5)
+    r = train(TORCHRUN, run, lora_run["shards"], *RUN_A, env=with_fault("1:5:after_backward:kill"))
+    assert r.returncode != 0
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000005"
+    r = train(TORCHRUN, run, lora_run["shards"], *RUN_A)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from step-00000005" in r.stdout
+
+    assert losses(run)[0] == losses(ref)[0]  # exact float equality, all 8 steps
+    ema_dir = os.path.join(step_dir(ref, 8), "ema")
+    assert sorted(os.listdir(ema_dir)) == ["rank-00000.safetensors", "rank-00001.safetensors"]
+    for name in os.listdir(ema_dir):
+        with open(os.path.join(ema_dir, name), "rb") as a, open(os.path.join(step_dir(run, 8), "ema", name), "rb") as b:
+            assert a.read() == b.read(), name
+    mine, theirs = consolidated_state_dict(step_dir(run, 8)), consolidated_state_dict(step_dir(ref, 8))
+    assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def test_world_size_change_continues_the_global_sample_order_at_zero0(tmp_path, shards):
