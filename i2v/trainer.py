@@ -76,9 +76,9 @@ class Trainer:
         self.skipped = 0  # micro-batches dropped for a non-finite loss
         self.bad_by_worker: dict = {}
 
-        self.log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
-                 f"{env.world_size} rank(s) on {env.device.type} | attention: {self.attention} | "
-                 f"noise: {self.noise_backend}")
+        self.log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | "
+                 f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | {env.world_size} rank(s) on "
+                 f"{env.device.type} | attention: {self.attention} | noise: {self.noise_backend}")
         self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env,
                                          trainable_only=lora_enabled(cfg.model))
         if cfg.checkpoint.resume:

@@ -149,3 +149,10 @@ def test_lora_file_has_diffusers_keys_and_restores_alpha_over_rank(tmp_path):
     with safe_open(str(tmp_path / "ours" / LORA_FILE), "pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
     assert (meta["transformer.r"], meta["transformer.lora_alpha"]) == (4, 8.0)
+
+
+def test_shipped_lora_config_is_the_published_recipe():
+    cfg = load_config(str(REPO / "configs" / "cogvideox-5b-i2v-lora.yaml"))
+    lora = cfg.model.lora
+    assert (lora.rank, lora.alpha, lora.target_modules) == (128, 64.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    assert (cfg.train.lr, cfg.deepspeed.zero_stage, cfg.deepspeed.precision, cfg.model.dtype) == (1e-4, 2, "bf16", "bf16")

@@ -36,8 +36,8 @@ STEPS = {"A": 8, "B": 6, "C": 3}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, lora_run):
-    """{name: run dir} of runs A (the session's), B and C (trained here side by side)."""
+def runs(tmp_path_factory, request):
+    """{name: run dir} of runs A (the session's), B and C, all three trained side by side."""
     root = tmp_path_factory.mktemp("lora_ema")
     shards = root / "latents"
     make_latent_shards(shards, shards=2, per_shard=8)
@@ -52,7 +52,7 @@ def runs(tmp_path_factory, lora_run):
                f"data.latent_shards={shards}", *over]
         procs[name] = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True)
-    out = {"A": lora_run["run"]}
+    out = {"A": request.getfixturevalue("lora_run")["run"]}  # trained (if not yet) while B and C run
     for name, p in procs.items():
         log, _ = p.communicate(timeout=600)
         assert p.returncode == 0, log[-3000:]
