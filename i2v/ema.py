@@ -233,10 +233,6 @@ class EMAFiles:
         return out
 
 
-def has_ema(checkpoint_dir: str) -> bool:
-    return bool(glob.glob(os.path.join(checkpoint_dir, EMA_DIR, "rank-*.safetensors")))
-
-
 def stitch(checkpoint_dir: str) -> dict[str, torch.Tensor] | None:
     """The full fp32 EMA of a checkpoint, from its per-rank shards, on one process (None: it has none)."""
     store = EMAFiles.open(checkpoint_dir)

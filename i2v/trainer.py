@@ -83,6 +83,8 @@ class Trainer:
         self.log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | "
                  f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | {env.world_size} rank(s) on "
                  f"{env.device.type} | attention: {self.attention} | noise: {self.noise_backend}")
+        if self.ema is not None:
+            self.log(f"EMA of the trainable weights: {self.ema.local_bytes / 2**20:.2f} MiB fp32 on this rank")
         self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env,
                                          trainable_only=lora_enabled(cfg.model))
         if cfg.checkpoint.resume:

@@ -352,7 +352,7 @@ def test_bf16_lora_keeps_a_bf16_base_fp32_masters_and_a_communication_free_ema(t
     script = tmp_path / "contract.py"
     script.write_text(CONTRACT)
     args = [sys.executable, str(script), f"run.output_dir={tmp_path / 'run'}", f"data.latent_shards={shards}", *LORA,
-            "deepspeed.precision=bf16", "model.dtype=bf16", "train.ema.decay=0.9", "train.max_steps=2",
+            "deepspeed.precision=bf16", "model.dtype=bf16", "train.ema.decay=0.9", "train.max_steps=1",
             "checkpoint.every_steps=0", "checkpoint.resume=false"]
     procs = spawn_ranks(args, env=ENV)
     results = [p.communicate(timeout=300) for p in procs]
