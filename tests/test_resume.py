@@ -114,15 +114,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def spawn_ranks(args, world=2, env=None, cwds=None):
-    """`world` processes of `args` with the rendezvous variables set; `cwds[r]` is rank r's directory."""
+def spawn_ranks(args, world=2, env=None, cwds=None, logs=None):
+    """`world` processes of `args` with the rendezvous variables set; `cwds[r]` is rank r's directory.
+
+    `logs[r]`: a file for rank r's stdout and stderr, for chatty runs (two ranks writing to pipes that
+    are drained one after the other can fill one and block it)."""
     port = str(_free_port())
     procs = []
     for rank in range(world):
         e = {**(env or ENV), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         cwd = cwds[rank] if cwds else REPO
-        procs.append(subprocess.Popen(args, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        out = open(logs[rank], "w") if logs else subprocess.PIPE
+        procs.append(subprocess.Popen(args, cwd=cwd, env=e, stdout=out, stderr=subprocess.STDOUT if logs else out,
+                                      text=True))
     return procs
 
 
