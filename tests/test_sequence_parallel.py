@@ -34,13 +34,13 @@ STEPS = 10
 # 5e8-element buckets then cost ~2 s per ZeRO-1/2 step on a CPU.
 COMMON = (f"train.max_steps={STEPS}", "train.micro_batch_size=2", "train.log_every=1", "checkpoint.every_steps=4",
           "checkpoint.keep_last=5", "run.deterministic=true", "kernels.attention=sdpa", "model.arch={}",
+          "train.grad_clip=0.1",  # below the gradient norms, so every step is clipped: the norm must be right too
           "deepspeed.extra={zero_optimization: {reduce_bucket_size: 1000000, allgather_bucket_size: 1000000}}")
 
 RUNS_SCRIPT = textwrap.dedent("""
     # Trains each run of the spec in turn with the real Trainer; the first micro-batch's full
     # gradients are read just before DeepSpeed's first optimizer step.
-    import gc, json, os, sys, time
-    t0 = time.perf_counter()
+    import gc, json, os, sys
     from deepspeed.utils import safe_get_full_grad
     from safetensors.torch import save_file
     from i2v.config import load_config
@@ -49,9 +49,7 @@ RUNS_SCRIPT = textwrap.dedent("""
 
     spec = json.loads(sys.argv[1])
     env = init_distributed()
-    print("START", env.rank, round(time.perf_counter() - t0, 1), flush=True)
     for run in spec["runs"]:
-        t1 = time.perf_counter()
         out = os.path.join(spec["root"], run["name"])
         cfg = load_config("configs/tiny.yaml", spec["common"] + run["overrides"] + [f"run.output_dir={out}"])
         tr = Trainer(cfg, env)
@@ -68,7 +66,6 @@ RUNS_SCRIPT = textwrap.dedent("""
         tr.train()
         del tr, engine, step, first_step
         gc.collect()
-        print("RUN", run["name"], env.rank, round(time.perf_counter() - t1, 1), flush=True)
     print("RUNS-OK", env.rank, flush=True)
     shutdown()
 """)
@@ -127,11 +124,14 @@ def four_ranks(setup):
                              for z in (1, 2, 3)])
 
 
-def assert_same_training(run, ref, steps=STEPS):
-    got, want = losses(run)[0], losses(ref)[0][:steps]
+def assert_same_training(run, ref, steps=STEPS, grad_norm=True):
+    (got, records), (want, ref_records) = losses(run), losses(ref)
     assert len(got) == steps
     for step, (a, b) in enumerate(zip(got, want), 1):
         assert abs(a - b) <= 1e-5 * abs(b), f"{run.name} step {step}: loss {a!r} vs {b!r}"
+        if grad_norm:  # DeepSpeed reports none at ZeRO-0
+            a, b = records[step]["grad_norm"], ref_records[step]["grad_norm"]
+            assert abs(a - b) <= 1e-5 * b, f"{run.name} step {step}: gradient norm {a!r} vs {b!r}"
     grads, ref_grads = load_file(run / "grads.safetensors"), load_file(ref / "grads.safetensors")
     assert grads.keys() == ref_grads.keys()
     for name, g in ref_grads.items():
@@ -142,7 +142,7 @@ def assert_same_training(run, ref, steps=STEPS):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_sp2_on_two_ranks_trains_like_one_rank(one_rank, two_ranks, stage):
-    assert_same_training(two_ranks[f"sp2-zero{stage}"], one_rank["ref"])
+    assert_same_training(two_ranks[f"sp2-zero{stage}"], one_rank["ref"], grad_norm=stage > 0)
 
 
 def test_sp2_with_the_triton_kernel_trains_like_one_rank(one_rank, two_ranks):
