@@ -18,7 +18,6 @@ import os
 import signal
 import time
 
-import deepspeed
 import torch
 
 from i2v import diffusion
@@ -28,12 +27,11 @@ from i2v.data.latent_order import resolve_order
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards
 from i2v.distributed import DistEnv, all_max, all_ranks_agree
-from i2v.ds_config import build_deepspeed_config, optimizer_in_config
 from i2v.errors import I2VError
 from i2v.faults import is_armed, maybe_fault
 from i2v.model import build_transformer, set_attention
 from i2v.objective import resolve_noise_backend, training_loss
-from i2v.optim import build_optimizer, build_scheduler
+from i2v.optim import build_engine
 from i2v.telemetry import StepLogger
 from i2v.validation import load_pairs
 
@@ -62,7 +60,7 @@ class Trainer:
         model = build_transformer(cfg.model, seed=cfg.run.seed)
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
         self.noise_backend = resolve_noise_backend(cfg.kernels.noise, env.device)
-        self.engine = self._build_engine(model)
+        self.engine = build_engine(cfg, model, env.world_size)
         self.abar = diffusion.alphas_cumprod(cfg.diffusion)
         self.rotary: dict = {}
 
@@ -99,16 +97,6 @@ class Trainer:
             from i2v.validation import Validator
 
             self.validator = Validator(cfg, env, pairs)
-
-    def _build_engine(self, model):
-        cfg = self.cfg
-        ds = build_deepspeed_config(cfg, self.env.world_size)
-        # Under optimizer offload DeepSpeed builds its own CPU Adam from the config.
-        optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, model.parameters())
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg),
-                                               model_parameters=model.parameters() if optimizer is None else None,
-                                               config=ds)
-        return engine
 
     # -- resume -------------------------------------------------------------------
 
