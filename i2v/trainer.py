@@ -18,7 +18,6 @@ import os
 import signal
 import time
 
-import deepspeed
 import torch
 
 from i2v import diffusion
@@ -27,15 +26,15 @@ from i2v.config import Config, dump_yaml, to_dict
 from i2v.data.latent_order import resolve_order
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards
-from i2v.distributed import DistEnv, all_max
-from i2v.ds_config import build_deepspeed_config, optimizer_in_config
+from i2v.distributed import DistEnv, all_max, all_ranks_agree
 from i2v.errors import I2VError
 from i2v.faults import is_armed, maybe_fault
 from i2v.model import build_transformer, set_attention
 from i2v.objective import resolve_noise_backend, training_loss
-from i2v.optim import build_optimizer, build_scheduler
+from i2v.optim import build_engine
 from i2v.parallel import build_layout
 from i2v.telemetry import StepLogger
+from i2v.validation import load_pairs
 
 PREEMPTED_EXIT = 143
 
@@ -48,8 +47,11 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg.validate(env.world_size), env
         self.out = cfg.run.output_dir
-        # A missing or empty shard path fails here, before minutes of model and engine setup.
-        self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe)
+        # Inputs every rank must see fail here, before minutes of model and engine setup, and on all
+        # ranks together: a rank stopping alone would leave the others waiting in a collective.
+        with all_ranks_agree(env, "input checks"):
+            self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe)
+            pairs = load_pairs(cfg) if cfg.validation.every_steps > 0 else None
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
         if env.is_main:
@@ -60,7 +62,7 @@ class Trainer:
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
         self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
         self.noise_backend = resolve_noise_backend(cfg.kernels.noise, env.device)
-        self.engine = self._build_engine(model)
+        self.engine = build_engine(cfg, model, self.layout.dp_size, self.layout.mpu)
         self.abar = diffusion.alphas_cumprod(cfg.diffusion)
         self.rotary: dict = {}
 
@@ -95,20 +97,10 @@ class Trainer:
         self.writer = self.telemetry.writer  # rank 0 only; None elsewhere
         self._preempt = False
         self.validator = None
-        if cfg.validation.every_steps > 0:
+        if pairs is not None:
             from i2v.validation import Validator
 
-            self.validator = Validator(cfg, env)
-
-    def _build_engine(self, model):
-        cfg = self.cfg
-        ds = build_deepspeed_config(cfg, self.layout.dp_size)
-        # Under optimizer offload DeepSpeed builds its own CPU Adam from the config.
-        optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, model.parameters())
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg),
-                                               model_parameters=model.parameters() if optimizer is None else None,
-                                               config=ds, mpu=self.layout.mpu)
-        return engine
+            self.validator = Validator(cfg, env, pairs)
 
     # -- resume -------------------------------------------------------------------
 
