@@ -421,3 +421,28 @@ def sharded_loss(model, inputs: dict, ofs, rotary, layout: Layout) -> torch.Tens
     if layout.zero_stage == 3:  # ZeRO-3's reduce-scatter averages over SP as well as DP
         local = _ScaleGrad.apply(local, float(layout.sp_size))
     return local
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def all_to_all_bytes(config, frames: int, height: int, width: int, micro_batch: int, dtype_bytes: int, sp: int,
+                     text_tokens: int | None = None, gradient_checkpointing: bool = False) -> int:
+    """Bytes one rank sends per transformer layer and training step (forward + backward) at SP `sp`.
+
+    Per layer the forward moves Q, K and V of the local tokens (3 vectors of width d = heads x
+    head_dim per token, padding included), the attention output back (1), and the text's head
+    gather (the text's d-wide vectors, once); each all-to-all keeps 1/sp of its input at home. The
+    backward moves the same amounts the other way; gradient checkpointing repeats the forward's.
+    Latents are [frames, height, width]; `text_tokens` defaults to the model's max_text_seq_length.
+    """
+    if sp == 1:
+        return 0
+    c = dict(config)
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    p, pt = c["patch_size"], c.get("patch_size_t") or 1
+    text = c["max_text_seq_length"] if text_tokens is None else text_tokens
+    video = -(-frames // pt) * (height // p) * (width // p)
+    per_rank = -(-video // sp)
+    one_pass = micro_batch * d * (4 * per_rank + text) * (sp - 1) // sp
+    return (3 if gradient_checkpointing else 2) * one_pass * dtype_bytes
