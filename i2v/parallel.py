@@ -88,33 +88,32 @@ class DeepSpeedGroups:
     and then partitions and reduces over `get_sequence_data_parallel_group()`. Model parallelism is
     reported as the SP group, as DeepSpeed's own SP module does: ZeRO-0's gradient clipping counts a
     replicated parameter on model-parallel rank 0 only, and under SP every rank of a group holds the
-    same gradient there. Tensor parallelism is reported as 1 (no weight is split), so checkpoints
-    say what they are: pure data parallelism over all ranks.
+    same gradient there. Tensor parallelism is reported as 1 (no weight is split): checkpoints record
+    tensor-parallel degree 1 and have the files of a plain run at the same world size.
     """
 
     initialize_sequence_parallel = None  # the marker DeepSpeed tests with hasattr
 
-    def __init__(self, sp_group, sp_size: int, sp_rank: int, all_ranks_group, world_size: int, rank: int):
-        self._sp = (sp_group, sp_size, sp_rank)
-        self._all = (all_ranks_group, world_size, rank)
+    def __init__(self, layout: Layout, all_ranks):
+        self.layout, self.all_ranks = layout, all_ranks
 
     def get_sequence_parallel_group(self):
-        return self._sp[0]
+        return self.layout.group
 
     def get_sequence_parallel_world_size(self) -> int:
-        return self._sp[1]
+        return self.layout.sp_size
 
     def get_sequence_parallel_rank(self) -> int:
-        return self._sp[2]
+        return self.layout.sp_rank
 
     def get_sequence_data_parallel_group(self):
-        return self._all[0]
+        return self.all_ranks
 
     def get_sequence_data_parallel_world_size(self) -> int:
-        return self._all[1]
+        return self.layout.world_size
 
     def get_sequence_data_parallel_rank(self) -> int:
-        return self._all[2]
+        return self.layout.rank
 
     get_model_parallel_group = get_sequence_parallel_group
     get_model_parallel_world_size = get_sequence_parallel_world_size
@@ -151,8 +150,7 @@ def build_layout(env, cfg, model) -> Layout:
         group = dist.new_group(list(range(first, first + sp)))
         if first <= env.rank < first + sp:
             layout.group = group
-    everyone = dist.new_group(list(range(env.world_size)))
-    layout.mpu = DeepSpeedGroups(layout.group, sp, layout.sp_rank, everyone, env.world_size, env.rank)
+    layout.mpu = DeepSpeedGroups(layout, dist.new_group(list(range(env.world_size))))
     enable_sharded_forward(model)
     return layout
 

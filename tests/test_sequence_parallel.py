@@ -154,7 +154,7 @@ def test_dp2_sp2_on_four_ranks_trains_like_dp2(two_ranks, four_ranks, stage):
     assert_same_training(four_ranks[f"dp2sp2-zero{stage}"], two_ranks["dp2"])
 
 
-def test_data_position_and_samples_count_each_micro_batch_once(two_ranks, four_ranks):
+def test_data_position_counts_each_micro_batch_once_and_checkpoints_are_plain(two_ranks, four_ranks):
     # SP 2 on 2 ranks is one data-parallel replica: one global micro-batch per step.
     records = losses(two_ranks["sp2-zero2"])[1]
     assert [records[s]["position"] for s in range(1, STEPS + 1)] == list(range(1, STEPS + 1))
@@ -162,6 +162,8 @@ def test_data_position_and_samples_count_each_micro_batch_once(two_ranks, four_r
     client = torch.load(two_ranks["sp2-zero2"] / "checkpoints" / "step-00000004" / "mp_rank_00_model_states.pt",
                         map_location="cpu", weights_only=True)
     assert client["position"] == 4 and client["samples_seen"] == 8
+    # ZeRO partitions over both ranks, and no weight is split: the layout of a plain 2-rank checkpoint.
+    assert client["dp_world_size"] == 2 and client["checkpoint_parallel_dimensions"] == {"pp_degree": 1, "tp_degree": 1}
 
 
 def test_sigkill_and_relaunch_at_the_same_layout_is_bit_exact_and_validation_samples(setup, two_ranks, tmp_path):
