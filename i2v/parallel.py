@@ -194,37 +194,29 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
 def _seq_to_heads(x: torch.Tensor, group, sp: int) -> torch.Tensor:
     """[P, n, H, d] (local tokens, all heads) -> [P, sp * n, H / sp, d] (all tokens, local heads)."""
     p, n, heads, d = x.shape
-    y = _all_to_all(x.view(p, n, sp, heads // sp, d).permute(2, 0, 1, 3, 4), group)
+    y = _all_to_all(x.reshape(p, n, sp, heads // sp, d).permute(2, 0, 1, 3, 4), group)
     return y.permute(1, 0, 2, 3, 4).reshape(p, sp * n, heads // sp, d)
 
 
 def _heads_to_seq(y: torch.Tensor, group, sp: int) -> torch.Tensor:
     """The inverse of `_seq_to_heads`: [P, sp * n, h, d] -> [P, n, sp * h, d]."""
     p, s, h, d = y.shape
-    x = _all_to_all(y.view(p, sp, s // sp, h, d).permute(1, 0, 2, 3, 4), group)
+    x = _all_to_all(y.reshape(p, sp, s // sp, h, d).permute(1, 0, 2, 3, 4), group)
     return x.permute(1, 2, 0, 3, 4).reshape(p, s // sp, sp * h, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """`_seq_to_heads` (to_heads) or `_heads_to_seq`; each one's backward is the other."""
+
     @staticmethod
-    def forward(ctx, x, group, sp):
-        ctx.group, ctx.sp = group, sp
-        return _seq_to_heads(x, group, sp)
+    def forward(ctx, x, group, sp, to_heads):
+        ctx.args = group, sp, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, sp)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group, ctx.sp), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, group, sp):
-        ctx.group, ctx.sp = group, sp
-        return _heads_to_seq(y, group, sp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group, ctx.sp), None, None
+        group, sp, to_heads = ctx.args
+        return (_heads_to_seq if to_heads else _seq_to_heads)(grad, group, sp), None, None, None
 
 
 class _GatherHeads(torch.autograd.Function):
@@ -245,7 +237,7 @@ class _GatherHeads(torch.autograd.Function):
     def backward(ctx, grad):
         p, length, heads, d = grad.shape
         sp = ctx.sp
-        parts = _all_to_all(grad.view(p, length, sp, heads // sp, d).permute(2, 0, 1, 3, 4), ctx.group)
+        parts = _all_to_all(grad.reshape(p, length, sp, heads // sp, d).permute(2, 0, 1, 3, 4), ctx.group)
         return parts.sum(0), None, None
 
 
@@ -288,10 +280,7 @@ class VideoShard:
 
     def pad(self, local: torch.Tensor) -> torch.Tensor:
         """[B, stop - start, ...] -> [B, per_rank, ...] with zero rows after the real tokens."""
-        missing = self.per_rank - local.shape[1]
-        if missing == 0:
-            return local
-        return torch.cat([local, local.new_zeros(local.shape[0], missing, *local.shape[2:])], dim=1)
+        return F.pad(local, (0, 0) * (local.dim() - 2) + (0, self.per_rank - local.shape[1]))
 
     def to_heads(self, query, key, value, text_len: int):
         """[B, text + per_rank, H, d] each -> [B, text + tokens, H / size, d]: the whole sequence, local heads."""
@@ -301,7 +290,7 @@ class VideoShard:
         h = heads // self.size
         qkv = torch.stack([query, key, value]).flatten(0, 1)  # one all-to-all for all three
         text = qkv[:, :text_len, self.rank * h : (self.rank + 1) * h]
-        video = _SeqToHeads.apply(qkv[:, text_len:], self.group, self.size)[:, : self.tokens]
+        video = _AllToAll.apply(qkv[:, text_len:], self.group, self.size, True)[:, : self.tokens]
         return torch.cat([text, video], dim=1).unflatten(0, (3, batch)).unbind(0)
 
     def to_tokens(self, out, text_len: int):
@@ -311,7 +300,7 @@ class VideoShard:
         text = _GatherHeads.apply(out[:, :text_len].contiguous(), self.group, self.size)
         video = out[:, text_len:]
         video = F.pad(video, (0, 0, 0, 0, 0, self.size * self.per_rank - self.tokens))
-        return torch.cat([text, _HeadsToSeq.apply(video, self.group, self.size)], dim=1)
+        return torch.cat([text, _AllToAll.apply(video, self.group, self.size, False)], dim=1)
 
 
 # --------------------------------------------------------------------------- the SP forward
@@ -367,10 +356,10 @@ def sharded_forward(model, shard: VideoShard, hidden_states, encoder_hidden_stat
                     ofs=None, image_rotary_emb=None, attention_kwargs=None, return_dict=False):
     """diffusers' CogVideoXTransformer3DModel.forward on this rank's video tokens.
 
-    Returns (as diffusers does with return_dict=False) a 1-tuple: the local per-token output of
-    `proj_out`, [B, shard.per_rank, C * pt * p * p] (rows past
-    `stop - start` are padding); `patchify(target)` has the same layout. At SP 1 it equals diffusers'
-    output patchified (tested).
+    Returns a 1-tuple, as diffusers does with return_dict=False (the argument is accepted for its
+    signature): the local per-token output of `proj_out`, [B, shard.per_rank, C * pt * p * p], rows
+    past `stop - start` being padding; `patchify(target)` has the same layout. At SP 1 it equals
+    diffusers' output, patchified (tested).
     """
     from i2v.attention import CogVideoXFlashAttnProcessor
 

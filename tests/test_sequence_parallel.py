@@ -2,7 +2,8 @@
 
 One process launch builds several trainers in turn (start-up dominates on a CPU), and one
 reference run serves several comparisons:
-- 1 rank (ZeRO-2) is the reference of SP 2 on 2 ranks at ZeRO 0, 1, 2 and 3, and of the Triton kernel;
+- 1 rank (ZeRO-2) is the reference of SP 2 on 2 ranks at ZeRO 0, 1, 2 and 3, with gradient
+  checkpointing, and with the Triton kernel;
 - DP 2 on 2 ranks (ZeRO-2) is the reference of DP 2 x SP 2 on 4 ranks at ZeRO 1, 2 and 3.
 Compared: every logged step's loss over 10 steps and every parameter's gradient after the first
 micro-batch (relative 1e-5). The model starts from a checkpoint whose output layer is not zero
@@ -115,7 +116,9 @@ def two_ranks(setup):
     sp2 = [(f"sp2-zero{z}", [f"deepspeed.zero_stage={z}", "parallel.sequence_parallel_size=2"]) for z in (0, 1, 2, 3)]
     triton = ("sp2-triton", ["deepspeed.zero_stage=2", "parallel.sequence_parallel_size=2", "kernels.attention=triton",
                              "train.max_steps=3"])
-    return launch(setup, 2, [("dp2", ["deepspeed.zero_stage=2"]), *sp2, triton])
+    checkpointed = ("sp2-checkpointed", ["deepspeed.zero_stage=2", "parallel.sequence_parallel_size=2",
+                                         "model.gradient_checkpointing=true", "train.max_steps=3"])
+    return launch(setup, 2, [("dp2", ["deepspeed.zero_stage=2"]), *sp2, triton, checkpointed])
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +150,11 @@ def test_sp2_on_two_ranks_trains_like_one_rank(one_rank, two_ranks, stage):
 
 def test_sp2_with_the_triton_kernel_trains_like_one_rank(one_rank, two_ranks):
     assert_same_training(two_ranks["sp2-triton"], one_rank["ref-triton"], steps=3)
+
+
+def test_sp2_with_gradient_checkpointing_trains_like_one_rank(one_rank, two_ranks):
+    # Backward recomputes each block's forward, its all-to-alls included.
+    assert_same_training(two_ranks["sp2-checkpointed"], one_rank["ref"], steps=3)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
