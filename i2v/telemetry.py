@@ -1,8 +1,9 @@
 """What a run reports every `train.log_every` steps: the console line, metrics.jsonl and TensorBoard.
 
 `StepLogger.record_step` accumulates step and data-wait times over the logging window;
-`StepLogger.log` (called on every rank: the loss is averaged over ranks; an SP group's ranks hold the same micro-batch loss) writes one record on
-rank 0 and starts a new window.
+`StepLogger.log` (called on every rank: the loss is averaged over ranks, and the ranks of a
+sequence-parallel group hold the same micro-batch loss) writes one record on rank 0 and starts a
+new window.
 """
 
 from __future__ import annotations
