@@ -145,6 +145,15 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    sequence_parallel_size: int = doc(
+        1,
+        "Ranks that split one clip's video tokens (Ulysses all-to-all); consecutive ranks form a group that "
+        "trains one micro-batch. Must divide the world size and the number of attention heads.",
+    )
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = doc(0, "Save a checkpoint every this many steps; 0 saves only at the end.")
     keep_last: int = doc(3, "Keep this many newest committed checkpoints (the newest is never deleted).")
@@ -206,6 +215,7 @@ class Config:
     data: DataConfig = doc(help="Shards and loaders.", default_factory=DataConfig)
     train: TrainConfig = doc(help="Optimisation.", default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = doc(help="DeepSpeed engine.", default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = doc(help="Sequence parallelism (the DP x SP layout).", default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = doc(help="Checkpoints and resume.", default_factory=CheckpointConfig)
     kernels: KernelsConfig = doc(help="Fused kernels.", default_factory=KernelsConfig)
     precompute: PrecomputeConfig = doc(help="Offline latent precomputation.", default_factory=PrecomputeConfig)
@@ -214,14 +224,19 @@ class Config:
     def validate(self, world_size: int | None = None) -> "Config":
         """Cross-field checks. `world_size` enables the global-batch check."""
         _check_ranges(self)
-        t = self.train
+        t, sp = self.train, self.parallel.sequence_parallel_size
+        if world_size is not None:
+            from i2v.parallel import check_sequence_parallel
+
+            check_sequence_parallel(sp, world_size)
         if world_size is not None and t.global_batch_size is not None:
-            got = t.micro_batch_size * t.grad_accum_steps * world_size
+            got = t.micro_batch_size * t.grad_accum_steps * (world_size // sp)
             if got != t.global_batch_size:
+                what = f"data-parallel size (world {world_size} / sequence parallel {sp})" if sp > 1 else "world size"
                 raise ConfigError(
                     f"train.global_batch_size: is {t.global_batch_size}, but train.micro_batch_size "
-                    f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x world size "
-                    f"({world_size}) = {got}; make them agree or drop train.global_batch_size"
+                    f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x {what} "
+                    f"({world_size // sp}) = {got}; make them agree or drop train.global_batch_size"
                 )
         if not self.model.pretrained and not self.model.arch:
             raise ConfigError("model: set model.pretrained (a diffusers transformer directory) or model.arch (inline)")
@@ -234,6 +249,11 @@ class Config:
             )
         if self.diffusion.t_min > self.diffusion.t_max:
             raise ConfigError(f"diffusion.t_min: is {self.diffusion.t_min}, expected <= diffusion.t_max ({self.diffusion.t_max})")
+        zero = self.deepspeed.extra.get("zero_optimization", {})
+        if sp > 1 and self.deepspeed.zero_stage == 3 and zero.get("reduce_scatter", True) is not True:
+            # The ZeRO-3 gradient scale of i2v.parallel assumes the reduce-scatter path (it averages over SP too).
+            raise ConfigError("deepspeed.extra.zero_optimization.reduce_scatter: must stay true with "
+                              f"parallel.sequence_parallel_size {sp} at ZeRO-3")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage 1, 2 or 3 (it is 0)")
         return self
@@ -251,6 +271,7 @@ _RANGES = {
     "train.max_consecutive_skips": (1, None),
     "train.min_lr_ratio": (0.0, 1.0),
     "deepspeed.zero_stage": (0, 3),
+    "parallel.sequence_parallel_size": (1, None),
     "diffusion.num_train_timesteps": (2, None),
     "diffusion.t_min": (0, None),
     "diffusion.snr_shift_scale": (1e-6, None),

@@ -139,8 +139,8 @@ def _resize_crop_region(src: tuple[int, int], tgt_w: int, tgt_h: int) -> tuple:
     return (top, left), (top + new_h, left + new_w)
 
 
-def predict(model, model_input, prompt_embeds, timesteps, ofs=None, rotary=None):
-    """One transformer forward: [B, F, 2C, h, w] -> [B, F, C, h, w]."""
+def predict(model, model_input, prompt_embeds, timesteps, ofs=None, rotary=None, **forward_kwargs):
+    """One transformer forward: [B, F, 2C, h, w] -> [B, F, C, h, w] (`forward_kwargs`: e.g. a sequence-parallel shard)."""
     dtype = next(model.parameters()).dtype
     ofs_t = None
     if ofs is not None and getattr(model.config, "ofs_embed_dim", None) is not None:
@@ -152,5 +152,6 @@ def predict(model, model_input, prompt_embeds, timesteps, ofs=None, rotary=None)
         ofs=ofs_t,
         image_rotary_emb=rotary,
         return_dict=False,
+        **forward_kwargs,
     )[0]
     return out

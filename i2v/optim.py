@@ -34,9 +34,10 @@ def build_scheduler(cfg: Config):
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None):
     """The DeepSpeed engine of a run: its generated config, our AdamW (DeepSpeed's own CPU Adam under
-    optimizer offload) and the LR schedule."""
+    optimizer offload) and the LR schedule. Under sequence parallelism `world_size` is the data-parallel
+    size and `mpu` the groups of `i2v.parallel`."""
     import deepspeed
 
     from i2v.ds_config import build_deepspeed_config, optimizer_in_config
@@ -44,5 +45,5 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int):
     optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg),
                                            model_parameters=model.parameters() if optimizer is None else None,
-                                           config=build_deepspeed_config(cfg, world_size))
+                                           config=build_deepspeed_config(cfg, world_size), mpu=mpu)
     return engine

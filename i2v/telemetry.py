@@ -1,8 +1,9 @@
 """What a run reports every `train.log_every` steps: the console line, metrics.jsonl and TensorBoard.
 
 `StepLogger.record_step` accumulates step and data-wait times over the logging window;
-`StepLogger.log` (called on every rank: the loss is averaged over ranks) writes one record on
-rank 0 and starts a new window.
+`StepLogger.log` (called on every rank: the loss is averaged over ranks, and the ranks of a
+sequence-parallel group hold the same micro-batch loss) writes one record on rank 0 and starts a
+new window.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class StepLogger:
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         step_time = window["time"] / max(1, window["steps"])
-        samples = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
+        dp_size = env.world_size // cfg.parallel.sequence_parallel_size  # an SP group trains one micro-batch
+        samples = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp_size
         samples_per_s = samples / step_time if step_time > 0 else float("nan")
         wait_frac = window["wait"] / window["time"] if window["time"] > 0 else 0.0
         if not env.is_main:

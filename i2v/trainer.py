@@ -8,7 +8,7 @@ One optimizer step:
   3. rank 0 logs; a checkpoint is committed every `checkpoint.every_steps`; a preemption signal
      saves and exits with 143 at the step boundary.
 
-All training randomness (timesteps, dropout, noise) is a function of (seed, batch counter, rank),
+All training randomness (timesteps, dropout, noise) is a function of (seed, batch counter, DP rank),
 not of global RNG state, so a resumed run reproduces an uninterrupted one step for step.
 """
 
@@ -32,6 +32,7 @@ from i2v.faults import is_armed, maybe_fault
 from i2v.model import build_transformer, set_attention
 from i2v.objective import resolve_noise_backend, training_loss
 from i2v.optim import build_engine
+from i2v.parallel import build_layout
 from i2v.telemetry import StepLogger
 from i2v.validation import load_pairs
 
@@ -59,20 +60,22 @@ class Trainer:
 
         model = build_transformer(cfg.model, seed=cfg.run.seed)
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
+        self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
         self.noise_backend = resolve_noise_backend(cfg.kernels.noise, env.device)
-        self.engine = build_engine(cfg, model, env.world_size)
+        self.engine = build_engine(cfg, model, self.layout.dp_size, self.layout.mpu)
         self.abar = diffusion.alphas_cumprod(cfg.diffusion)
         self.rotary: dict = {}
 
         # Counters that a checkpoint carries.
         self.step = 0  # optimizer steps taken
-        self.position = 0  # global micro-batches drawn by all ranks together (world_size per round)
+        self.position = 0  # global micro-batches drawn by all ranks together (one per DP rank per round)
         self.skipped = 0  # micro-batches dropped for a non-finite loss
         self.bad_by_worker: dict = {}
 
         n_params = sum(p.numel() for p in model.parameters())
         self.log(f"{n_params / 1e6:.2f}M parameters | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
-                 f"{env.world_size} rank(s) on {env.device.type} | attention: {self.attention} | "
+                 f"{env.world_size} rank(s) ({self.layout.describe()}) on {env.device.type} | "
+                 f"attention: {self.attention} | "
                  f"noise: {self.noise_backend}")
         self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env)
         if cfg.checkpoint.resume:
@@ -81,10 +84,11 @@ class Trainer:
         c = model.config
         expect = {"channels": c.out_channels, "text_dim": c.text_embed_dim, "text_len": c.max_text_seq_length}
         self.dataset = LatentDataset(
-            cfg.data.latent_shards, rank=env.rank, world_size=env.world_size, batch_size=cfg.train.micro_batch_size,
+            cfg.data.latent_shards, rank=self.layout.dp_rank, world_size=self.layout.dp_size,
+            batch_size=cfg.train.micro_batch_size,
             seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
             max_bad_fraction=cfg.data.max_bad_fraction, min_samples_for_bad_check=cfg.data.min_samples_for_bad_check,
-            expect=expect, start_batch=self.position // env.world_size, start_global=self.position,
+            expect=expect, start_batch=self.position // self.layout.dp_size, start_global=self.position,
             num_workers=cfg.data.num_workers, allow_pipe=cfg.data.allow_pipe, order=cfg.data.order,
         )
         empty = load_empty_prompt(cfg.data.latent_shards)
@@ -172,13 +176,13 @@ class Trainer:
                 wait += time.perf_counter() - tw
                 self.bad_by_worker[batch["bad"]["worker"]] = batch["bad"]
                 # This micro-batch's global position keys its noise, timesteps and dropout.
-                offset = self.position + env.rank
-                self.position += env.world_size
+                offset = self.position + self.layout.dp_rank
+                self.position += self.layout.dp_size
                 if batch.get("empty"):  # every sample of it was bad (counted by the reader)
                     loss = torch.tensor(float("nan"))
                 else:
                     loss = training_loss(self.engine, batch, self.abar, cfg, cfg.run.seed, offset,
-                                         self.empty_prompt, env.device, self.noise_backend, self.rotary)
+                                         self.empty_prompt, env.device, self.noise_backend, self.rotary, self.layout)
                 if attempts == 0 and is_armed("nan_loss", env.rank, self.step):
                     loss = loss * float("nan")
                 attempts += 1
@@ -191,7 +195,7 @@ class Trainer:
                 consecutive_skips = 0
                 self.engine.backward(loss)
                 maybe_fault("after_backward", env.rank, self.step)
-                losses.append(loss.detach())
+                losses.append(self.layout.micro_batch_loss(loss))
                 if len(losses) < cfg.train.grad_accum_steps:
                     self.engine.step()  # a no-op for the optimizer until the accumulation boundary
             maybe_fault("before_step", env.rank, self.step)
