@@ -131,6 +131,10 @@ class TrainConfig:
     eps: float = doc(1e-8, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
     log_every: int = doc(10, "Console, metrics.jsonl and TensorBoard scalars every this many steps.")
+    peak_tflops: Optional[float] = doc(
+        None, "Peak dense TFLOP/s of one accelerator, the denominator of MFU. Default: from the device name "
+        "(H100/H200 SXM 989, A100 312, bf16); on the CPU or an unknown GPU MFU is not reported."
+    )
     max_consecutive_skips: int = doc(5, "Abort after this many consecutive steps skipped for a non-finite loss/grad.")
 
 
@@ -250,6 +254,7 @@ _RANGES = {
     "train.grad_clip": (0.0, None),
     "train.max_consecutive_skips": (1, None),
     "train.min_lr_ratio": (0.0, 1.0),
+    "train.peak_tflops": (1e-6, None),
     "deepspeed.zero_stage": (0, 3),
     "diffusion.num_train_timesteps": (2, None),
     "diffusion.t_min": (0, None),
@@ -279,6 +284,8 @@ _RANGES = {
 def _check_ranges(cfg: Config) -> None:
     for key, (low, high) in _RANGES.items():
         value = get_dotted(cfg, key)
+        if value is None:  # an optional field left unset
+            continue
         if (low is not None and value < low) or (high is not None and value > high):
             bound = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise ConfigError(f"{key}: is {value!r}, expected a value {bound}")

@@ -85,7 +85,7 @@ class Trainer:
         )
         empty = load_empty_prompt(cfg.data.latent_shards)
         self.empty_prompt = empty.to(env.device) if empty is not None else None
-        self.telemetry = StepLogger(cfg, env)
+        self.telemetry = StepLogger(cfg, env, self.engine.module.config)
         self.writer = self.telemetry.writer  # rank 0 only; None elsewhere
         self._preempt = False
         self.validator = None
@@ -188,6 +188,7 @@ class Trainer:
                 self.engine.backward(loss)
                 maybe_fault("after_backward", env.rank, self.step)
                 losses.append(loss.detach())
+                self.telemetry.record_batch(batch)
                 if len(losses) < cfg.train.grad_accum_steps:
                     self.engine.step()  # a no-op for the optimizer until the accumulation boundary
             maybe_fault("before_step", env.rank, self.step)
