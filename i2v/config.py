@@ -57,6 +57,12 @@ class ModelConfig:
         "Inline CogVideoXTransformer3DModel constructor arguments, used when `pretrained` is unset; "
         "keys are checked against the constructor. in_channels must be 2 * out_channels.",
     )
+    arch_file: Optional[str] = doc(
+        None,
+        "A transformer config.json (diffusers format; configs/arch/ ships the public CogVideoX ones): the "
+        "architecture of a random-init model, or, beside `pretrained`, the architecture its weights must have. "
+        "The planner reads it, so planning needs no weights.",
+    )
     dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Parameter dtype when not training under DeepSpeed mixed precision.")
     gradient_checkpointing: bool = doc(False, "Recompute transformer blocks in backward to save activation memory.")
     init_std: float = doc(0.02, "Std of the explicit normal init of Linear weights for a random-init (inline) model.")
@@ -227,10 +233,12 @@ class Config:
                     f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x world size "
                     f"({world_size}) = {got}; make them agree or drop train.global_batch_size"
                 )
-        if not self.model.pretrained and not self.model.arch:
-            raise ConfigError("model: set model.pretrained (a diffusers transformer directory) or model.arch (inline)")
-        if self.model.pretrained and self.model.arch:
-            raise ConfigError("model: set only one of model.pretrained and model.arch")
+        m = self.model
+        if not (m.pretrained or m.arch or m.arch_file):
+            raise ConfigError("model: set model.pretrained (a diffusers transformer directory), model.arch (inline) "
+                              "or model.arch_file (a config.json)")
+        if m.arch and (m.pretrained or m.arch_file):
+            raise ConfigError(f"model.arch: set only one of model.arch and model.{'pretrained' if m.pretrained else 'arch_file'}")
         if self.diffusion.t_max >= self.diffusion.num_train_timesteps:
             raise ConfigError(
                 f"diffusion.t_max: is {self.diffusion.t_max}, expected < diffusion.num_train_timesteps "
