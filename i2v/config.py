@@ -157,6 +157,7 @@ class DeepSpeedConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = doc(0, "Save a checkpoint every this many steps; 0 saves only at the end.")
+    save_at_end: bool = doc(True, "Commit a checkpoint when the run reaches train.max_steps (benchmarks turn it off).")
     keep_last: int = doc(3, "Keep this many newest committed checkpoints (the newest is never deleted).")
     resume: bool = doc(True, "Resume from the newest committed checkpoint in run.output_dir/checkpoints.")
     fallback_on_corrupt: bool = doc(True, "If the newest checkpoint is corrupt, resume from the previous committed one.")
@@ -246,6 +247,8 @@ class Config:
             )
         if self.diffusion.t_min > self.diffusion.t_max:
             raise ConfigError(f"diffusion.t_min: is {self.diffusion.t_min}, expected <= diffusion.t_max ({self.diffusion.t_max})")
+        if self.checkpoint.export_on_finish and not self.checkpoint.save_at_end:
+            raise ConfigError("checkpoint.export_on_finish: exports the final checkpoint; needs checkpoint.save_at_end: true")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage 1, 2 or 3 (it is 0)")
         return self

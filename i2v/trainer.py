@@ -201,7 +201,7 @@ class Trainer:
                 self.telemetry.log(self.step, torch.stack(losses).mean().item(), self.engine,
                                    {"skipped": self.skipped, "bad_samples": bad, "position": self.position})
             every = cfg.checkpoint.every_steps
-            if (every and self.step % every == 0) or self.step == cfg.train.max_steps:
+            if (every and self.step % every == 0) or (self.step == cfg.train.max_steps and cfg.checkpoint.save_at_end):
                 self.save()
             if self.validator is not None and self.step % cfg.validation.every_steps == 0:
                 self.validator.run(self.step, self.engine, self.writer)
