@@ -26,13 +26,14 @@ from i2v.config import Config, dump_yaml, to_dict
 from i2v.data.latent_order import resolve_order
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards
-from i2v.distributed import DistEnv, all_max
+from i2v.distributed import DistEnv, all_max, all_ranks_agree
 from i2v.errors import I2VError
 from i2v.faults import is_armed, maybe_fault
 from i2v.model import build_transformer, set_attention
 from i2v.objective import resolve_noise_backend, training_loss
 from i2v.optim import build_engine
 from i2v.telemetry import StepLogger
+from i2v.validation import load_pairs
 
 PREEMPTED_EXIT = 143
 
@@ -45,8 +46,11 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg.validate(env.world_size), env
         self.out = cfg.run.output_dir
-        # A missing or empty shard path fails here, before minutes of model and engine setup.
-        self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe)
+        # Inputs every rank must see fail here, before minutes of model and engine setup, and on all
+        # ranks together: a rank stopping alone would leave the others waiting in a collective.
+        with all_ranks_agree(env, "input checks"):
+            self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe)
+            pairs = load_pairs(cfg) if cfg.validation.every_steps > 0 else None
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
         if env.is_main:
@@ -89,10 +93,10 @@ class Trainer:
         self.writer = self.telemetry.writer  # rank 0 only; None elsewhere
         self._preempt = False
         self.validator = None
-        if cfg.validation.every_steps > 0:
+        if pairs is not None:
             from i2v.validation import Validator
 
-            self.validator = Validator(cfg, env)
+            self.validator = Validator(cfg, env, pairs)
 
     # -- resume -------------------------------------------------------------------
 

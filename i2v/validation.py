@@ -82,7 +82,8 @@ def load_pairs(cfg: Config) -> list[dict]:
 
 
 class Validator:
-    def __init__(self, cfg: Config, env: DistEnv):
+    def __init__(self, cfg: Config, env: DistEnv, pairs: list[dict] | None = None):
+        """`pairs` as `load_pairs(cfg)` returns them (loaded here when not given)."""
         from diffusers.video_processor import VideoProcessor
 
         from i2v.data_prep import encoders
@@ -95,7 +96,7 @@ class Validator:
                 f"validation.num_frames: is {self.num_frames}; the CogVideoX VAE needs 4k + 1 frames (e.g. 9, 49)"
             )
         self.height, self.width = cfg.data.video.height, cfg.data.video.width
-        pairs = load_pairs(cfg)
+        pairs = load_pairs(cfg) if pairs is None else pairs
         self.num_pairs = len(pairs)
         self.prompts = [p["prompt"] for p in pairs]
         self._described = False

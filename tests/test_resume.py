@@ -84,13 +84,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def spawn_ranks(args, world=2, env=None):
+def spawn_ranks(args, world=2, env=None, cwds=None):
+    """`world` processes of `args` with the rendezvous variables set; `cwds[r]` is rank r's directory."""
     port = str(_free_port())
     procs = []
     for rank in range(world):
         e = {**(env or ENV), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen(args, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        cwd = cwds[rank] if cwds else REPO
+        procs.append(subprocess.Popen(args, cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
 
