@@ -58,7 +58,7 @@ from i2v.optim import build_optimizer
 from i2v.plan import latent_shape, make_plan
 from i2v.trainer import Trainer
 
-from _kernels import git_commit, write_result  # noqa: E402  (bench/ is the script's directory)
+from _kernels import REPO, git_commit, write_result  # noqa: E402  (bench/ is the script's directory)
 from noise import stock_chain  # noqa: E402
 
 
@@ -91,15 +91,20 @@ def bare_loop(cfg, steps: int, device) -> list[float]:
     for step in range(steps):
         t0 = time.perf_counter()
         loss = training_loss(model, next(data), abar, cfg, cfg.run.seed, step, None, device, "torch", cache)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _backward_and_step(loss, model, opt, cfg, device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _backward_and_step(loss, model, opt, cfg, device) -> None:
+    """A plain loop's backward, gradient clipping and AdamW step, finished on the device."""
+    loss.backward()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def bare_engine_loop(cfg, steps: int, device, world_size: int) -> list[float]:
@@ -123,29 +128,28 @@ def bare_engine_loop(cfg, steps: int, device, world_size: int) -> list[float]:
     return times
 
 
-ARCH_5B = "configs/arch/cogvideox-5b-i2v.json"
+ARCH_5B = REPO / "configs" / "arch" / "cogvideox-5b-i2v.json"
 
 
 def shape_config(smoke: bool, layers: int, steps: int, latents: str, out: str):
     """configs/cogvideox-5b-i2v.yaml on a random-init `layers`-block 5B, set up for timing (tiny.yaml for a smoke run)."""
-    extra = []
-    if not smoke:
-        arch = {**read_arch_file(ARCH_5B, "--shape 5b"), "num_layers": layers}
-        extra = ["model.pretrained=null", "model.arch_file=null", f"model.arch={json.dumps(arch)}"]
-    base = "configs/tiny.yaml" if smoke else "configs/cogvideox-5b-i2v.yaml"
-    return load_config(base, [
-        *extra, "model.gradient_checkpointing=true", f"data.latent_shards={latents}", f"run.output_dir={out}",
+    base = REPO / "configs" / ("tiny.yaml" if smoke else "cogvideox-5b-i2v.yaml")
+    cfg = load_config(base, [
+        "model.gradient_checkpointing=true", f"data.latent_shards={latents}", f"run.output_dir={out}",
         f"train.max_steps={steps}", "train.log_every=1", "train.warmup_steps=0", "train.micro_batch_size=1",
         "train.grad_accum_steps=1", "checkpoint.resume=false", "checkpoint.save_at_end=false",
         "validation.every_steps=0", "data.num_workers=0"])
+    if not smoke:  # set in the tree, not through a YAML override, so that values such as 1e-05 stay floats
+        cfg.model.pretrained = cfg.model.arch_file = None
+        cfg.model.arch = {**read_arch_file(str(ARCH_5B), "--shape 5b"), "num_layers": layers}
+    return cfg
 
 
 def stock_loop(cfg, steps: int, device) -> list[float]:
     """A diffusers example's step: fp32 weights under bf16 autocast, diffusers' SDPA processor, the eager
     noise chain, torch AdamW, gradient clipping."""
     model = build_transformer(dataclasses.replace(cfg.model, dtype="fp32"), seed=cfg.run.seed).to(device).train()
-    _, abar, data = _optimizer_and_data(cfg, model)
-    opt = build_optimizer(cfg, model.parameters())
+    opt, abar, data = _optimizer_and_data(cfg, model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16")
     times, rotary = [], {}
     for _ in range(steps):
@@ -160,13 +164,7 @@ def stock_loop(cfg, steps: int, device) -> list[float]:
             rotary[shape] = rotary_embeddings(model.config, *shape, device)
         with autocast:
             pred = predict(model, model_input, prompt, t.to(device), cfg.diffusion.ofs, rotary[shape])
-        loss = diffusion.loss_v_mse(pred, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _backward_and_step(diffusion.loss_v_mse(pred, target), model, opt, cfg, device)
         times.append(time.perf_counter() - t0)
     return times
 

@@ -16,8 +16,7 @@ import torch
 from i2v.config import Config
 from i2v.ds_config import build_deepspeed_config
 from i2v.flops import SampleFlops, training_flops
-from i2v.memory import (DTYPE_BYTES, ActivationBytes, ParamCounts, StateBytes, ZeroSettings, activation_bytes,
-                        state_bytes)
+from i2v.memory import DTYPE_BYTES, ParamCounts, StateBytes, ZeroSettings, activation_bytes, state_bytes
 from i2v.model import transformer_arch
 
 GiB = 2**30
@@ -142,7 +141,8 @@ def render(cfg: Config, plan: Plan) -> str:
         + (" + optimizer offload" if d.offload_optimizer else "")
         + f" | micro-batch {cfg.train.micro_batch_size} x accumulation {cfg.train.grad_accum_steps}"
         f" = {plan.samples_per_step} samples per step",
-        f"sample      clips {v.frames} x {v.height} x {v.width} -> latents {lf} x {lh} x {lw}: "
+        f"sample      " + (f"the largest of {len(v.buckets)} buckets" if v.buckets else f"clips {v.frames} x {v.height} x {v.width}")
+        + f" -> latents {lf} x {lh} x {lw}: "
         f"{f.text_tokens} text + {f.video_tokens:,} video = {f.tokens:,} tokens",
         f"FLOPs       {f.model / 1e15:.4f} PFLOP per sample (forward + backward)"
         + (f", {f.hardware / 1e15:.4f} with the checkpointing recompute" if f.recompute else "")
