@@ -57,6 +57,12 @@ class ModelConfig:
         "Inline CogVideoXTransformer3DModel constructor arguments, used when `pretrained` is unset; "
         "keys are checked against the constructor. in_channels must be 2 * out_channels.",
     )
+    arch_file: Optional[str] = doc(
+        None,
+        "A transformer config.json (diffusers format; configs/arch/ ships the public CogVideoX ones): the "
+        "architecture of a random-init model, or, beside `pretrained`, the architecture its weights must have. "
+        "The planner reads it, so planning needs no weights.",
+    )
     dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Parameter dtype when not training under DeepSpeed mixed precision.")
     gradient_checkpointing: bool = doc(False, "Recompute transformer blocks in backward to save activation memory.")
     init_std: float = doc(0.02, "Std of the explicit normal init of Linear weights for a random-init (inline) model.")
@@ -131,6 +137,10 @@ class TrainConfig:
     eps: float = doc(1e-8, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
     log_every: int = doc(10, "Console, metrics.jsonl and TensorBoard scalars every this many steps.")
+    peak_tflops: Optional[float] = doc(
+        None, "Peak dense TFLOP/s of one accelerator, the denominator of MFU. Default: from the device name "
+        "(H100/H200 SXM 989, A100 312, bf16); on the CPU or an unknown GPU MFU is not reported."
+    )
     max_consecutive_skips: int = doc(5, "Abort after this many consecutive steps skipped for a non-finite loss/grad.")
 
 
@@ -156,6 +166,7 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = doc(0, "Save a checkpoint every this many steps; 0 saves only at the end.")
+    save_at_end: bool = doc(True, "Commit a checkpoint when the run reaches train.max_steps (benchmarks turn it off).")
     keep_last: int = doc(3, "Keep this many newest committed checkpoints (the newest is never deleted).")
     resume: bool = doc(True, "Resume from the newest committed checkpoint in run.output_dir/checkpoints.")
     fallback_on_corrupt: bool = doc(True, "If the newest checkpoint is corrupt, resume from the previous committed one.")
@@ -238,10 +249,12 @@ class Config:
                     f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x {what} "
                     f"({world_size // sp}) = {got}; make them agree or drop train.global_batch_size"
                 )
-        if not self.model.pretrained and not self.model.arch:
-            raise ConfigError("model: set model.pretrained (a diffusers transformer directory) or model.arch (inline)")
-        if self.model.pretrained and self.model.arch:
-            raise ConfigError("model: set only one of model.pretrained and model.arch")
+        m = self.model
+        if not (m.pretrained or m.arch or m.arch_file):
+            raise ConfigError("model: set model.pretrained (a diffusers transformer directory), model.arch (inline) "
+                              "or model.arch_file (a config.json)")
+        if m.arch and (m.pretrained or m.arch_file):
+            raise ConfigError(f"model.arch: set only one of model.arch and model.{'pretrained' if m.pretrained else 'arch_file'}")
         if self.diffusion.t_max >= self.diffusion.num_train_timesteps:
             raise ConfigError(
                 f"diffusion.t_max: is {self.diffusion.t_max}, expected < diffusion.num_train_timesteps "
@@ -254,6 +267,8 @@ class Config:
             # The ZeRO-3 gradient scale of i2v.parallel assumes the reduce-scatter path (it averages over SP too).
             raise ConfigError("deepspeed.extra.zero_optimization.reduce_scatter: must stay true with "
                               f"parallel.sequence_parallel_size {sp} at ZeRO-3")
+        if self.checkpoint.export_on_finish and not self.checkpoint.save_at_end:
+            raise ConfigError("checkpoint.export_on_finish: exports the final checkpoint; needs checkpoint.save_at_end: true")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage 1, 2 or 3 (it is 0)")
         return self
@@ -270,6 +285,7 @@ _RANGES = {
     "train.grad_clip": (0.0, None),
     "train.max_consecutive_skips": (1, None),
     "train.min_lr_ratio": (0.0, 1.0),
+    "train.peak_tflops": (1e-6, None),
     "deepspeed.zero_stage": (0, 3),
     "parallel.sequence_parallel_size": (1, None),
     "diffusion.num_train_timesteps": (2, None),
@@ -300,6 +316,8 @@ _RANGES = {
 def _check_ranges(cfg: Config) -> None:
     for key, (low, high) in _RANGES.items():
         value = get_dotted(cfg, key)
+        if value is None:  # an optional field left unset
+            continue
         if (low is not None and value < low) or (high is not None and value > high):
             bound = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise ConfigError(f"{key}: is {value!r}, expected a value {bound}")

@@ -51,7 +51,7 @@ from i2v.errors import CheckpointError, ConfigError
 
 # Config keys that decide what the exported pipeline computes; a checkpoint trained with other
 # values must not be exported under this config.
-MODEL_KEYS = ("model.pretrained", "model.arch")
+MODEL_KEYS = ("model.pretrained", "model.arch", "model.arch_file")
 SCHEDULE_KEYS = tuple(f"diffusion.{k}" for k in (
     "num_train_timesteps", "beta_start", "beta_end", "snr_shift_scale", "rescale_zero_terminal_snr", "prediction",
     "ofs"))

@@ -96,3 +96,19 @@ def training_flops(config: Mapping, frames: int, height: int, width: int, text_t
         recompute=layers * block_fwd if gradient_checkpointing else 0,
         text_tokens=text, video_tokens=video,
     )
+
+
+# Dense bf16 peak TFLOP/s of one accelerator, by device-name fragment: the default denominator of
+# MFU (`train.peak_tflops` overrides it). Hopper figures are the SXM parts'; the PCIe and NVL
+# boards run at lower power and clocks, and a wrong peak is worse than none, so they are left out.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+_LOWER_PEAK_VARIANTS = {"H100": ("PCIE", "NVL"), "H200": ("NVL",)}
+
+
+def default_peak_tflops(device_name: str) -> float | None:
+    """The table's peak for a device name such as torch.cuda.get_device_name(); None if unknown."""
+    name = device_name.upper()
+    for part, peak in PEAK_TFLOPS.items():
+        if part in name and not any(v in name for v in _LOWER_PEAK_VARIANTS.get(part, ())):
+            return peak
+    return None

@@ -93,7 +93,7 @@ class Trainer:
         )
         empty = load_empty_prompt(cfg.data.latent_shards)
         self.empty_prompt = empty.to(env.device) if empty is not None else None
-        self.telemetry = StepLogger(cfg, env)
+        self.telemetry = StepLogger(cfg, env, self.engine.module.config)
         self.writer = self.telemetry.writer  # rank 0 only; None elsewhere
         self._preempt = False
         self.validator = None
@@ -196,6 +196,7 @@ class Trainer:
                 self.engine.backward(loss)
                 maybe_fault("after_backward", env.rank, self.step)
                 losses.append(self.layout.micro_batch_loss(loss))
+                self.telemetry.record_batch(batch)
                 if len(losses) < cfg.train.grad_accum_steps:
                     self.engine.step()  # a no-op for the optimizer until the accumulation boundary
             maybe_fault("before_step", env.rank, self.step)
@@ -208,7 +209,7 @@ class Trainer:
                 self.telemetry.log(self.step, torch.stack(losses).mean().item(), self.engine,
                                    {"skipped": self.skipped, "bad_samples": bad, "position": self.position})
             every = cfg.checkpoint.every_steps
-            if (every and self.step % every == 0) or self.step == cfg.train.max_steps:
+            if (every and self.step % every == 0) or (self.step == cfg.train.max_steps and cfg.checkpoint.save_at_end):
                 self.save()
             if self.validator is not None and self.step % cfg.validation.every_steps == 0:
                 self.validator.run(self.step, self.engine, self.writer)

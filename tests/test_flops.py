@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import REPO
-from i2v.flops import training_flops
+from i2v.flops import default_peak_tflops, training_flops
 from i2v.model import rotary_embeddings
 
 
@@ -82,3 +82,21 @@ def test_cogvideox_5b_i2v_reference_figures():
     checkpointed = training_flops(model.config, 13, 60, 90, gradient_checkpointing=True)
     assert checkpointed.model == f.model
     assert checkpointed.hardware == pytest.approx(f.model * 4 / 3, rel=1e-2)  # one more forward of the blocks
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA H100 PCIe", None), ("NVIDIA H100 NVL", None),
+    ("NVIDIA H200 NVL", None), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_default_peak_by_device_name_knows_only_the_table(name, peak):
+    assert default_peak_tflops(name) == peak
+
+
+def test_peak_tflops_must_be_positive():
+    from i2v.config import load_config
+    from i2v.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.peak_tflops"):
+        load_config(REPO / "configs" / "tiny.yaml", ["train.peak_tflops=0"])
+    assert load_config(REPO / "configs" / "tiny.yaml", ["train.peak_tflops=989"]).train.peak_tflops == 989.0
