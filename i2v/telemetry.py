@@ -94,7 +94,8 @@ class StepLogger:
                    "train/skipped_micro_batches": counters.get("skipped", 0)}
         if self.peak_tflops:
             record["mfu"] = scalars["perf/mfu"] = tflops / self.peak_tflops
-            record["hfu"] = scalars["perf/hfu"] = record["mfu"] * hw_flops / flops if flops else float("nan")
+            hw_tflops = hw_flops / window["time"] / 1e12 if window["time"] > 0 else float("nan")
+            record["hfu"] = scalars["perf/hfu"] = hw_tflops / self.peak_tflops
         if env.device.type == "cuda":
             record["peak_mem_gb"] = scalars["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             record["peak_mem_reserved_gb"] = scalars["perf/peak_mem_reserved_gb"] = \
