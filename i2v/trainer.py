@@ -54,6 +54,9 @@ class Trainer:
             pairs = load_pairs(cfg) if cfg.validation.every_steps > 0 else None
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
+            # Not its debugging fill of every new tensor with NaN: DeepSpeed allocates reduction
+            # buckets of 5e8 elements, and filling them cost seconds per step.
+            torch.utils.deterministic.fill_uninitialized_memory = False
         if env.is_main:
             os.makedirs(self.out, exist_ok=True)
             dump_yaml(cfg, os.path.join(self.out, "config.yaml"))

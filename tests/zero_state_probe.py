@@ -12,6 +12,7 @@ JSON line per case.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -97,6 +98,7 @@ def run_case(spec: str, env) -> dict:
               "held_buckets": held["buckets"], "want_state": want.weights + want.gradients + want.optimizer
               + want.offloaded, "want_reduce_bucket": zero.reduce_bucket_size * (2 if precision != "fp32" else 4)}
     del engine
+    gc.collect()  # DeepSpeed's hooks and groups go while the process group still lives
     return result
 
 
@@ -107,8 +109,10 @@ def main() -> None:
             result = run_case(spec, env)
             if env.is_main:
                 print(json.dumps(result), flush=True)
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown()
 
 
 if __name__ == "__main__":
