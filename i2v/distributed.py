@@ -119,12 +119,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
     """Tear the process group down before the interpreter exits.
 
     Left to interpreter teardown, a communication thread can still be running when its C++ object
     is destroyed, which aborts the process ("terminate called without an active exception") after
-    a run that finished fine.
+    a run that finished fine. On a clean exit a barrier first lets every rank's queued asynchronous
+    work (ZeRO-3 prefetches, bucket reductions) finish; after an error it is skipped, since a failed
+    peer would never reach it.
     """
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

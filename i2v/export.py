@@ -61,8 +61,8 @@ from i2v.errors import CheckpointError, ConfigError
 
 # Config keys that decide what the exported pipeline computes; a checkpoint trained with other
 # values must not be exported under this config.
-MODEL_KEYS = ("model.pretrained", "model.arch", "model.lora.rank", "model.lora.alpha", "model.lora.target_modules",
-              "model.lora.extra_trainable")
+MODEL_KEYS = ("model.pretrained", "model.arch", "model.arch_file", "model.lora.rank", "model.lora.alpha",
+              "model.lora.target_modules", "model.lora.extra_trainable")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name `load_lora_weights(OUT)` looks for
 SCHEDULE_KEYS = tuple(f"diffusion.{k}" for k in (
     "num_train_timesteps", "beta_start", "beta_end", "snr_shift_scale", "rescale_zero_terminal_snr", "prediction",

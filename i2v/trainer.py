@@ -8,7 +8,7 @@ One optimizer step:
   3. rank 0 logs; a checkpoint is committed every `checkpoint.every_steps`; a preemption signal
      saves and exits with 143 at the step boundary.
 
-All training randomness (timesteps, dropout, noise) is a function of (seed, batch counter, rank),
+All training randomness (timesteps, dropout, noise) is a function of (seed, batch counter, DP rank),
 not of global RNG state, so a resumed run reproduces an uninterrupted one step for step.
 """
 
@@ -18,7 +18,6 @@ import os
 import signal
 import time
 
-import deepspeed
 import torch
 
 from i2v import diffusion
@@ -29,13 +28,13 @@ from i2v.data.latent_order import resolve_order
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards
 from i2v.distributed import DistEnv, all_max, all_ranks_agree
-from i2v.ds_config import build_deepspeed_config, optimizer_in_config
 from i2v.ema import ShardedEMA
 from i2v.errors import I2VError
 from i2v.faults import is_armed, maybe_fault
 from i2v.model import build_transformer, set_attention
 from i2v.objective import resolve_noise_backend, training_loss
-from i2v.optim import build_optimizer, build_scheduler
+from i2v.optim import build_engine
+from i2v.parallel import build_layout
 from i2v.telemetry import StepLogger
 from i2v.validation import load_pairs
 
@@ -57,17 +56,21 @@ class Trainer:
             pairs = load_pairs(cfg) if cfg.validation.every_steps > 0 else None
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
+            # Not its debugging fill of every new tensor with NaN: DeepSpeed allocates reduction
+            # buckets of 5e8 elements, and filling them cost seconds per step.
+            torch.utils.deterministic.fill_uninitialized_memory = False
         if env.is_main:
             os.makedirs(self.out, exist_ok=True)
             dump_yaml(cfg, os.path.join(self.out, "config.yaml"))
 
         model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed), cfg.model, seed=cfg.run.seed)
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
+        self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
         self.noise_backend = resolve_noise_backend(cfg.kernels.noise, env.device)
         # Counted before the engine: ZeRO-3 leaves empty placeholders in the module.
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in trainable_parameters(model))
-        self.engine = self._build_engine(model)
+        self.engine = build_engine(cfg, model, self.layout.dp_size, self.layout.mpu)
         self.ema = ShardedEMA(self.engine, cfg.train.ema) if cfg.train.ema.decay > 0 else None
         # A LoRA checkpoint holds no base weights, so it records which base it was trained on.
         self.base = base_identity(cfg) if lora_enabled(cfg.model) else None
@@ -76,13 +79,14 @@ class Trainer:
 
         # Counters that a checkpoint carries.
         self.step = 0  # optimizer steps taken
-        self.position = 0  # global micro-batches drawn by all ranks together (world_size per round)
+        self.position = 0  # global micro-batches drawn by all ranks together (one per DP rank per round)
         self.skipped = 0  # micro-batches dropped for a non-finite loss
         self.bad_by_worker: dict = {}
 
         self.log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | "
-                 f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | {env.world_size} rank(s) on "
-                 f"{env.device.type} | attention: {self.attention} | noise: {self.noise_backend}")
+                 f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | {env.world_size} rank(s) "
+                 f"({self.layout.describe()}) on {env.device.type} | attention: {self.attention} | "
+                 f"noise: {self.noise_backend}")
         if self.ema is not None:
             self.log(f"EMA of the trainable weights: {self.ema.local_bytes / 2**20:.2f} MiB fp32 on this rank")
         self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env,
@@ -93,15 +97,16 @@ class Trainer:
         c = model.config
         expect = {"channels": c.out_channels, "text_dim": c.text_embed_dim, "text_len": c.max_text_seq_length}
         self.dataset = LatentDataset(
-            cfg.data.latent_shards, rank=env.rank, world_size=env.world_size, batch_size=cfg.train.micro_batch_size,
+            cfg.data.latent_shards, rank=self.layout.dp_rank, world_size=self.layout.dp_size,
+            batch_size=cfg.train.micro_batch_size,
             seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
             max_bad_fraction=cfg.data.max_bad_fraction, min_samples_for_bad_check=cfg.data.min_samples_for_bad_check,
-            expect=expect, start_batch=self.position // env.world_size, start_global=self.position,
+            expect=expect, start_batch=self.position // self.layout.dp_size, start_global=self.position,
             num_workers=cfg.data.num_workers, allow_pipe=cfg.data.allow_pipe, order=cfg.data.order,
         )
         empty = load_empty_prompt(cfg.data.latent_shards)
         self.empty_prompt = empty.to(env.device) if empty is not None else None
-        self.telemetry = StepLogger(cfg, env)
+        self.telemetry = StepLogger(cfg, env, self.engine.module.config)
         self.writer = self.telemetry.writer  # rank 0 only; None elsewhere
         self._preempt = False
         self.validator = None
@@ -109,16 +114,6 @@ class Trainer:
             from i2v.validation import Validator
 
             self.validator = Validator(cfg, env, pairs, self.ema)
-
-    def _build_engine(self, model):
-        cfg = self.cfg
-        ds = build_deepspeed_config(cfg, self.env.world_size)
-        # Under optimizer offload DeepSpeed builds its own CPU Adam from the config.
-        params = trainable_parameters(model)  # the frozen LoRA base never reaches the optimizer
-        optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, params)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg),
-                                               model_parameters=params if optimizer is None else None, config=ds)
-        return engine
 
     # -- resume -------------------------------------------------------------------
 
@@ -196,13 +191,13 @@ class Trainer:
                 wait += time.perf_counter() - tw
                 self.bad_by_worker[batch["bad"]["worker"]] = batch["bad"]
                 # This micro-batch's global position keys its noise, timesteps and dropout.
-                offset = self.position + env.rank
-                self.position += env.world_size
+                offset = self.position + self.layout.dp_rank
+                self.position += self.layout.dp_size
                 if batch.get("empty"):  # every sample of it was bad (counted by the reader)
                     loss = torch.tensor(float("nan"))
                 else:
                     loss = training_loss(self.engine, batch, self.abar, cfg, cfg.run.seed, offset,
-                                         self.empty_prompt, env.device, self.noise_backend, self.rotary)
+                                         self.empty_prompt, env.device, self.noise_backend, self.rotary, self.layout)
                 if attempts == 0 and is_armed("nan_loss", env.rank, self.step):
                     loss = loss * float("nan")
                 attempts += 1
@@ -215,7 +210,8 @@ class Trainer:
                 consecutive_skips = 0
                 self.engine.backward(loss)
                 maybe_fault("after_backward", env.rank, self.step)
-                losses.append(loss.detach())
+                losses.append(self.layout.micro_batch_loss(loss))
+                self.telemetry.record_batch(batch)
                 if len(losses) < cfg.train.grad_accum_steps:
                     self.engine.step()  # a no-op for the optimizer until the accumulation boundary
             maybe_fault("before_step", env.rank, self.step)
@@ -230,7 +226,7 @@ class Trainer:
                 self.telemetry.log(self.step, torch.stack(losses).mean().item(), self.engine,
                                    {"skipped": self.skipped, "bad_samples": bad, "position": self.position})
             every = cfg.checkpoint.every_steps
-            if (every and self.step % every == 0) or self.step == cfg.train.max_steps:
+            if (every and self.step % every == 0) or (self.step == cfg.train.max_steps and cfg.checkpoint.save_at_end):
                 self.save()
             if self.validator is not None and self.step % cfg.validation.every_steps == 0:
                 self.validator.run(self.step, self.engine, self.writer)

@@ -11,6 +11,9 @@ import pathlib
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# DeepSpeed JIT-builds its CPU ops (shared-memory comm, CPU Adam) into one per-user cache; clones
+# with their own environments would rebuild them over each other's there (about a minute each).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
 SHARED_VIDEOS = REPO.parent / "shared" / "videos"
 
 

@@ -24,7 +24,10 @@ from conftest import REPO
 from latent_shards import make_latent_shards
 from lora_runs import ENV, LORA, TORCHRUN, step_dir, train
 
+from i2v.adapters import with_lora
 from i2v.config import load_config
+from i2v.memory import ParamCounts, checkpoint_bytes
+from i2v.model import build_transformer
 from i2v.errors import CheckpointError, ConfigError
 
 RUN_B = (*LORA, "deepspeed.zero_stage=3", "train.ema.decay=0.8", "train.ema.warmup=true", "train.ema.start_step=2",
@@ -66,15 +69,40 @@ def _config(run):
 
 def _initial_trainable(cfg) -> dict:
     """The trainable weights before step 1, rebuilt from the config (seeded init, seeded adapters)."""
-    from i2v.adapters import with_lora
-    from i2v.model import build_transformer
-
     model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed), cfg.model, seed=cfg.run.seed)
     return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _dir_bytes(path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(path) for f in names)
+
+
+def _tensor_bytes(path) -> int:
+    """Bytes of the tensors in a checkpoint directory's files, each storage counted once per file."""
+    from safetensors import safe_open
+
+    total = 0
+    for name in os.listdir(path):
+        file = os.path.join(path, name)
+        if name.endswith(".pt"):
+            seen = {}
+
+            def walk(obj):
+                if isinstance(obj, torch.Tensor):
+                    seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+                elif isinstance(obj, dict):
+                    for v in obj.values():
+                        walk(v)
+                elif isinstance(obj, (list, tuple)):
+                    for v in obj:
+                        walk(v)
+
+            walk(torch.load(file, weights_only=True))
+            total += sum(seen.values())
+        elif name.endswith(".safetensors"):
+            with safe_open(file, "pt") as f:
+                total += sum(f.get_tensor(k).nbytes for k in f.keys())
+    return total
 
 
 # --------------------------------------------------------------------------- training
@@ -100,6 +128,14 @@ def test_lora_run_trains_the_adapters_only_and_its_checkpoints_are_under_half_a_
     assert saved["base"] == {"arch": cfg.model.arch, "seed": 0, "init_std": 0.2}
     lora_bytes, full_bytes = _dir_bytes(step_dir(run, 8)), _dir_bytes(step_dir(full, 3))
     assert lora_bytes < 0.5 * full_bytes, (lora_bytes, full_bytes)
+    # The formula the memory benchmark prices real models with, against the tensors actually written.
+    for path, lora in ((step_dir(run, 8), True), (step_dir(full, 3), False)):
+        c = _config(path.rsplit("/checkpoints", 1)[0])
+        counts = ParamCounts.of(with_lora(build_transformer(c.model, seed=c.run.seed), c.model))
+        want = checkpoint_bytes(counts, c.deepspeed.zero_stage, c.deepspeed.precision, ema=True,
+                                model_dtype=c.model.dtype, trainable_only=lora)
+        held = _tensor_bytes(path)
+        assert abs(held - want) <= 0.05 * want, f"lora={lora}: formula {want:,} B, checkpoint tensors {held:,} B"
 
 
 @pytest.mark.parametrize("name", ["A", "B", "C"])
