@@ -78,13 +78,17 @@ def _dir_bytes(path) -> int:
 
 
 def _tensor_bytes(path) -> int:
-    """Bytes of the tensors in a checkpoint directory's files, each storage counted once per file."""
+    """Bytes of the model and optimizer tensors in a checkpoint directory's files (the RNG states
+    aside), each storage counted once per file."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
     from safetensors import safe_open
 
     total = 0
-    for name in os.listdir(path):
-        file = os.path.join(path, name)
-        if name.endswith(".pt"):
+    files = [os.path.join(d, f) for d, _, names in os.walk(path) if os.path.basename(d) != "rng" for f in names]
+    for file in files:
+        if file.endswith(".pt"):
             seen = {}
 
             def walk(obj):
@@ -97,9 +101,10 @@ def _tensor_bytes(path) -> int:
                     for v in obj:
                         walk(v)
 
-            walk(torch.load(file, weights_only=True))
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                walk(torch.load(file, weights_only=True))
             total += sum(seen.values())
-        elif name.endswith(".safetensors"):
+        elif file.endswith(".safetensors"):
             with safe_open(file, "pt") as f:
                 total += sum(f.get_tensor(k).nbytes for k in f.keys())
     return total
@@ -129,13 +134,12 @@ def test_lora_run_trains_the_adapters_only_and_its_checkpoints_are_under_half_a_
     lora_bytes, full_bytes = _dir_bytes(step_dir(run, 8)), _dir_bytes(step_dir(full, 3))
     assert lora_bytes < 0.5 * full_bytes, (lora_bytes, full_bytes)
     # The formula the memory benchmark prices real models with, against the tensors actually written.
-    for path, lora in ((step_dir(run, 8), True), (step_dir(full, 3), False)):
-        c = _config(path.rsplit("/checkpoints", 1)[0])
+    for path, c, lora in ((step_dir(run, 8), cfg, True), (step_dir(full, 3), _config(full), False)):
         counts = ParamCounts.of(with_lora(build_transformer(c.model, seed=c.run.seed), c.model))
         want = checkpoint_bytes(counts, c.deepspeed.zero_stage, c.deepspeed.precision, ema=True,
                                 model_dtype=c.model.dtype, trainable_only=lora)
-        held = _tensor_bytes(path)
-        assert abs(held - want) <= 0.05 * want, f"lora={lora}: formula {want:,} B, checkpoint tensors {held:,} B"
+        held = _tensor_bytes(path)  # measured: 102,728 B against 102,720 (LoRA), 3,275,848 against 3,275,840
+        assert abs(held - want) <= 0.01 * want, f"lora={lora}: formula {want:,} B, checkpoint tensors {held:,} B"
 
 
 @pytest.mark.parametrize("name", ["A", "B", "C"])
