@@ -48,6 +48,25 @@ class RunConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = doc(0, "LoRA rank (peft); 0 turns LoRA off and the whole DiT trains.")
+    alpha: Optional[float] = doc(None, "LoRA alpha: adapter outputs are scaled by alpha / rank; null means alpha = rank.")
+    dropout: float = doc(0.0, "Dropout on the adapters' input during training.")
+    target_modules: list = doc(
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        "Linear layers that get adapters: a module name or its dotted tail (peft's matching), e.g. to_q, attn1.to_out.0.",
+    )
+    init: Literal["default", "gaussian", "orthogonal"] = doc(
+        "default",
+        "peft's adapter init: default (Kaiming A, zero B), gaussian (normal A, zero B) or orthogonal (even ranks). "
+        "Inits that rewrite the base weights (pissa, olora, ...) are not offered: the base stays as it was loaded.",
+    )
+    extra_trainable: list = doc(
+        [], "Modules trained in full beside the adapters (names or dotted tails), e.g. patch_embed.proj, proj_out."
+    )
+
+
+@dataclass
 class ModelConfig:
     pretrained: Optional[str] = doc(
         None, "Diffusers-format transformer directory (config.json + weights), e.g. CogVideoX-5b-I2V/transformer."
@@ -66,6 +85,7 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Parameter dtype when not training under DeepSpeed mixed precision.")
     gradient_checkpointing: bool = doc(False, "Recompute transformer blocks in backward to save activation memory.")
     init_std: float = doc(0.02, "Std of the explicit normal init of Linear weights for a random-init (inline) model.")
+    lora: LoRAConfig = doc(help="LoRA fine-tuning: adapters on a frozen base.", default_factory=LoRAConfig)
 
 
 @dataclass
@@ -121,6 +141,14 @@ class DataConfig:
 
 
 @dataclass
+class EMAConfig:
+    decay: float = doc(0.0, "EMA decay of the trainable weights (fp32, sharded like the optimizer); 0 keeps no EMA.")
+    update_every: int = doc(1, "Average every this many optimizer steps.")
+    start_step: int = doc(0, "Before this optimizer step the EMA follows the weights exactly (decay 0).")
+    warmup: bool = doc(False, "Use min(decay, (1 + n) / (10 + n)) at the n-th averaging update, as diffusers' EMAModel.")
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = doc(REQUIRED, "Optimizer steps to run.")
     micro_batch_size: int = doc(1, "Samples per rank per forward/backward.")
@@ -142,6 +170,7 @@ class TrainConfig:
         "(H100/H200 SXM 989, A100 312, bf16); on the CPU or an unknown GPU MFU is not reported."
     )
     max_consecutive_skips: int = doc(5, "Abort after this many consecutive steps skipped for a non-finite loss/grad.")
+    ema: EMAConfig = doc(help="Exponential moving average of the trainable weights.", default_factory=EMAConfig)
 
 
 @dataclass
@@ -216,6 +245,7 @@ class ValidationConfig:
     guidance_scale: float = doc(6.0, "Classifier-free guidance scale (1.0 disables guidance).")
     num_frames: Optional[int] = doc(None, "Frames to sample (default: data.video.frames).")
     timeout_s: float = doc(600.0, "Upper bound on one validation round; ranks never wait in a collective longer.")
+    weights: Literal["live", "ema"] = doc("live", "Sample with the live weights or with the EMA (needs train.ema.decay > 0).")
 
 
 @dataclass
@@ -271,7 +301,35 @@ class Config:
             raise ConfigError("checkpoint.export_on_finish: exports the final checkpoint; needs checkpoint.save_at_end: true")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage 1, 2 or 3 (it is 0)")
+        _check_lora_and_ema(self)
         return self
+
+
+def _check_lora_and_ema(cfg: Config) -> None:
+    lora, ema, ds = cfg.model.lora, cfg.train.ema, cfg.deepspeed
+    if lora.rank == 0 and lora.extra_trainable:
+        raise ConfigError("model.lora.extra_trainable: set, but model.lora.rank is 0 (a full fine-tune trains every module)")
+    if lora.rank > 0:
+        if not lora.target_modules:
+            raise ConfigError("model.lora.target_modules: empty; name the layers that get adapters, e.g. [to_q, to_k, to_v, to_out.0]")
+        if lora.alpha is not None and lora.alpha <= 0:
+            raise ConfigError(f"model.lora.alpha: is {lora.alpha}, expected > 0 (or null for alpha = rank)")
+        if lora.init == "orthogonal" and lora.rank % 2:
+            raise ConfigError(f"model.lora.init: orthogonal needs an even model.lora.rank (it is {lora.rank})")
+        if cfg.model.dtype != ds.precision:
+            # DeepSpeed casts every parameter, the frozen base included, to its precision: say so instead.
+            raise ConfigError(
+                f"model.dtype: is {cfg.model.dtype}, but deepspeed.precision is {ds.precision}; with model.lora the "
+                "frozen base is held in the engine's dtype (DeepSpeed casts every parameter to it), so set both to "
+                "the same value (the adapters' master weights are fp32 either way)"
+            )
+    if cfg.validation.weights == "ema" and ema.decay == 0:
+        raise ConfigError("validation.weights: is ema, but the run keeps no EMA; set train.ema.decay (e.g. 0.999)")
+    if ema.decay > 0 and ds.zero_stage == 0 and ds.precision != "fp32":
+        raise ConfigError(
+            f"train.ema.decay: the EMA averages DeepSpeed's fp32 master weights, which ZeRO-0 under "
+            f"deepspeed.precision={ds.precision} does not expose; use deepspeed.zero_stage 1, 2 or 3"
+        )
 
 
 # Ranges of numeric fields: dotted key -> (low, high), inclusive; None is unbounded.
@@ -285,6 +343,11 @@ _RANGES = {
     "train.grad_clip": (0.0, None),
     "train.max_consecutive_skips": (1, None),
     "train.min_lr_ratio": (0.0, 1.0),
+    "train.ema.decay": (0.0, 1.0),
+    "train.ema.update_every": (1, None),
+    "train.ema.start_step": (0, None),
+    "model.lora.rank": (0, None),
+    "model.lora.dropout": (0.0, 1.0),
     "train.peak_tflops": (1e-6, None),
     "deepspeed.zero_stage": (0, 3),
     "parallel.sequence_parallel_size": (1, None),

@@ -138,6 +138,21 @@ def state_bytes(counts: ParamCounts, zero: ZeroSettings, precision: str, world_s
                       ema=4 * t // shard if ema else 0, ema_on_host=zero.offload_optimizer, buckets=buckets)
 
 
+def checkpoint_bytes(counts: ParamCounts, stage: int, precision: str, ema: bool = False, model_dtype: str = "fp32",
+                     trainable_only: bool = False) -> int:
+    """Tensor bytes of one committed checkpoint, all ranks' files together (the same at any world size).
+
+    The module's weights (only the trainable ones under LoRA, whose checkpoints leave the frozen base
+    out), the optimizer's fp32 master copy and AdamW moments, and the fp32 EMA.
+    """
+    mixed = precision in ("bf16", "fp16")
+    p = 2 if mixed else DTYPE_BYTES[model_dtype]
+    t = counts.trainable
+    weights = p * (t if trainable_only else counts.total)
+    optimizer = (12 if mixed or stage > 0 else 8) * t
+    return weights + optimizer + (4 * t if ema else 0)
+
+
 @dataclass(frozen=True)
 class ActivationBytes:
     held: int  # what the forward leaves for backward

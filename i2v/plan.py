@@ -73,19 +73,22 @@ def latent_shape(cfg: Config, temporal_compression: int) -> tuple:
     return ((frames - 1) // temporal_compression + 1, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
 
 
-def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_tflops: float | None = None,
-              ema: bool = False) -> Plan:
+def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_tflops: float | None = None) -> Plan:
     """Price one optimizer step of `cfg` on `gpus` accelerators of `gpu_mem_gb` GiB each.
 
     Sequence parallelism (`parallel.sequence_parallel_size`) splits each clip's video tokens over an
-    SP group: activations per rank shrink, and an SP group trains one micro-batch.
+    SP group: activations per rank shrink, and an SP group trains one micro-batch. LoRA
+    (`model.lora.rank`) leaves only the adapters trainable; an EMA (`train.ema.decay`) adds an fp32
+    copy of the trainable weights.
     """
     from diffusers import CogVideoXTransformer3DModel
+
+    from i2v.adapters import with_lora
 
     cfg.validate(gpus)
     arch = transformer_arch(cfg.model)
     with torch.device("meta"):
-        model = CogVideoXTransformer3DModel(**arch)
+        model = with_lora(CogVideoXTransformer3DModel(**arch), cfg.model)
     zero = ZeroSettings.from_deepspeed(build_deepspeed_config(cfg, gpus)["zero_optimization"])
     counts = ParamCounts.of(model, zero.param_persistence_threshold)
     latent = latent_shape(cfg, arch["temporal_compression_ratio"])
@@ -103,7 +106,7 @@ def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_
         arch=arch, counts=counts, gpus=gpus, gpu_mem_bytes=int(gpu_mem_gb * GiB), latent=latent,
         flops=training_flops(model.config, *latent, gradient_checkpointing=checkpointing),
         samples_per_step=t.micro_batch_size * t.grad_accum_steps * gpus // sequence_parallel_size,
-        state=state_bytes(counts, zero, d.precision, gpus, ema=ema, model_dtype=cfg.model.dtype),
+        state=state_bytes(counts, zero, d.precision, gpus, ema=t.ema.decay > 0, model_dtype=cfg.model.dtype),
         activations=activations, checkpointing=checkpointing, mfu=mfu,
         peak_tflops=peak_tflops or t.peak_tflops or 989.0,
     )

@@ -21,12 +21,14 @@ import time
 import torch
 
 from i2v import diffusion
-from i2v.checkpoint import Checkpointer
+from i2v.adapters import base_identity, check_resume, lora_enabled, trainable_parameters, with_lora
+from i2v.checkpoint import Checkpointer, saved_client_state
 from i2v.config import Config, dump_yaml, to_dict
 from i2v.data.latent_order import resolve_order
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards
 from i2v.distributed import DistEnv, all_max, all_ranks_agree
+from i2v.ema import ShardedEMA
 from i2v.errors import I2VError
 from i2v.faults import is_armed, maybe_fault
 from i2v.model import build_transformer, set_attention
@@ -61,11 +63,17 @@ class Trainer:
             os.makedirs(self.out, exist_ok=True)
             dump_yaml(cfg, os.path.join(self.out, "config.yaml"))
 
-        model = build_transformer(cfg.model, seed=cfg.run.seed)
+        model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed), cfg.model, seed=cfg.run.seed)
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
         self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
         self.noise_backend = resolve_noise_backend(cfg.kernels.noise, env.device)
+        # Counted before the engine: ZeRO-3 leaves empty placeholders in the module.
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in trainable_parameters(model))
         self.engine = build_engine(cfg, model, self.layout.dp_size, self.layout.mpu)
+        self.ema = ShardedEMA(self.engine, cfg.train.ema) if cfg.train.ema.decay > 0 else None
+        # A LoRA checkpoint holds no base weights, so it records which base it was trained on.
+        self.base = base_identity(cfg) if lora_enabled(cfg.model) else None
         self.abar = diffusion.alphas_cumprod(cfg.diffusion)
         self.rotary: dict = {}
 
@@ -75,12 +83,14 @@ class Trainer:
         self.skipped = 0  # micro-batches dropped for a non-finite loss
         self.bad_by_worker: dict = {}
 
-        n_params = sum(p.numel() for p in model.parameters())
-        self.log(f"{n_params / 1e6:.2f}M parameters | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
-                 f"{env.world_size} rank(s) ({self.layout.describe()}) on {env.device.type} | "
-                 f"attention: {self.attention} | "
+        self.log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | "
+                 f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | {env.world_size} rank(s) "
+                 f"({self.layout.describe()}) on {env.device.type} | attention: {self.attention} | "
                  f"noise: {self.noise_backend}")
-        self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env)
+        if self.ema is not None:
+            self.log(f"EMA of the trainable weights: {self.ema.local_bytes / 2**20:.2f} MiB fp32 on this rank")
+        self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env,
+                                         trainable_only=lora_enabled(cfg.model))
         if cfg.checkpoint.resume:
             self._resume()
 
@@ -103,7 +113,7 @@ class Trainer:
         if pairs is not None:
             from i2v.validation import Validator
 
-            self.validator = Validator(cfg, env, pairs)
+            self.validator = Validator(cfg, env, pairs, self.ema)
 
     # -- resume -------------------------------------------------------------------
 
@@ -116,7 +126,9 @@ class Trainer:
             self.log(f"removed unfinished checkpoint directories: {', '.join(removed)}")
         if tag is None:
             return
-        state = self.checkpointer.load(self.engine, tag, self._reshard_blocker())
+        path = os.path.join(self.checkpointer.root, tag)
+        check_resume(self.cfg, saved_client_state(path), path, self.base)
+        state = self.checkpointer.load(self.engine, tag, self._reshard_blocker(), self.ema)
         self.step, self.position, self.skipped = state["step"], state["position"], state["skipped"]
         self.log(f"resumed from {tag}: step {self.step}, {self.position} global micro-batches consumed")
 
@@ -132,10 +144,10 @@ class Trainer:
     def _client_state(self) -> dict:
         return {"step": self.step, "position": self.position, "skipped": self.skipped,
                 "samples_seen": self.position * self.cfg.train.micro_batch_size,
-                "world_size": self.env.world_size, "config": to_dict(self.cfg)}
+                "world_size": self.env.world_size, "config": to_dict(self.cfg), "base": self.base}
 
     def save(self) -> str:
-        return self.checkpointer.save(self.engine, self.step, self._client_state())
+        return self.checkpointer.save(self.engine, self.step, self._client_state(), self.ema)
 
     # -- the loop -----------------------------------------------------------------
 
@@ -205,6 +217,8 @@ class Trainer:
             maybe_fault("before_step", env.rank, self.step)
             self.engine.step()
             self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.step)
             self.telemetry.record_step(time.perf_counter() - t0, wait)
 
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:

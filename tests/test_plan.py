@@ -76,3 +76,15 @@ def test_plan_memory_figures_are_the_memory_model_of_the_tiny_config():
     # DeepSpeed's 5e8-element fp32 reduction bucket dwarfs a tiny model's own state.
     assert plan.state.buckets == 2_000_000_000
     assert plan.peak_bytes == plan.state.device + plan.activations[False].peak < 4 * GiB
+
+
+def test_lora_config_plans_the_adapters_as_the_only_trainable_state(capsys, monkeypatch):
+    code, out, _ = plan_command(capsys, monkeypatch, "--config", "configs/cogvideox-5b-i2v-lora.yaml", "--gpus", "8",
+                                "--gpu-mem-gb", "80", "train.ema.decay=0.999")
+    assert code == 0
+    # r128 on to_q/k/v/out of 42 blocks at width 3072: 42 x 4 x 128 x (3072 + 3072)
+    assert "5,702,600,256 total, 132,120,576 trainable (5,570,479,680 frozen)" in out
+    plan = make_plan(load_config(REPO / "configs" / "cogvideox-5b-i2v-lora.yaml", ["train.ema.decay=0.999"]), 8, 80)
+    t = plan.counts.trainable
+    assert plan.state.optimizer == 12 * t // 8 and plan.state.ema == 4 * t // 8 and plan.state.gradients == 2 * t // 8
+    assert "EMA" in out and "verdict     FITS" in out
