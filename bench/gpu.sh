@@ -6,7 +6,7 @@
 #   train_step         bench/train_step.py --shape 5b    the 5B-I2V step (8 of 42 blocks) at 49x480x720: i2v's trainer
 #                                                        vs the stock diffusers loop, MFU, peak memory, and the
 #                                                        planner's estimate against torch.cuda.max_memory_allocated
-#   sequence_parallel  bench/sequence_parallel.py        when that benchmark exists
+#   sequence_parallel  bench/sequence_parallel.py        SP 1/2/4/8 from the architecture; SP 1 vs 2 measured
 #
 # The GPU machine has Python 3.12, torch 2.11, triton 3.6 and lacks deepspeed, diffusers, webdataset
 # and peft. Fetch their wheels on a machine with network access, from the project root:
@@ -58,9 +58,10 @@ run() {  # run NAME LIMIT_S COMMAND...
 run noise 90 "$PY" bench/noise.py
 run attention 120 "$PY" bench/attention.py --shapes 5b
 run train_step 210 "$PY" bench/train_step.py --shape 5b --layers "$LAYERS" --steps 8 --warmup 3
-if [ -f bench/sequence_parallel.py ]; then
-    run sequence_parallel 60 "$PY" bench/sequence_parallel.py
-fi
+# Its measured part runs 2 ranks, one device each: with fewer GPUs only the architecture figures.
+sp_args=()
+[ $smoke = 0 ] && [ "$("$PY" -c "import torch; print(torch.cuda.device_count())")" -lt 2 ] && sp_args=(--no-measure)
+run sequence_parallel 60 "$PY" bench/sequence_parallel.py "${sp_args[@]}"
 
 tag=cpu-smoke
 [ $smoke = 0 ] && tag=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
