@@ -229,6 +229,23 @@ def consolidated_state_dict(checkpoint_dir: str) -> dict:
     return {k: v.float() for k, v in torch.load(states, map_location="cpu", weights_only=True)["module"].items()}
 
 
+def check_engine_layout(cfg, recorded: dict, where: str) -> None:
+    """Refuse, before any loading, a resume whose DeepSpeed optimizer state is laid out differently.
+
+    Each ZeRO stage and precision writes its own optimizer files (names, flat groups, master copies);
+    DeepSpeed would fail deep inside the load, or start a fresh optimizer, on another one.
+    """
+    saved = (recorded.get("config") or {}).get("deepspeed") or {}
+    now = {"zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision}
+    diffs = [f"deepspeed.{k}: checkpoint has {saved[k]!r}, this run has {v!r}" for k, v in now.items()
+             if k in saved and saved[k] != v]
+    if diffs:
+        fix = " ".join(f"deepspeed.{k}={saved[k]}" for k in now if k in saved and saved[k] != now[k])
+        raise CheckpointError(f"checkpoint {where} cannot be resumed by this engine: {'; '.join(diffs)}. DeepSpeed's "
+                              f"optimizer state of one layout does not load into another; resume with {fix}, or "
+                              "export the weights and start a new run from them")
+
+
 def saved_client_state(checkpoint_dir: str) -> dict:
     """The trainer's client state (config, counters, base identity) stored in a checkpoint, read without DeepSpeed."""
     # ZeRO-3 names rank 0's model-states file differently; either carries the client state.

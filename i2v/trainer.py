@@ -22,7 +22,7 @@ import torch
 
 from i2v import diffusion
 from i2v.adapters import base_identity, check_resume, lora_enabled, trainable_parameters, with_lora
-from i2v.checkpoint import Checkpointer, saved_client_state
+from i2v.checkpoint import Checkpointer, check_engine_layout, saved_client_state
 from i2v.config import Config, dump_yaml, to_dict
 from i2v.data.latent_order import resolve_order
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
@@ -127,7 +127,9 @@ class Trainer:
         if tag is None:
             return
         path = os.path.join(self.checkpointer.root, tag)
-        check_resume(self.cfg, saved_client_state(path), path, self.base)
+        recorded = saved_client_state(path)
+        check_engine_layout(self.cfg, recorded, path)
+        check_resume(self.cfg, recorded, path, self.base)
         state = self.checkpointer.load(self.engine, tag, self._reshard_blocker(), self.ema)
         self.step, self.position, self.skipped = state["step"], state["position"], state["skipped"]
         self.log(f"resumed from {tag}: step {self.step}, {self.position} global micro-batches consumed")

@@ -30,7 +30,7 @@ def with_fault(spec):
     return {**ENV, "I2V_FAULT": spec}
 
 
-def test_sigkill_anywhere_then_relaunch_is_bit_exact_and_world_size_change_is_refused(tmp_path, shards):
+def test_sigkill_anywhere_then_relaunch_is_bit_exact_and_world_size_or_zero_stage_changes_are_refused(tmp_path, shards):
     ref, run = tmp_path / "ref", tmp_path / "run"
     r = train(TORCHRUN, ref, shards, *EXACT)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -61,6 +61,13 @@ def test_sigkill_anywhere_then_relaunch_is_bit_exact_and_world_size_change_is_re
     assert r.returncode == 2
     assert "written by 2 rank(s), this run has 1" in r.stderr and "ZeRO-2 optimizer partitions" in r.stderr
     assert "Traceback" not in r.stderr
+    # 5. nor can another ZeRO stage or precision load its optimizer state: refused before any loading
+    r = train([sys.executable], run, shards, *EXACT[1:], "train.max_steps=14", "deepspeed.zero_stage=3",
+              "deepspeed.precision=bf16")
+    assert r.returncode == 2
+    assert ("deepspeed.zero_stage: checkpoint has 2, this run has 3; deepspeed.precision: checkpoint has 'fp32', "
+            "this run has 'bf16'") in r.stderr and "resume with deepspeed.zero_stage=2 deepspeed.precision=fp32" in r.stderr
+    assert "Traceback" not in r.stderr and "resumed from" not in r.stdout
 
 
 def test_lora_sigkill_then_relaunch_is_bit_exact_with_its_ema(tmp_path, lora_run):
