@@ -112,7 +112,14 @@ def main() -> None:
     except BaseException:
         shutdown(clean=False)
         raise
-    shutdown()
+    # Measured and printed; once every rank is here, leave without tearing the engines' groups down. The
+    # teardown once aborted after a ZeRO-3 case ("terminate called without an active exception", from a
+    # communication thread's destructor), which is not what this probe measures. The trainer's own
+    # teardown is i2v.distributed.shutdown.
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
