@@ -17,7 +17,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 LORA = ("model.lora.rank=4", "model.lora.alpha=8", "model.lora.extra_trainable=[proj_out]", "model.init_std=0.2",
-        "train.lr=1e-2", "train.micro_batch_size=2", "train.log_every=1")
+        "train.lr=1e-2", "train.micro_batch_size=2", "train.log_every=1", "deepspeed.zero_stage=2")
 # Run A: 2-rank ZeRO-2 LoRA with train.ema.decay=0.9, a commit after every step (the EMA test
 # rebuilds the EMA from each step's consolidated weights), deterministic (the resume test's reference).
 RUN_A = (*LORA, "train.ema.decay=0.9", "train.max_steps=8", "checkpoint.every_steps=1", "checkpoint.keep_last=8",

@@ -114,7 +114,8 @@ def test_deepspeed_config_is_generated_from_the_tree(stage, precision):
 
 
 def test_deepspeed_offload_and_passthrough():
-    cfg = load("deepspeed.offload_optimizer=true", "deepspeed.extra={zero_optimization: {overlap_comm: true}}")
+    cfg = load("deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true",
+               "deepspeed.extra={zero_optimization: {overlap_comm: true}}")
     ds = build_deepspeed_config(cfg, world_size=1)
     assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False},
                                        "overlap_comm": True}

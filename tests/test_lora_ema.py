@@ -33,8 +33,8 @@ from i2v.errors import CheckpointError, ConfigError
 RUN_B = (*LORA, "deepspeed.zero_stage=3", "train.ema.decay=0.8", "train.ema.warmup=true", "train.ema.start_step=2",
          "train.ema.update_every=2", "train.max_steps=6", "checkpoint.every_steps=1", "checkpoint.keep_last=6",
          "validation.every_steps=3", "validation.weights=ema", "validation.num_inference_steps=2")
-RUN_C = ("train.micro_batch_size=2", "train.log_every=1", "train.ema.decay=0.9", "train.max_steps=3",
-         "checkpoint.every_steps=1", "checkpoint.keep_last=3")
+RUN_C = ("deepspeed.zero_stage=2", "train.micro_batch_size=2", "train.log_every=1", "train.ema.decay=0.9",
+         "train.max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=3")
 STEPS = {"A": 8, "B": 6, "C": 3}
 
 

@@ -16,7 +16,7 @@ from lora_runs import RUN_A, step_dir
 from test_train import ENV, TORCHRUN, losses, train
 
 EXACT = ("train.max_steps=12", "train.log_every=1", "checkpoint.every_steps=4", "run.deterministic=true",
-         "train.micro_batch_size=2", "checkpoint.keep_last=5")
+         "train.micro_batch_size=2", "checkpoint.keep_last=5", "deepspeed.zero_stage=2")
 
 
 @pytest.fixture(scope="module")

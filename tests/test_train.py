@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from latent_shards import make_latent_shards
+from latent_shards import SHAPE, make_latent_shards
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -55,8 +55,10 @@ def test_single_process_python_run_trains_and_writes_everything(tmp_path, shards
     rec = records[40]
     for field in ("loss", "lr", "grad_norm", "samples_per_s", "tflops", "mfu", "hfu", "tokens_per_s"):
         assert isinstance(rec[field], float), field
-    # The tiny model's 32 text + 3 x 4 x 4 video tokens per sample; MFU against the given peak.
-    assert rec["tokens_per_s"] == pytest.approx(80 * rec["samples_per_s"], rel=1e-6)
+    # The tiny model's text tokens + latent frames x (height / 2) x (width / 2) video tokens per sample
+    # (patch 2); MFU against the given peak.
+    tokens = SHAPE["text_len"] + SHAPE["frames"] * (SHAPE["height"] // 2) * (SHAPE["width"] // 2)
+    assert rec["tokens_per_s"] == pytest.approx(tokens * rec["samples_per_s"], rel=1e-6)
     assert rec["tflops"] > 0 and rec["mfu"] == pytest.approx(rec["tflops"] / 0.5) and rec["hfu"] == rec["mfu"]
     assert "step 40/40" in r.stdout and "ETA" in r.stdout and "TFLOP/s (MFU " in r.stdout
     # TensorBoard: a real event file with the documented scalar tags
