@@ -67,6 +67,22 @@ def test_matches_diffusers_pipeline(parts, kind, guidance, invert):
     assert not torch.allclose(other, ours)
 
 
+def test_zero_image_removes_the_image_condition_only(parts):
+    cfg, transformer, text, prompt, negative, image = parts
+    vae = encoders.build_vae(cfg)
+
+    def latents(img, **kw):
+        return sample_video(transformer, vae, build_scheduler(cfg.diffusion), img, prompt, negative, num_frames=9,
+                            num_inference_steps=2, guidance_scale=6.0, generator=torch.Generator().manual_seed(4),
+                            output="latents", **kw)
+
+    other = -image
+    assert not torch.allclose(latents(image), latents(other))  # by default the image steers the sample
+    zeroed = latents(image, zero_image=True)
+    torch.testing.assert_close(zeroed, latents(other, zero_image=True), atol=0, rtol=0)
+    assert not torch.allclose(zeroed, latents(image))
+
+
 def test_decoded_frames_match_the_pipeline(parts):
     cfg, transformer, text, prompt, negative, image = parts
     vae = encoders.build_vae(cfg)
