@@ -55,7 +55,7 @@ def test_vae_latent_channels_must_match_the_dit():
 def test_text_encoder_width_and_length_must_match_the_dit():
     with pytest.raises(ConfigError, match=r"precompute\.text_encoder\.arch\.d_model.*text_embed_dim 32"):
         encoders.build_text_encoder(cfg("precompute.text_encoder.arch.d_model=64"))
-    with pytest.raises(ConfigError, match=r"precompute\.text_encoder\.max_length.*max_text_seq_length 32"):
+    with pytest.raises(ConfigError, match=r"precompute\.text_encoder\.max_length.*max_text_seq_length 8"):
         encoders.build_text_encoder(cfg("precompute.text_encoder.max_length=226"))
 
 

@@ -116,15 +116,16 @@ def test_export_loads_in_pipeline_and_generates(runs, stage, tmp_path):
     # Tokenizer and text encoder: the pipeline encodes a prompt as the precompute job did.
     prompt = "a red ball moving left"
     text = build_text_encoder(cfg)
-    kw = dict(padding="max_length", max_length=32, truncation=True, add_special_tokens=True, return_tensors="pt")
+    n = cfg.precompute.text_encoder.max_length
+    kw = dict(padding="max_length", max_length=n, truncation=True, add_special_tokens=True, return_tensors="pt")
     assert torch.equal(pipe.tokenizer(prompt, **kw).input_ids, text.tokenizer(prompt, **kw).input_ids)
     ours = text([prompt])
-    theirs, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=32,
+    theirs, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=n,
                                    device=torch.device("cpu"))
     torch.testing.assert_close(theirs.float(), ours, rtol=1e-5, atol=1e-5)  # attention kernels may differ
 
     video = pipe(image=_image(), prompt=prompt, num_frames=9, height=64, width=64, num_inference_steps=2,
-                 guidance_scale=6.0, max_sequence_length=32, output_type="pt",
+                 guidance_scale=6.0, max_sequence_length=n, output_type="pt",
                  generator=torch.Generator().manual_seed(0)).frames
     assert video.shape == (1, 9, 3, 64, 64)
     assert torch.isfinite(video).all()
@@ -249,7 +250,7 @@ def test_image_latent_convention_matches_pipeline(variant, tmp_path):
     hook = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
     image, seed = _image(3), 1234
     result = pipe(image=image, prompt="a blue disk", num_frames=9, height=64, width=64, num_inference_steps=1,
-                  guidance_scale=6.0, max_sequence_length=32, output_type="latent",
+                  guidance_scale=6.0, max_sequence_length=n, output_type="latent",
                   generator=torch.Generator().manual_seed(seed)).frames
     hook.remove()
     hidden = captured[0]["hidden_states"]  # [2 (uncond, cond), F, 2C, h, w]
@@ -289,7 +290,7 @@ def test_image_latent_convention_matches_pipeline(variant, tmp_path):
     # decoded clip has the requested 9 frames.
     assert result.shape == (1, frames, c, 8, 8)
     video = pipe(image=image, prompt="a blue disk", num_frames=9, height=64, width=64, num_inference_steps=1,
-                 guidance_scale=1.0, max_sequence_length=32, output_type="pt",
+                 guidance_scale=1.0, max_sequence_length=n, output_type="pt",
                  generator=torch.Generator().manual_seed(seed)).frames
     assert video.shape == (1, 9, 3, 64, 64)
 
