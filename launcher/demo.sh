@@ -2,7 +2,7 @@
 # The whole pipeline on synthetic data, on a CPU, in a few minutes (`make demo`):
 #   1 synthetic clips -> 2 video shards -> 3 fit the tiny VAE -> 4 latent shards -> 5 train -> 6 sample -> 7 evaluate
 # Everything lands in $DEMO_DIR (default runs/demo). Smaller settings for CI through the environment:
-#   DEMO_DIR, DEMO_CLIPS (192), DEMO_PER_SHARD (48), DEMO_VAE_STEPS (500; 0 keeps the random-init VAE),
+#   DEMO_DIR, DEMO_CLIPS (192), DEMO_PER_SHARD (48), DEMO_VAE_STEPS (700; 0 keeps the random-init VAE),
 #   DEMO_TRAIN_STEPS (4000), DEMO_SAMPLE_STEPS (validation.num_inference_steps), DEMO_EVAL_PAIRS (16),
 #   DEMO_SEED (0: run.seed and the synthetic clips' seed),
 #   DEMO_QUALITY_JSON (bench/results/demo-quality.json; empty: not written),
@@ -17,7 +17,7 @@ PY=${PYTHON:-.venv/bin/python}
 DIR=${DEMO_DIR:-runs/demo}
 CLIPS=${DEMO_CLIPS:-192}
 PER_SHARD=${DEMO_PER_SHARD:-48}
-VAE_STEPS=${DEMO_VAE_STEPS:-500}
+VAE_STEPS=${DEMO_VAE_STEPS:-700}
 TRAIN_STEPS=${DEMO_TRAIN_STEPS:-4000}
 EVAL_PAIRS=${DEMO_EVAL_PAIRS:-16}
 SEED=${DEMO_SEED:-0}
