@@ -18,6 +18,7 @@ setup(
         "deepspeed>=0.15",
         "diffusers>=0.32",
         "accelerate",
+        "peft>=0.15",
         "transformers>=4.46",
         "tokenizers",
         "webdataset>=0.2.90",

@@ -1,4 +1,6 @@
-"""Trainer overhead: the trainer's step time against a bare loop of the same model.
+"""Training-step benchmarks.
+
+Trainer overhead (the default; CPU):
 
     python bench/train_step.py [--config configs/tiny.yaml] [--steps 40] [--json] [key=value ...]
 
@@ -9,11 +11,31 @@ same DeepSpeed engine with a bare loop, which splits the ratio into DeepSpeed's 
 trainer's own. It reports median step times after a warm-up and `ratio` = trainer / bare
 (goal <= 1.15). Latent shards shaped for the config are generated in a temporary directory.
 Results go to bench/results/train_step-<device>.json.
+
+The real shape (GPU):
+
+    python bench/train_step.py --shape 5b [--layers K] [--steps 8] [--peak-tflops T]
+
+The CogVideoX-5b-I2V architecture (configs/arch/cogvideox-5b-i2v.json, random init, `--layers`
+blocks of its 42) at 49 x 480 x 720 clips (13 x 60 x 90 latents, 17,776 tokens), bf16, gradient
+checkpointing, one micro-batch per step. Two sides, each on its own fresh model:
+  - stock: what a diffusers example user runs: diffusers' model with its SDPA processor in fp32
+    under bf16 autocast, the eager noise chain (bench/noise.py's), torch AdamW, gradient clipping;
+  - i2v: the real `Trainer` of configs/cogvideox-5b-i2v.yaml (DeepSpeed ZeRO-2 bf16, fused noise
+    kernel, Triton flash attention), its own telemetry read back from metrics.jsonl.
+Both read the same random latent shards. It reports s/step, samples/s, TFLOP/s, MFU, HFU and
+peak memory (allocated and reserved) per side, `speedup` = stock / i2v step time (goal >= 1.3),
+and the planner's peak estimate for the i2v side against torch.cuda.max_memory_allocated.
+FLOPs come from i2v.flops; MFU is against --peak-tflops or the device's dense bf16 peak.
+Writes bench/results/train_step-5b-<gpu>.json. Without CUDA it runs the same code on the tiny
+config (fp32) as a smoke test and writes train_step-5b-cpu-smoke.json ("mode": "cpu-smoke").
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import os
 import platform
@@ -29,24 +51,29 @@ from i2v import diffusion
 from i2v.config import load_config
 from i2v.data.latents import LatentDataset, LatentShardWriter, make_loader, save_empty_prompt
 from i2v.distributed import init_distributed
-from i2v.model import build_transformer
+from i2v.flops import default_peak_tflops, training_flops
+from i2v.model import build_transformer, predict, read_arch_file, rotary_embeddings, transformer_arch
 from i2v.objective import training_loss
 from i2v.optim import build_optimizer
+from i2v.plan import latent_shape, make_plan
 from i2v.trainer import Trainer
+
+from _kernels import REPO, git_commit, write_result  # noqa: E402  (bench/ is the script's directory)
+from noise import stock_chain  # noqa: E402
 
 
 def write_random_latents(directory: str, cfg, shards: int = 4, per_shard: int = 16) -> None:
-    arch = build_transformer(cfg.model).config
-    f = (cfg.data.video.frames - 1) // 4 + 1
-    h, w = cfg.data.video.height // 8, cfg.data.video.width // 8
+    arch = transformer_arch(cfg.model)
+    f, h, w = latent_shape(cfg, arch["temporal_compression_ratio"])
+    text = (arch["max_text_seq_length"], arch["text_embed_dim"])
     g = torch.Generator().manual_seed(0)
     for s in range(shards):
         with LatentShardWriter(os.path.join(directory, f"latents-{s:06d}.tar")) as wr:
             for i in range(per_shard):
-                video = torch.randn(f, arch.out_channels, h, w, generator=g)
+                video = torch.randn(f, arch["out_channels"], h, w, generator=g)
                 image = video[:1].unsqueeze(0).repeat(2, 1, 1, 1, 1)
-                wr.write(f"s{s}-{i}", video, image, torch.randn(arch.max_text_seq_length, arch.text_embed_dim, generator=g))
-    save_empty_prompt(directory, torch.zeros(arch.max_text_seq_length, arch.text_embed_dim))
+                wr.write(f"s{s}-{i}", video, image, torch.randn(*text, generator=g))
+    save_empty_prompt(directory, torch.zeros(*text))
 
 
 def _optimizer_and_data(cfg, model):
@@ -64,15 +91,20 @@ def bare_loop(cfg, steps: int, device) -> list[float]:
     for step in range(steps):
         t0 = time.perf_counter()
         loss = training_loss(model, next(data), abar, cfg, cfg.run.seed, step, None, device, "torch", cache)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _backward_and_step(loss, model, opt, cfg, device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _backward_and_step(loss, model, opt, cfg, device) -> None:
+    """A plain loop's backward, gradient clipping and AdamW step, finished on the device."""
+    loss.backward()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def bare_engine_loop(cfg, steps: int, device, world_size: int) -> list[float]:
@@ -96,14 +128,142 @@ def bare_engine_loop(cfg, steps: int, device, world_size: int) -> list[float]:
     return times
 
 
+ARCH_5B = REPO / "configs" / "arch" / "cogvideox-5b-i2v.json"
+
+
+def shape_config(smoke: bool, layers: int, steps: int, latents: str, out: str):
+    """configs/cogvideox-5b-i2v.yaml on a random-init `layers`-block 5B, set up for timing (tiny.yaml for a smoke run)."""
+    base = REPO / "configs" / ("tiny.yaml" if smoke else "cogvideox-5b-i2v.yaml")
+    cfg = load_config(base, [
+        "model.gradient_checkpointing=true", f"data.latent_shards={latents}", f"run.output_dir={out}",
+        f"train.max_steps={steps}", "train.log_every=1", "train.warmup_steps=0", "train.micro_batch_size=1",
+        "train.grad_accum_steps=1", "checkpoint.resume=false", "checkpoint.save_at_end=false",
+        "validation.every_steps=0", "data.num_workers=0"])
+    if not smoke:  # set in the tree, not through a YAML override, so that values such as 1e-05 stay floats
+        cfg.model.pretrained = cfg.model.arch_file = None
+        cfg.model.arch = {**read_arch_file(str(ARCH_5B), "--shape 5b"), "num_layers": layers}
+    return cfg
+
+
+def stock_loop(cfg, steps: int, device) -> list[float]:
+    """A diffusers example's step: fp32 weights under bf16 autocast, diffusers' SDPA processor, the eager
+    noise chain, torch AdamW, gradient clipping."""
+    model = build_transformer(dataclasses.replace(cfg.model, dtype="fp32"), seed=cfg.run.seed).to(device).train()
+    opt, abar, data = _optimizer_and_data(cfg, model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16")
+    times, rotary = [], {}
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = next(data)
+        x0, image, prompt = (batch[k].to(device) for k in ("video_latents", "image_latents", "prompt_embeds"))
+        t = torch.randint(cfg.diffusion.t_min, cfg.diffusion.t_max + 1, (x0.shape[0],))
+        sqrt_a, sqrt_1ma = diffusion.coefficients(abar, t)
+        model_input, target = stock_chain(x0, image, sqrt_a.to(device), sqrt_1ma.to(device))
+        shape = (x0.shape[1], x0.shape[3], x0.shape[4])
+        if shape not in rotary:
+            rotary[shape] = rotary_embeddings(model.config, *shape, device)
+        with autocast:
+            pred = predict(model, model_input, prompt, t.to(device), cfg.diffusion.ofs, rotary[shape])
+        _backward_and_step(diffusion.loss_v_mse(pred, target), model, opt, cfg, device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _peak_memory(device) -> dict:
+    if device.type != "cuda":
+        return {"peak_mem_gb": None, "peak_mem_reserved_gb": None}
+    return {"peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_mem_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def _fresh_memory(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def shape_benchmark(args) -> dict:
+    env = init_distributed()
+    device, smoke = env.device, env.device.type != "cuda"
+    name = torch.cuda.get_device_name() if not smoke else f"cpu-{os.cpu_count()}cores"
+    peak = args.peak_tflops or default_peak_tflops(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        latents, out = os.path.join(tmp, "latents"), os.path.join(tmp, "run")
+        os.makedirs(latents)
+        cfg = shape_config(smoke, args.layers, args.steps, latents, out)
+        write_random_latents(latents, cfg, shards=1, per_shard=4)
+        arch = transformer_arch(cfg.model)
+        latent = latent_shape(cfg, arch["temporal_compression_ratio"])
+        flops = training_flops(arch, *latent, gradient_checkpointing=True)
+
+        _fresh_memory(device)
+        stock_times = stock_loop(cfg, args.steps, device)
+        stock_mem = _peak_memory(device)
+        _fresh_memory(device)
+        Trainer(cfg, env).train()
+        ours_mem = _peak_memory(device)
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if not smoke else 64.0
+    plan = make_plan(cfg, gpus=1, gpu_mem_gb=total_gib, peak_tflops=peak)
+
+    def side(times: list[float], mem: dict) -> dict:
+        step_s = statistics.median(times[args.warmup:])
+        tflops = flops.model / step_s / 1e12
+        return {"step_s": step_s, "samples_per_s": 1 / step_s, "tflops": tflops,
+                "mfu": tflops / peak if peak else None, "hfu": flops.hardware / step_s / 1e12 / peak if peak else None,
+                "step_times_s": times, **mem}
+
+    ours = side([r["step_time_s"] for r in records], ours_mem)
+    ours["telemetry_mfu"] = statistics.median(r["mfu"] for r in records[args.warmup:]) if peak and not smoke else None
+    stock = side(stock_times, stock_mem)
+    commit, dirty = git_commit("i2v", "kernels", "bench", "configs")
+    measured = ours["peak_mem_gb"]
+    return {
+        "mode": "cpu-smoke" if smoke else "gpu", "device": name, "torch": torch.__version__,
+        "python": platform.python_version(), "commit": commit, "dirty": dirty,
+        "command": "python bench/train_step.py " + " ".join(sys.argv[1:]),
+        "shape": args.shape, "layers": arch["num_layers"], "latent": list(latent), "tokens": flops.tokens,
+        "params": plan.counts.total, "model_flops_per_sample": flops.model, "hardware_flops_per_sample": flops.hardware,
+        "peak_tflops": peak, "steps": args.steps, "warmup": args.warmup,
+        "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision,
+        "i2v": ours, "stock": stock, "speedup": stock["step_s"] / ours["step_s"], "goal_speedup": 1.3, "goal_mfu": 0.4,
+        "planner": {"peak_gb": plan.peak_bytes / 2**30, "measured_peak_gb": measured,
+                    "estimate_over_measured": plan.peak_bytes / 2**30 / measured if measured else None,
+                    "state_gb": plan.state.device / 2**30, "activations_gb": plan.activations[True].peak / 2**30},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny.yaml")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--shape", choices=["5b"], default=None, help="the real-shape benchmark (see above)")
+    ap.add_argument("--layers", type=int, default=42, help="--shape 5b: transformer blocks of the 42")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="--shape 5b: MFU denominator (default: by device)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per side (default 40; 8 with --shape)")
+    ap.add_argument("--warmup", type=int, default=None, help="steps left out of the median (default 5; 3 with --shape)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    args.steps = args.steps or (8 if args.shape else 40)
+    args.warmup = args.warmup if args.warmup is not None else (3 if args.shape else 5)
+    if args.shape:
+        result = shape_benchmark(args)
+        write_result("train_step-5b", result["device"], result["mode"] == "cpu-smoke", result)
+        ours, stock, plan = result["i2v"], result["stock"], result["planner"]
+        mfu = lambda r: f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""  # noqa: E731
+        for label, r in (("i2v", ours), ("stock", stock)):
+            mem = f", peak {r['peak_mem_gb']:.1f} GiB" if r["peak_mem_gb"] is not None else ""
+            print(f"{label:5s} {r['step_s']:.3f} s/step, {r['samples_per_s']:.3f} samples/s, "
+                  f"{r['tflops']:.3g} TFLOP/s{mfu(r)}{mem}")
+        print(f"speedup {result['speedup']:.2f}x (goal >= 1.3) | {result['layers']} layers, {result['tokens']:,} tokens")
+        if plan["measured_peak_gb"]:
+            print(f"planner {plan['peak_gb']:.2f} GiB estimated vs {plan['measured_peak_gb']:.2f} GiB "
+                  f"max_memory_allocated ({plan['estimate_over_measured']:.3f})")
+        if args.json:
+            print(json.dumps(result))
+        return
 
     env = init_distributed()
     with tempfile.TemporaryDirectory() as tmp:

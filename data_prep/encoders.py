@@ -14,20 +14,19 @@ Prompt embeddings follow diffusers' CogVideoX pipelines: pad to `max_length`, no
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+from diffusers import AutoencoderKLCogVideoX
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from i2v.config import Config
 from i2v.errors import ConfigError
-from i2v.model import DTYPES, check_arch_keys, check_pretrained_dir
+from i2v.model import DTYPES, check_arch_keys, check_pretrained_dir, transformer_arch
 
 T5_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -87,25 +86,13 @@ def _config_sha256(path: str) -> str:
 
 def dit_dims(cfg: Config) -> dict:
     """Latent channels, text width and text length the DiT takes, without building it."""
-    if cfg.model.pretrained:
-        path = os.path.join(cfg.model.pretrained, "config.json")
-        if not os.path.isfile(path):
-            raise ConfigError(f"model.pretrained: {cfg.model.pretrained} has no config.json")
-        with open(path) as f:
-            conf = json.load(f)
-    else:
-        conf = dict(cfg.model.arch)
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(CogVideoXTransformer3DModel.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    get = lambda k: conf.get(k, defaults[k]) if conf.get(k) is not None else defaults[k]  # noqa: E731
+    conf = transformer_arch(cfg.model)
+    m = cfg.model
     return {
-        "channels": get("out_channels") or get("in_channels") // 2,
-        "text_dim": get("text_embed_dim"),
-        "text_len": get("max_text_seq_length"),
-        "where": "model.pretrained" if cfg.model.pretrained else "model.arch",
+        "channels": conf["out_channels"] or conf["in_channels"] // 2,
+        "text_dim": conf["text_embed_dim"],
+        "text_len": conf["max_text_seq_length"],
+        "where": "model.arch" if m.arch else "model.arch_file" if m.arch_file else "model.pretrained",
     }
 
 

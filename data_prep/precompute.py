@@ -42,6 +42,8 @@ from i2v.errors import ConfigError, DataError
 from i2v.kernels.noise import condition_noise
 
 FORMAT = "i2v-latents-v1"
+# The first-frame noise: torch's CPU generator keyed by (run.seed, shard, key), on any device.
+CONDITION_NOISE_STREAM = "torch-cpu"
 REJECTS_FILE = "rejects.jsonl"
 
 
@@ -122,11 +124,12 @@ class Precompute:
             "video": dataclasses.asdict(cfg.data.video),
             "vae": self.vae_identity,
             "text_encoder": self.text_identity,
+            "condition_noise": CONDITION_NOISE_STREAM,
         }
         # A model directory may move between runs; its config hash, not its path, identifies it.
-        portable = {k: ({n: x for n, x in v.items() if n != "path"} if isinstance(v, dict) else v)
-                    for k, v in self.settings.items()}
-        blob = json.dumps(portable, sort_keys=True).encode()
+        self.portable = {k: ({n: x for n, x in v.items() if n != "path"} if isinstance(v, dict) else v)
+                         for k, v in self.settings.items()}
+        blob = json.dumps(self.portable, sort_keys=True).encode()
         self.fingerprint = hashlib.sha256(blob).hexdigest()
 
     def _seed(self, shard: str, key: str, purpose: str, draw: int = 0) -> int:
@@ -142,10 +145,16 @@ class Precompute:
         return torch.exp(self.pre.image_log_sigma_mean + self.pre.image_log_sigma_std * z).float()
 
     def noisy_first_frames(self, shard: str, key: str, image: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """[K, 3, H, W]: frame 0 plus sigma_k * eps_k for each draw k."""
-        frames = image.unsqueeze(0).expand(len(sigma), *image.shape).contiguous()
+        """[K, 3, H, W] on the CPU: frame 0 plus sigma_k * eps_k for each draw k.
+
+        The noise is drawn on the CPU with the torch backend whatever device encodes: the CUDA
+        kernel's Philox stream and the CUDA generator differ from the CPU's, and a job resumed on
+        another device type must continue the same stream (`CONDITION_NOISE_STREAM` is part of the
+        fingerprint). A few first frames per clip cost nothing next to the VAE.
+        """
+        frames = image.cpu().unsqueeze(0).expand(len(sigma), *image.shape).contiguous()
         offset = self._seed(shard, key, "image_noise")
-        return condition_noise(frames, sigma, seed=self.cfg.run.seed, offset=offset)
+        return condition_noise(frames, sigma, seed=self.cfg.run.seed, offset=offset, backend="torch")
 
     def _latents(self, pixels: torch.Tensor, gens: list[torch.Generator] | None) -> torch.Tensor:
         """pixels [B, 3, F, H, W] -> [B, f, C, h, w], unscaled."""
@@ -264,19 +273,28 @@ def prefetched(iterable, depth: int = 8) -> Iterator:
         thread.join(timeout=5)
 
 
-def is_finished(out_dir: str, name: str, fingerprint: str) -> bool:
-    """True when the shard and its record exist; a record from other settings is an error."""
+def is_finished(out_dir: str, name: str, job: "Precompute") -> bool:
+    """True when the shard and its record exist; a record from other settings is an error naming them."""
     tar, rec = os.path.join(out_dir, name), record_path(out_dir, name)
     if not (os.path.isfile(tar) and os.path.isfile(rec)):
         return False
     with open(rec) as f:
         record = json.load(f)
-    if record.get("fingerprint") != fingerprint:
+    if record.get("fingerprint") != job.fingerprint:
+        theirs = record.get("settings", {})
+        differ = [f"{k}: {_brief(theirs.get(k))} there, {_brief(v)} here"
+                  for k, v in job.portable.items() if theirs.get(k) != v]
+        what = "; ".join(differ) if differ else "VAE, text encoder, seed, clip geometry, draws or noise stream"
         raise DataError(
-            f"data.latent_shards: {rec} was written with other precompute settings (VAE, text encoder, "
-            "seed, clip geometry or draws); write to a new directory or delete the old shards"
+            f"data.latent_shards: {rec} was written with other precompute settings ({what}); "
+            "write to a new directory or delete the old shards"
         )
     return True
+
+
+def _brief(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _remove_stale(out_dir: str, name: str) -> None:
@@ -329,6 +347,7 @@ def run_shard(job: Precompute, url: str, out_dir: str, name: str, progress=None,
         "rejects": [{"shard": shard, "key": k, "reason": r, "detail": d} for k, r, d in bad.examples],
         "seconds": round(time.time() - started, 3),
         "fingerprint": job.fingerprint,
+        "settings": job.portable,
         "rank": rank,
     }
     write_json_atomic(record_path(out_dir, name), record)
@@ -338,7 +357,7 @@ def run_shard(job: Precompute, url: str, out_dir: str, name: str, progress=None,
 def write_dataset_manifest(job: Precompute, urls: list[str], out_dir: str) -> dict | None:
     """Merge the shard records into manifest.json + rejects.jsonl once every shard is finished."""
     names = [output_name(u) for u in urls]
-    if not all(is_finished(out_dir, n, job.fingerprint) for n in names):
+    if not all(is_finished(out_dir, n, job) for n in names):
         return None
     records = []
     for n in names:
@@ -394,7 +413,7 @@ def run(cfg: Config, rank: int = 0, world: int = 1, device: str | None = None, p
     save_empty_prompt(out_dir, job.empty_prompt())
 
     mine = assignment(urls, rank, world)
-    todo = [(u, n) for u, n in mine if not is_finished(out_dir, n, job.fingerprint)]
+    todo = [(u, n) for u, n in mine if not is_finished(out_dir, n, job)]
     expected = [_expected_samples(u) for u, _ in todo]
     total = sum(expected) if all(e is not None for e in expected) else None
     bar = tqdm(total=total, unit="clip", desc=f"precompute rank {rank}", disable=not progress or rank != 0,

@@ -6,6 +6,10 @@ projection and dropout, then the split back into video and text streams); only t
 attention core changes, to `i2v.kernels.attention.flash_attention` with backend "triton", or
 torch SDPA with backend "sdpa". It also accepts modules with fused QKV projections.
 
+Under sequence parallelism (`video_shard` given, see `i2v.parallel`) the video tokens are this
+rank's run only: Q, K and V go through the shard's all-to-all to the whole sequence for this rank's
+heads before QK-norm, RoPE and the core, and the output comes back to local tokens, all heads.
+
 RoPE and the QK layer norm stay in PyTorch: fusing them into the kernel saves a pass over Q
 and K each, which has not been measured to matter next to attention at S ~ 17.8k.
 
@@ -36,12 +40,16 @@ class CogVideoXFlashAttnProcessor:
             raise ValueError(f"CogVideoXFlashAttnProcessor backend must be 'triton' or 'sdpa', got {backend!r}")
         self.backend = backend
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None,
+                 video_shard=None):
+        """`video_shard` (an `i2v.parallel.VideoShard`): `hidden_states` are this rank's video tokens only."""
         text_seq_length = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch_size, sequence_length, _ = hidden_states.shape
 
         if attention_mask is not None:
+            if video_shard is not None:
+                raise ValueError("an attention mask over a sequence-parallel shard is not supported")
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
 
@@ -54,10 +62,12 @@ class CogVideoXFlashAttnProcessor:
             value = attn.to_v(hidden_states)
 
         head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim) for t in (query, key, value))
+        if video_shard is not None:
+            # Sequence parallel: from here on the whole sequence, this rank's heads.
+            query, key, value = video_shard.to_heads(query, key, value, text_seq_length)
         # [B, S, H, D] viewed as [B, H, S, D]: the kernel reads strides, so no copy here.
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
 
         if attn.norm_q is not None:
             query = attn.norm_q(query)
@@ -81,8 +91,11 @@ class CogVideoXFlashAttnProcessor:
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
 
+        hidden_states = hidden_states.transpose(1, 2)
+        if video_shard is not None:
+            hidden_states = video_shard.to_tokens(hidden_states, text_seq_length)
         # Free for the triton output ([B, S, H, D] storage); one copy for SDPA, as in diffusers.
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.flatten(2)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
 

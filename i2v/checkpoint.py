@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from i2v.distributed import DistEnv, barrier
-from i2v.errors import CheckpointError
+from i2v.errors import CheckpointError, ConfigError
 from i2v.faults import maybe_fault
 from i2v.fsutil import sha256_file, write_text_atomic
 
@@ -78,8 +78,9 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, root: str, keep_last: int, env: DistEnv):
-        self.root, self.keep_last, self.env = root, keep_last, env
+    def __init__(self, root: str, keep_last: int, env: DistEnv, trainable_only: bool = False):
+        """`trainable_only` (LoRA): leave the frozen base out; it is rebuilt from model.pretrained/arch."""
+        self.root, self.keep_last, self.env, self.trainable_only = root, keep_last, env, trainable_only
         if env.is_main:
             os.makedirs(root, exist_ok=True)
         barrier()
@@ -108,11 +109,14 @@ class Checkpointer:
 
     # -- saving -----------------------------------------------------------------
 
-    def save(self, engine, step: int, client_state: dict) -> str:
+    def save(self, engine, step: int, client_state: dict, ema=None) -> str:
         tag = tag_for(step)
         tmp_tag = f"tmp-{tag}"
         tmp_dir = os.path.join(self.root, tmp_tag)
-        engine.save_checkpoint(self.root, tag=tmp_tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(self.root, tag=tmp_tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=self.trainable_only)
+        if ema is not None:  # inside the directory before the commit, so COMMITTED.json covers it
+            ema.save(tmp_dir, self.env.rank)
         os.makedirs(os.path.join(tmp_dir, "rng"), exist_ok=True)
         write_text_atomic(os.path.join(tmp_dir, "rng", f"rank-{self.env.rank}.json"), json.dumps(rng_state()))
         maybe_fault("mid_checkpoint", self.env.rank, step)
@@ -173,8 +177,8 @@ class Checkpointer:
                 problems.append(str(e))
         return None, problems
 
-    def load(self, engine, tag: str, reshard_blocker: str | None = None) -> dict:
-        """Load `tag` into the engine; returns its client state. RNG states are restored last.
+    def load(self, engine, tag: str, reshard_blocker: str | None = None, ema=None) -> dict:
+        """Load `tag` into the engine (and `ema`); returns its client state. RNG states are restored last.
 
         `reshard_blocker` names what prevents loading at another world size (None: nothing does).
         """
@@ -189,9 +193,14 @@ class Checkpointer:
                 "or export the weights and start a new run"
             )
         load_path, client_state = engine.load_checkpoint(self.root, tag=tag, load_optimizer_states=True,
-                                                         load_lr_scheduler_states=True)
+                                                         load_lr_scheduler_states=True,
+                                                         load_module_strict=not self.trainable_only)
         if load_path is None:
             raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
+        if ema is not None and not ema.load(path):
+            ema.reset()  # the EMA was switched on after this checkpoint: it starts from the loaded weights
+            if self.env.is_main:
+                print(f"[i2v] checkpoint {tag} holds no EMA; it starts from the loaded weights", flush=True)
         rng_file = os.path.join(path, "rng", f"rank-{self.env.rank}.json")
         if os.path.isfile(rng_file):  # a rank that did not exist at save time keeps its fresh state
             with open(rng_file) as f:
@@ -220,16 +229,67 @@ def consolidated_state_dict(checkpoint_dir: str) -> dict:
     return {k: v.float() for k, v in torch.load(states, map_location="cpu", weights_only=True)["module"].items()}
 
 
-def load_trained_transformer(cfg, checkpoint_dir: str):
-    """The trained DiT of a checkpoint, built from the run's config, in eval mode."""
+def check_engine_layout(cfg, recorded: dict, where: str) -> None:
+    """Refuse, before any loading, a resume whose DeepSpeed optimizer state is laid out differently.
+
+    Each ZeRO stage and precision writes its own optimizer files (names, flat groups, master copies);
+    DeepSpeed would fail deep inside the load, or start a fresh optimizer, on another one.
+    """
+    saved = (recorded.get("config") or {}).get("deepspeed") or {}
+    now = {"zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision}
+    diffs = [f"deepspeed.{k}: checkpoint has {saved[k]!r}, this run has {v!r}" for k, v in now.items()
+             if k in saved and saved[k] != v]
+    if diffs:
+        fix = " ".join(f"deepspeed.{k}={saved[k]}" for k in now if k in saved and saved[k] != now[k])
+        raise CheckpointError(f"checkpoint {where} cannot be resumed by this engine: {'; '.join(diffs)}. DeepSpeed's "
+                              f"optimizer state of one layout does not load into another; resume with {fix}, or "
+                              "export the weights and start a new run from them")
+
+
+def saved_client_state(checkpoint_dir: str) -> dict:
+    """The trainer's client state (config, counters, base identity) stored in a checkpoint, read without DeepSpeed."""
+    # ZeRO-3 names rank 0's model-states file differently; either carries the client state.
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    found = [os.path.join(checkpoint_dir, n) for n in names if os.path.isfile(os.path.join(checkpoint_dir, n))]
+    if not found:
+        raise CheckpointError(f"checkpoint {checkpoint_dir} holds no DeepSpeed model states ({' or '.join(names)})")
+    try:  # mmap: a full fine-tune's file holds the whole model, and only the small entries are read
+        state = torch.load(found[0], map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise CheckpointError(f"checkpoint {checkpoint_dir}: cannot read {found[0]}: {e}") from None
+    return {k: v for k, v in state.items() if k not in ("module", "optimizer", "lr_scheduler")}
+
+
+def load_trained_transformer(cfg, checkpoint_dir: str, weights: str = "live"):
+    """The trained DiT of a checkpoint, built from the run's config (LoRA adapters included), in eval mode.
+
+    `weights`: "live" (DeepSpeed's fp32 consolidation of the trained weights) or "ema" (the stitched
+    EMA over the trainable parameters). A LoRA checkpoint holds only the trainable parameters: the
+    frozen base comes from `model.pretrained` / `model.arch`.
+    """
+    from i2v.adapters import lora_enabled, trainable_names, with_lora
+    from i2v.ema import stitch
     from i2v.model import build_transformer
 
-    model = build_transformer(cfg.model, seed=cfg.run.seed)
+    model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed), cfg.model, seed=cfg.run.seed)
     state = consolidated_state_dict(checkpoint_dir)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    if weights == "ema":
+        ema = stitch(checkpoint_dir)
+        if ema is None:
+            raise ConfigError(f"--weights ema: checkpoint {checkpoint_dir} holds no EMA (train.ema.decay was 0); "
+                              "train with train.ema.decay > 0, or use --weights live")
+        state.update(ema)
+    expected = model.state_dict()
+    required = trainable_names(model) if lora_enabled(cfg.model) else list(expected)
+    missing = [k for k in required if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in state
+             if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
         raise CheckpointError(
-            f"checkpoint {checkpoint_dir} does not fit model {cfg.model.pretrained or 'model.arch'}: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"checkpoint {checkpoint_dir} does not fit the model of the config ({cfg.model.pretrained or 'model.arch'}, "
+            f"model.lora.rank {cfg.model.lora.rank}): missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"shape mismatches {wrong[:3]}"
         )
+    model.load_state_dict(state, strict=False)
     return model.eval()

@@ -48,6 +48,25 @@ class RunConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = doc(0, "LoRA rank (peft); 0 turns LoRA off and the whole DiT trains.")
+    alpha: Optional[float] = doc(None, "LoRA alpha: adapter outputs are scaled by alpha / rank; null means alpha = rank.")
+    dropout: float = doc(0.0, "Dropout on the adapters' input during training.")
+    target_modules: list = doc(
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        "Linear layers that get adapters: a module name or its dotted tail (peft's matching), e.g. to_q, attn1.to_out.0.",
+    )
+    init: Literal["default", "gaussian", "orthogonal"] = doc(
+        "default",
+        "peft's adapter init: default (Kaiming A, zero B), gaussian (normal A, zero B) or orthogonal (even ranks). "
+        "Inits that rewrite the base weights (pissa, olora, ...) are not offered: the base stays as it was loaded.",
+    )
+    extra_trainable: list = doc(
+        [], "Modules trained in full beside the adapters (names or dotted tails), e.g. patch_embed.proj, proj_out."
+    )
+
+
+@dataclass
 class ModelConfig:
     pretrained: Optional[str] = doc(
         None, "Diffusers-format transformer directory (config.json + weights), e.g. CogVideoX-5b-I2V/transformer."
@@ -57,9 +76,16 @@ class ModelConfig:
         "Inline CogVideoXTransformer3DModel constructor arguments, used when `pretrained` is unset; "
         "keys are checked against the constructor. in_channels must be 2 * out_channels.",
     )
+    arch_file: Optional[str] = doc(
+        None,
+        "A transformer config.json (diffusers format; configs/arch/ ships the public CogVideoX ones): the "
+        "architecture of a random-init model, or, beside `pretrained`, the architecture its weights must have. "
+        "The planner reads it, so planning needs no weights.",
+    )
     dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Parameter dtype when not training under DeepSpeed mixed precision.")
     gradient_checkpointing: bool = doc(False, "Recompute transformer blocks in backward to save activation memory.")
     init_std: float = doc(0.02, "Std of the explicit normal init of Linear weights for a random-init (inline) model.")
+    lora: LoRAConfig = doc(help="LoRA fine-tuning: adapters on a frozen base.", default_factory=LoRAConfig)
 
 
 @dataclass
@@ -115,6 +141,14 @@ class DataConfig:
 
 
 @dataclass
+class EMAConfig:
+    decay: float = doc(0.0, "EMA decay of the trainable weights (fp32, sharded like the optimizer); 0 keeps no EMA.")
+    update_every: int = doc(1, "Average every this many optimizer steps.")
+    start_step: int = doc(0, "Before this optimizer step the EMA follows the weights exactly (decay 0).")
+    warmup: bool = doc(False, "Use min(decay, (1 + n) / (10 + n)) at the n-th averaging update, as diffusers' EMAModel.")
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = doc(REQUIRED, "Optimizer steps to run.")
     micro_batch_size: int = doc(1, "Samples per rank per forward/backward.")
@@ -131,7 +165,12 @@ class TrainConfig:
     eps: float = doc(1e-8, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
     log_every: int = doc(10, "Console, metrics.jsonl and TensorBoard scalars every this many steps.")
+    peak_tflops: Optional[float] = doc(
+        None, "Peak dense TFLOP/s of one accelerator, the denominator of MFU. Default: from the device name "
+        "(H100/H200 SXM 989, A100 312, bf16); on the CPU or an unknown GPU MFU is not reported."
+    )
     max_consecutive_skips: int = doc(5, "Abort after this many consecutive steps skipped for a non-finite loss/grad.")
+    ema: EMAConfig = doc(help="Exponential moving average of the trainable weights.", default_factory=EMAConfig)
 
 
 @dataclass
@@ -145,8 +184,18 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    sequence_parallel_size: int = doc(
+        1,
+        "Ranks that split one clip's video tokens (Ulysses all-to-all); consecutive ranks form a group that "
+        "trains one micro-batch. Must divide the world size and the number of attention heads.",
+    )
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = doc(0, "Save a checkpoint every this many steps; 0 saves only at the end.")
+    save_at_end: bool = doc(True, "Commit a checkpoint when the run reaches train.max_steps (benchmarks turn it off).")
     keep_last: int = doc(3, "Keep this many newest committed checkpoints (the newest is never deleted).")
     resume: bool = doc(True, "Resume from the newest committed checkpoint in run.output_dir/checkpoints.")
     fallback_on_corrupt: bool = doc(True, "If the newest checkpoint is corrupt, resume from the previous committed one.")
@@ -196,6 +245,7 @@ class ValidationConfig:
     guidance_scale: float = doc(6.0, "Classifier-free guidance scale (1.0 disables guidance).")
     num_frames: Optional[int] = doc(None, "Frames to sample (default: data.video.frames).")
     timeout_s: float = doc(600.0, "Upper bound on one validation round; ranks never wait in a collective longer.")
+    weights: Literal["live", "ema"] = doc("live", "Sample with the live weights or with the EMA (needs train.ema.decay > 0).")
 
 
 @dataclass
@@ -206,6 +256,7 @@ class Config:
     data: DataConfig = doc(help="Shards and loaders.", default_factory=DataConfig)
     train: TrainConfig = doc(help="Optimisation.", default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = doc(help="DeepSpeed engine.", default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = doc(help="Sequence parallelism (the DP x SP layout).", default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = doc(help="Checkpoints and resume.", default_factory=CheckpointConfig)
     kernels: KernelsConfig = doc(help="Fused kernels.", default_factory=KernelsConfig)
     precompute: PrecomputeConfig = doc(help="Offline latent precomputation.", default_factory=PrecomputeConfig)
@@ -214,19 +265,26 @@ class Config:
     def validate(self, world_size: int | None = None) -> "Config":
         """Cross-field checks. `world_size` enables the global-batch check."""
         _check_ranges(self)
-        t = self.train
+        t, sp = self.train, self.parallel.sequence_parallel_size
+        if world_size is not None:
+            from i2v.parallel import check_sequence_parallel
+
+            check_sequence_parallel(sp, world_size)
         if world_size is not None and t.global_batch_size is not None:
-            got = t.micro_batch_size * t.grad_accum_steps * world_size
+            got = t.micro_batch_size * t.grad_accum_steps * (world_size // sp)
             if got != t.global_batch_size:
+                what = f"data-parallel size (world {world_size} / sequence parallel {sp})" if sp > 1 else "world size"
                 raise ConfigError(
                     f"train.global_batch_size: is {t.global_batch_size}, but train.micro_batch_size "
-                    f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x world size "
-                    f"({world_size}) = {got}; make them agree or drop train.global_batch_size"
+                    f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x {what} "
+                    f"({world_size // sp}) = {got}; make them agree or drop train.global_batch_size"
                 )
-        if not self.model.pretrained and not self.model.arch:
-            raise ConfigError("model: set model.pretrained (a diffusers transformer directory) or model.arch (inline)")
-        if self.model.pretrained and self.model.arch:
-            raise ConfigError("model: set only one of model.pretrained and model.arch")
+        m = self.model
+        if not (m.pretrained or m.arch or m.arch_file):
+            raise ConfigError("model: set model.pretrained (a diffusers transformer directory), model.arch (inline) "
+                              "or model.arch_file (a config.json)")
+        if m.arch and (m.pretrained or m.arch_file):
+            raise ConfigError(f"model.arch: set only one of model.arch and model.{'pretrained' if m.pretrained else 'arch_file'}")
         if self.diffusion.t_max >= self.diffusion.num_train_timesteps:
             raise ConfigError(
                 f"diffusion.t_max: is {self.diffusion.t_max}, expected < diffusion.num_train_timesteps "
@@ -234,9 +292,44 @@ class Config:
             )
         if self.diffusion.t_min > self.diffusion.t_max:
             raise ConfigError(f"diffusion.t_min: is {self.diffusion.t_min}, expected <= diffusion.t_max ({self.diffusion.t_max})")
+        zero = self.deepspeed.extra.get("zero_optimization", {})
+        if sp > 1 and self.deepspeed.zero_stage == 3 and zero.get("reduce_scatter", True) is not True:
+            # The ZeRO-3 gradient scale of i2v.parallel assumes the reduce-scatter path (it averages over SP too).
+            raise ConfigError("deepspeed.extra.zero_optimization.reduce_scatter: must stay true with "
+                              f"parallel.sequence_parallel_size {sp} at ZeRO-3")
+        if self.checkpoint.export_on_finish and not self.checkpoint.save_at_end:
+            raise ConfigError("checkpoint.export_on_finish: exports the final checkpoint; needs checkpoint.save_at_end: true")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage 1, 2 or 3 (it is 0)")
+        _check_lora_and_ema(self)
         return self
+
+
+def _check_lora_and_ema(cfg: Config) -> None:
+    lora, ema, ds = cfg.model.lora, cfg.train.ema, cfg.deepspeed
+    if lora.rank == 0 and lora.extra_trainable:
+        raise ConfigError("model.lora.extra_trainable: set, but model.lora.rank is 0 (a full fine-tune trains every module)")
+    if lora.rank > 0:
+        if not lora.target_modules:
+            raise ConfigError("model.lora.target_modules: empty; name the layers that get adapters, e.g. [to_q, to_k, to_v, to_out.0]")
+        if lora.alpha is not None and lora.alpha <= 0:
+            raise ConfigError(f"model.lora.alpha: is {lora.alpha}, expected > 0 (or null for alpha = rank)")
+        if lora.init == "orthogonal" and lora.rank % 2:
+            raise ConfigError(f"model.lora.init: orthogonal needs an even model.lora.rank (it is {lora.rank})")
+        if cfg.model.dtype != ds.precision:
+            # DeepSpeed casts every parameter, the frozen base included, to its precision: say so instead.
+            raise ConfigError(
+                f"model.dtype: is {cfg.model.dtype}, but deepspeed.precision is {ds.precision}; with model.lora the "
+                "frozen base is held in the engine's dtype (DeepSpeed casts every parameter to it), so set both to "
+                "the same value (the adapters' master weights are fp32 either way)"
+            )
+    if cfg.validation.weights == "ema" and ema.decay == 0:
+        raise ConfigError("validation.weights: is ema, but the run keeps no EMA; set train.ema.decay (e.g. 0.999)")
+    if ema.decay > 0 and ds.zero_stage == 0 and ds.precision != "fp32":
+        raise ConfigError(
+            f"train.ema.decay: the EMA averages DeepSpeed's fp32 master weights, which ZeRO-0 under "
+            f"deepspeed.precision={ds.precision} does not expose; use deepspeed.zero_stage 1, 2 or 3"
+        )
 
 
 # Ranges of numeric fields: dotted key -> (low, high), inclusive; None is unbounded.
@@ -250,7 +343,14 @@ _RANGES = {
     "train.grad_clip": (0.0, None),
     "train.max_consecutive_skips": (1, None),
     "train.min_lr_ratio": (0.0, 1.0),
+    "train.ema.decay": (0.0, 1.0),
+    "train.ema.update_every": (1, None),
+    "train.ema.start_step": (0, None),
+    "model.lora.rank": (0, None),
+    "model.lora.dropout": (0.0, 1.0),
+    "train.peak_tflops": (1e-6, None),
     "deepspeed.zero_stage": (0, 3),
+    "parallel.sequence_parallel_size": (1, None),
     "diffusion.num_train_timesteps": (2, None),
     "diffusion.t_min": (0, None),
     "diffusion.snr_shift_scale": (1e-6, None),
@@ -279,6 +379,8 @@ _RANGES = {
 def _check_ranges(cfg: Config) -> None:
     for key, (low, high) in _RANGES.items():
         value = get_dotted(cfg, key)
+        if value is None:  # an optional field left unset
+            continue
         if (low is not None and value < low) or (high is not None and value > high):
             bound = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise ConfigError(f"{key}: is {value!r}, expected a value {bound}")

@@ -11,7 +11,17 @@ The result loads with `CogVideoXImageToVideoPipeline.from_pretrained(OUT)`:
     OUT/scheduler/       CogVideoXDDIMScheduler with the run's schedule: scaled-linear betas,
                          `snr_shift_scale`, `rescale_betas_zero_snr`, v_prediction, trailing spacing
     OUT/model_index.json
-    OUT/i2v_export.json  provenance: checkpoint, step, the conventions below
+    OUT/i2v_export.json  provenance: checkpoint, step, weights (live | ema), LoRA, the conventions below
+
+`--weights ema` writes the run's EMA (`train.ema`) instead of the live weights (the default). A
+LoRA run (`model.lora`) writes OUT/transformer/ as the frozen base (with its `extra_trainable`
+modules as trained) plus OUT/pytorch_lora_weights.safetensors, the adapters under the keys and
+with the rank/alpha metadata of `CogVideoXImageToVideoPipeline.save_lora_weights`:
+
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(OUT)
+    pipe.load_lora_weights(OUT)
+
+`--merge-lora` writes the merged transformer instead, and no LoRA file.
 
 It is written to OUT.tmp and renamed into place, so OUT is either complete or absent (an older
 OUT is replaced only after the new one is complete).
@@ -45,13 +55,15 @@ import time
 
 import torch
 
-from i2v.checkpoint import MARKER, consolidated_state_dict
+from i2v.checkpoint import MARKER, load_trained_transformer, saved_client_state
 from i2v.config import Config, to_dict
 from i2v.errors import CheckpointError, ConfigError
 
 # Config keys that decide what the exported pipeline computes; a checkpoint trained with other
 # values must not be exported under this config.
-MODEL_KEYS = ("model.pretrained", "model.arch")
+MODEL_KEYS = ("model.pretrained", "model.arch", "model.arch_file", "model.lora.rank", "model.lora.alpha",
+              "model.lora.target_modules", "model.lora.extra_trainable")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name `load_lora_weights(OUT)` looks for
 SCHEDULE_KEYS = tuple(f"diffusion.{k}" for k in (
     "num_train_timesteps", "beta_start", "beta_end", "snr_shift_scale", "rescale_zero_terminal_snr", "prediction",
     "ofs"))
@@ -88,16 +100,7 @@ def _norm(value):
 
 def trained_config(checkpoint_dir: str) -> tuple[dict | None, int]:
     """(config, step) the trainer recorded in the checkpoint's client state (None, -1 when absent)."""
-    # ZeRO-3 names rank 0's model-states file differently; either carries the client state.
-    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-    found = [os.path.join(checkpoint_dir, n) for n in names if os.path.isfile(os.path.join(checkpoint_dir, n))]
-    if not found:
-        raise CheckpointError(f"checkpoint {checkpoint_dir} holds no DeepSpeed model states ({' or '.join(names)})")
-    states = found[0]
-    try:
-        state = torch.load(states, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user-facing problem
-        raise CheckpointError(f"checkpoint {checkpoint_dir}: cannot read {states}: {e}") from None
+    state = saved_client_state(checkpoint_dir)
     return state.get("config"), int(state.get("step", -1))
 
 
@@ -119,25 +122,26 @@ def check_config(cfg: Config, recorded: dict | None, checkpoint_dir: str) -> Non
         )
 
 
-def load_transformer(cfg: Config, checkpoint_dir: str):
-    """The DiT of `cfg.model` with the checkpoint's consolidated fp32 weights, in `model.dtype`."""
-    from i2v.model import DTYPES, build_transformer
+def load_transformer(cfg: Config, checkpoint_dir: str, weights: str = "live", merge_lora: bool = False):
+    """(DiT in `model.dtype`, diffusers-format LoRA state dict or None) of a checkpoint.
 
-    state = consolidated_state_dict(checkpoint_dir)
-    model = build_transformer(cfg.model, seed=cfg.run.seed)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"checkpoint {checkpoint_dir} does not fit the model of --config ({cfg.model.pretrained or 'model.arch'}): "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatches {wrong[:3]}"
-        )
-    model.load_state_dict(state, strict=True)
+    A LoRA run gives the base transformer (with its `extra_trainable` modules as trained) and the
+    adapters apart, or with `merge_lora` the adapters merged into the base weights (in fp32, then cast).
+    """
+    from i2v.adapters import diffusers_lora_state_dict, lora_enabled
+    from i2v.model import DTYPES
+
+    model = load_trained_transformer(cfg, checkpoint_dir, weights)
+    lora = None
+    if lora_enabled(cfg.model):
+        if merge_lora:
+            model = model.float()
+            model.fuse_lora()  # diffusers' own merge: base += B @ A * alpha / rank
+        else:
+            lora = diffusers_lora_state_dict(model)
+        model.unload_lora()  # back to the plain diffusers module tree (merged weights, or the bare base)
     dtype = DTYPES[cfg.model.dtype]
-    return (model if dtype == torch.float32 else model.to(dtype)).eval()
+    return (model if dtype == torch.float32 else model.to(dtype)).eval(), lora
 
 
 def build_pipeline(cfg: Config, transformer):
@@ -154,8 +158,28 @@ def build_pipeline(cfg: Config, transformer):
     )
 
 
-def export_pipeline(cfg: Config, checkpoint_dir: str, out_dir: str) -> str:
-    """Write the diffusers directory for `checkpoint_dir` to `out_dir` atomically; returns its path."""
+def write_lora_weights(directory: str, lora: dict, cfg: Config) -> str:
+    """`pytorch_lora_weights.safetensors` as `save_lora_weights` writes it: keys, format and rank/alpha metadata."""
+    from safetensors.torch import save_file
+
+    from i2v.adapters import diffusers_lora_metadata
+
+    path = os.path.join(directory, LORA_FILE)
+    save_file(lora, path, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(
+        diffusers_lora_metadata(cfg.model), indent=2, sort_keys=True)})
+    return path
+
+
+def export_pipeline(cfg: Config, checkpoint_dir: str, out_dir: str, weights: str = "live",
+                    merge_lora: bool = False) -> str:
+    """Write the diffusers directory for `checkpoint_dir` to `out_dir` atomically; returns its path.
+
+    `weights`: "live" (the trained weights) or "ema" (the run's EMA; an error naming train.ema
+    when it kept none). A LoRA run writes the base pipeline plus `pytorch_lora_weights.safetensors`,
+    or with `merge_lora` the merged transformer and no LoRA file.
+    """
+    if merge_lora and not cfg.model.lora.rank:
+        raise ConfigError("--merge-lora: the run has no LoRA adapters (model.lora.rank is 0)")
     ckpt = resolve_checkpoint(checkpoint_dir)
     recorded, step = trained_config(ckpt)
     check_config(cfg, recorded, ckpt)
@@ -167,11 +191,17 @@ def export_pipeline(cfg: Config, checkpoint_dir: str, out_dir: str) -> str:
         shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(os.path.dirname(out), exist_ok=True)
 
-    pipe = build_pipeline(cfg, load_transformer(cfg, ckpt))
+    transformer, lora = load_transformer(cfg, ckpt, weights, merge_lora)
+    pipe = build_pipeline(cfg, transformer)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    if lora is not None:
+        write_lora_weights(tmp, lora, cfg)
     vae = pipe.vae.config
     info = {
         "checkpoint": ckpt, "step": step, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "weights": weights,
+        "lora": None if not cfg.model.lora.rank else {"rank": cfg.model.lora.rank, "merged": merge_lora,
+                                                      "file": None if merge_lora else LORA_FILE},
         "transformer_dtype": cfg.model.dtype,
         "vae_scaling_factor": float(vae.scaling_factor),
         "image_latents": "vae.encode(image) / scaling_factor" if vae.invert_scale_latents

@@ -54,19 +54,55 @@ def _check_channels(in_channels: int, out_channels: int, key: str) -> None:
         )
 
 
+def read_arch_file(path: str, key: str) -> dict:
+    """The constructor arguments in a diffusers config.json (its `_class_name`-style keys dropped)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: file not found: {path}")
+    with open(path) as f:
+        try:
+            conf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{key}: {path} is not valid JSON: {e}") from None
+    arch = {k: v for k, v in conf.items() if not k.startswith("_")}
+    check_arch_keys(arch, CogVideoXTransformer3DModel, key)
+    return arch
+
+
+def transformer_arch(cfg: ModelConfig) -> dict:
+    """Every constructor argument of the configured DiT (defaults filled in), read without any weights."""
+    if cfg.arch:
+        check_arch_keys(cfg.arch, CogVideoXTransformer3DModel, "model.arch")
+        arch = dict(cfg.arch)
+    elif cfg.arch_file:
+        arch = read_arch_file(cfg.arch_file, "model.arch_file")
+    else:
+        path = os.path.join(cfg.pretrained, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"model.pretrained: {path} not found, so the architecture is unknown; set "
+                              "model.arch_file to the model's config.json (configs/arch/ ships the public CogVideoX ones)")
+        arch = read_arch_file(path, "model.pretrained")
+    defaults = {name: p.default for name, p in inspect.signature(CogVideoXTransformer3DModel.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **arch}
+
+
 def build_transformer(cfg: ModelConfig, seed: int = 0) -> CogVideoXTransformer3DModel:
     """Load or construct the transformer; random init is explicit and seeded."""
     if cfg.pretrained:
         check_pretrained_dir(cfg.pretrained, "model.pretrained")
-        with open(os.path.join(cfg.pretrained, "config.json")) as f:
-            conf = json.load(f)
-        _check_channels(conf.get("in_channels", 16), conf.get("out_channels") or 16, "model.pretrained")
+        conf = transformer_arch(ModelConfig(pretrained=cfg.pretrained))
+        if cfg.arch_file:
+            want = transformer_arch(ModelConfig(arch_file=cfg.arch_file))
+            diff = [f"{k} ({conf[k]!r} there, {want[k]!r} here)" for k in want if conf[k] != want[k]]
+            if diff:
+                raise ConfigError(f"model.arch_file: {cfg.arch_file} differs from {cfg.pretrained}/config.json in "
+                                  + ", ".join(diff))
+        _check_channels(conf["in_channels"], conf["out_channels"] or 16, "model.pretrained")
         model = CogVideoXTransformer3DModel.from_pretrained(cfg.pretrained, torch_dtype=DTYPES[cfg.dtype])
     else:
-        check_arch_keys(cfg.arch, CogVideoXTransformer3DModel, "model.arch")
-        arch = dict(cfg.arch)
-        out_channels = arch.get("out_channels", 16)
-        _check_channels(arch.get("in_channels", 16), out_channels, "model.arch")
+        arch = transformer_arch(cfg)
+        key = "model.arch" if cfg.arch else "model.arch_file"
+        _check_channels(arch["in_channels"], arch["out_channels"] or 16, key)
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         model = CogVideoXTransformer3DModel(**arch)
@@ -139,8 +175,8 @@ def _resize_crop_region(src: tuple[int, int], tgt_w: int, tgt_h: int) -> tuple:
     return (top, left), (top + new_h, left + new_w)
 
 
-def predict(model, model_input, prompt_embeds, timesteps, ofs=None, rotary=None):
-    """One transformer forward: [B, F, 2C, h, w] -> [B, F, C, h, w]."""
+def predict(model, model_input, prompt_embeds, timesteps, ofs=None, rotary=None, **forward_kwargs):
+    """One transformer forward: [B, F, 2C, h, w] -> [B, F, C, h, w] (`forward_kwargs`: e.g. a sequence-parallel shard)."""
     dtype = next(model.parameters()).dtype
     ofs_t = None
     if ofs is not None and getattr(model.config, "ofs_embed_dim", None) is not None:
@@ -152,5 +188,6 @@ def predict(model, model_input, prompt_embeds, timesteps, ofs=None, rotary=None)
         ofs=ofs_t,
         image_rotary_emb=rotary,
         return_dict=False,
+        **forward_kwargs,
     )[0]
     return out

@@ -52,22 +52,30 @@ def prepare_inputs(batch: dict, abar, cfg: Config, seed: int, offset: int, empty
     return inputs
 
 
-def loss_from_inputs(model, inputs: dict, cfg: Config, rotary_cache: dict | None = None) -> torch.Tensor:
-    """The transformer's v (or epsilon) MSE on prepared inputs."""
+def loss_from_inputs(model, inputs: dict, cfg: Config, rotary_cache: dict | None = None, layout=None) -> torch.Tensor:
+    """The transformer's v (or epsilon) MSE on prepared inputs.
+
+    With a sequence-parallel `layout` (i2v.parallel) it is this rank's share of it: the shares of
+    an SP group add up to the micro-batch's loss.
+    """
     module = getattr(model, "module", model)
     _, frames, _, h, w = inputs["model_input"].shape
     cache = rotary_cache if rotary_cache is not None else {}
     if (frames, h, w) not in cache:
         cache[(frames, h, w)] = rotary_embeddings(module.config, frames, h, w, inputs["model_input"].device)
+    if layout is not None and layout.sp_size > 1:
+        from i2v.parallel import sharded_loss
+
+        return sharded_loss(model, inputs, cfg.diffusion.ofs, cache[(frames, h, w)], layout)
     pred = predict(model, inputs["model_input"], inputs["prompt"], inputs["t"], cfg.diffusion.ofs,
                    cache[(frames, h, w)])
     return diffusion.loss_v_mse(pred, inputs["target"])
 
 
 def training_loss(model, batch: dict, abar, cfg: Config, seed: int, offset: int, empty_prompt, device,
-                  noise_backend: str = "torch", rotary_cache: dict | None = None) -> torch.Tensor:
+                  noise_backend: str = "torch", rotary_cache: dict | None = None, layout=None) -> torch.Tensor:
     """The loss of one micro-batch: prepare its inputs, run the model."""
     module = getattr(model, "module", model)
     inputs = prepare_inputs(batch, abar, cfg, seed, offset, empty_prompt, device, noise_backend,
                             patch_size_t=module.config.patch_size_t)
-    return loss_from_inputs(model, inputs, cfg, rotary_cache)
+    return loss_from_inputs(model, inputs, cfg, rotary_cache, layout)

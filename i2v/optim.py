@@ -1,4 +1,4 @@
-"""The optimizer and the learning-rate schedule the trainer hands to DeepSpeed."""
+"""The optimizer and the learning-rate schedule the trainer hands to DeepSpeed, and the engine."""
 
 from __future__ import annotations
 
@@ -32,3 +32,21 @@ def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
 def build_scheduler(cfg: Config):
     """A callable DeepSpeed applies to the optimizer it wraps (its own one under offload)."""
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None):
+    """The DeepSpeed engine of a run: its generated config, our AdamW over the trainable parameters
+    (DeepSpeed's own CPU Adam under optimizer offload) and the LR schedule. Under sequence parallelism `world_size` is the data-parallel
+    size and `mpu` the groups of `i2v.parallel`."""
+    import deepspeed
+
+    from i2v.ds_config import build_deepspeed_config, optimizer_in_config
+
+    from i2v.adapters import trainable_parameters
+
+    params = trainable_parameters(model)  # a frozen LoRA base never reaches the optimizer
+    optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, params)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg),
+                                           model_parameters=params if optimizer is None else None,
+                                           config=build_deepspeed_config(cfg, world_size), mpu=mpu)
+    return engine

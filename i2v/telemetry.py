@@ -1,8 +1,16 @@
 """What a run reports every `train.log_every` steps: the console line, metrics.jsonl and TensorBoard.
 
-`StepLogger.record_step` accumulates step and data-wait times over the logging window;
-`StepLogger.log` (called on every rank: the loss is averaged over ranks) writes one record on
-rank 0 and starts a new window.
+`StepLogger.record_batch` counts each trained micro-batch's FLOPs (i2v.flops, once per latent
+shape) and tokens; `StepLogger.record_step` accumulates step and data-wait times over the logging
+window; `StepLogger.log` (called on every rank: loss, FLOPs and tokens are averaged over ranks)
+writes one record on rank 0 and starts a new window. The ranks of a sequence-parallel group train
+one micro-batch together: they hold the same micro-batch loss, each does 1/SP of its FLOPs (the
+replicated text tokens are a rounding error), and its samples and tokens count once.
+
+Throughput: `tflops` is model FLOPs (forward + backward, no recompute) per second per rank; `mfu`
+divides it by `train.peak_tflops` (default from the device name) and `hfu` adds the gradient-
+checkpointing recompute; both are left out where no peak is known. `tokens_per_s` and
+`samples_per_s` are of the whole run.
 """
 
 from __future__ import annotations
@@ -16,11 +24,16 @@ import torch
 
 from i2v.config import Config
 from i2v.distributed import DistEnv, all_mean
+from i2v.flops import default_peak_tflops, training_flops
 
 
 class StepLogger:
-    def __init__(self, cfg: Config, env: DistEnv):
-        self.cfg, self.env = cfg, env
+    def __init__(self, cfg: Config, env: DistEnv, model_config):
+        self.cfg, self.env, self.model_config = cfg, env, model_config
+        self.flops_by_shape: dict = {}
+        self.peak_tflops = cfg.train.peak_tflops
+        if self.peak_tflops is None and env.device.type == "cuda":
+            self.peak_tflops = default_peak_tflops(torch.cuda.get_device_name(env.device))
         self.writer = None
         if env.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -34,7 +47,19 @@ class StepLogger:
         self._reset()
 
     def _reset(self) -> None:
-        self.window = {"time": 0.0, "wait": 0.0, "steps": 0}
+        self.window = {"time": 0.0, "wait": 0.0, "steps": 0, "flops": 0, "hw_flops": 0, "tokens": 0}
+
+    def record_batch(self, batch: dict) -> None:
+        """A micro-batch that went through forward and backward."""
+        b, frames, _, height, width = batch["video_latents"].shape
+        key = (frames, height, width, batch["prompt_embeds"].shape[1])
+        if key not in self.flops_by_shape:
+            self.flops_by_shape[key] = training_flops(self.model_config, frames, height, width, text_tokens=key[3],
+                                                      gradient_checkpointing=self.cfg.model.gradient_checkpointing)
+        f, sp = self.flops_by_shape[key], self.cfg.parallel.sequence_parallel_size
+        self.window["flops"] += b * f.model / sp
+        self.window["hw_flops"] += b * f.hardware / sp
+        self.window["tokens"] += b * f.tokens
 
     def record_step(self, seconds: float, data_wait: float) -> None:
         self.window["time"] += seconds
@@ -45,24 +70,36 @@ class StepLogger:
         """One logged step; `counters` are extra integer fields (position, skipped, bad samples)."""
         cfg, env, window = self.cfg, self.env, self.window
         loss = all_mean(local_loss, env.device)
+        flops, hw_flops, tokens = (all_mean(window[k], env.device) for k in ("flops", "hw_flops", "tokens"))
         self._reset()
         lr = engine.get_lr()[0]
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         step_time = window["time"] / max(1, window["steps"])
-        samples = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * env.world_size
+        dp_size = env.world_size // cfg.parallel.sequence_parallel_size  # an SP group trains one micro-batch
+        samples = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp_size
         samples_per_s = samples / step_time if step_time > 0 else float("nan")
         wait_frac = window["wait"] / window["time"] if window["time"] > 0 else 0.0
         if not env.is_main:
             return
+        tflops = flops / window["time"] / 1e12 if window["time"] > 0 else float("nan")
+        tokens_per_s = tokens * dp_size / window["time"] if window["time"] > 0 else float("nan")
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
-                  "step_time_s": step_time, "data_wait_frac": wait_frac, **counters}
+                  "step_time_s": step_time, "data_wait_frac": wait_frac, "tflops": tflops,
+                  "tokens_per_s": tokens_per_s, **counters}
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "perf/samples_per_s": samples_per_s, "perf/step_time_s": step_time,
-                   "perf/data_wait_frac": wait_frac, "data/bad_samples": counters.get("bad_samples", 0),
+                   "perf/data_wait_frac": wait_frac, "perf/tflops_per_s": tflops, "perf/tokens_per_s": tokens_per_s,
+                   "data/bad_samples": counters.get("bad_samples", 0),
                    "train/skipped_micro_batches": counters.get("skipped", 0)}
-        if torch.cuda.is_available():
+        if self.peak_tflops:
+            record["mfu"] = scalars["perf/mfu"] = tflops / self.peak_tflops
+            hw_tflops = hw_flops / window["time"] / 1e12 if window["time"] > 0 else float("nan")
+            record["hfu"] = scalars["perf/hfu"] = hw_tflops / self.peak_tflops
+        if env.device.type == "cuda":
             record["peak_mem_gb"] = scalars["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            record["peak_mem_reserved_gb"] = scalars["perf/peak_mem_reserved_gb"] = \
+                torch.cuda.max_memory_reserved() / 2**30
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
@@ -71,8 +108,10 @@ class StepLogger:
         done = step - self.start_step
         elapsed = time.perf_counter() - self.run_start
         eta = elapsed / done * (cfg.train.max_steps - step) if done else float("nan")
+        mfu = f" (MFU {record['mfu']:.1%})" if "mfu" in record else ""
         print(f"[i2v] step {step}/{cfg.train.max_steps} | loss {loss:.5f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
-              f"{samples_per_s:.1f} samples/s | data wait {wait_frac:.0%} | ETA {hms(eta)}", flush=True)
+              f"{samples_per_s:.1f} samples/s | {tflops:.3g} TFLOP/s{mfu} | data wait {wait_frac:.0%} | ETA {hms(eta)}",
+              flush=True)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -8,7 +8,7 @@ One optimizer step:
   3. rank 0 logs; a checkpoint is committed every `checkpoint.every_steps`; a preemption signal
      saves and exits with 143 at the step boundary.
 
-All training randomness (timesteps, dropout, noise) is a function of (seed, batch counter, rank),
+All training randomness (timesteps, dropout, noise) is a function of (seed, batch counter, DP rank),
 not of global RNG state, so a resumed run reproduces an uninterrupted one step for step.
 """
 
@@ -18,23 +18,25 @@ import os
 import signal
 import time
 
-import deepspeed
 import torch
 
 from i2v import diffusion
-from i2v.checkpoint import Checkpointer
+from i2v.adapters import base_identity, check_resume, lora_enabled, trainable_parameters, with_lora
+from i2v.checkpoint import Checkpointer, check_engine_layout, saved_client_state
 from i2v.config import Config, dump_yaml, to_dict
 from i2v.data.latent_order import resolve_order
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards
-from i2v.distributed import DistEnv, all_max
-from i2v.ds_config import build_deepspeed_config, optimizer_in_config
+from i2v.distributed import DistEnv, all_max, all_ranks_agree
+from i2v.ema import ShardedEMA
 from i2v.errors import I2VError
 from i2v.faults import is_armed, maybe_fault
 from i2v.model import build_transformer, set_attention
 from i2v.objective import resolve_noise_backend, training_loss
-from i2v.optim import build_optimizer, build_scheduler
+from i2v.optim import build_engine
+from i2v.parallel import build_layout
 from i2v.telemetry import StepLogger
+from i2v.validation import load_pairs
 
 PREEMPTED_EXIT = 143
 
@@ -47,64 +49,71 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg.validate(env.world_size), env
         self.out = cfg.run.output_dir
-        # A missing or empty shard path fails here, before minutes of model and engine setup.
-        self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe)
+        # Inputs every rank must see fail here, before minutes of model and engine setup, and on all
+        # ranks together: a rank stopping alone would leave the others waiting in a collective.
+        with all_ranks_agree(env, "input checks"):
+            self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe)
+            pairs = load_pairs(cfg) if cfg.validation.every_steps > 0 else None
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
+            # Not its debugging fill of every new tensor with NaN: DeepSpeed allocates reduction
+            # buckets of 5e8 elements, and filling them cost seconds per step.
+            torch.utils.deterministic.fill_uninitialized_memory = False
         if env.is_main:
             os.makedirs(self.out, exist_ok=True)
             dump_yaml(cfg, os.path.join(self.out, "config.yaml"))
 
-        model = build_transformer(cfg.model, seed=cfg.run.seed)
+        model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed), cfg.model, seed=cfg.run.seed)
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
+        self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
         self.noise_backend = resolve_noise_backend(cfg.kernels.noise, env.device)
-        self.engine = self._build_engine(model)
+        # Counted before the engine: ZeRO-3 leaves empty placeholders in the module.
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in trainable_parameters(model))
+        self.engine = build_engine(cfg, model, self.layout.dp_size, self.layout.mpu)
+        self.ema = ShardedEMA(self.engine, cfg.train.ema) if cfg.train.ema.decay > 0 else None
+        # A LoRA checkpoint holds no base weights, so it records which base it was trained on.
+        self.base = base_identity(cfg) if lora_enabled(cfg.model) else None
         self.abar = diffusion.alphas_cumprod(cfg.diffusion)
         self.rotary: dict = {}
 
         # Counters that a checkpoint carries.
         self.step = 0  # optimizer steps taken
-        self.position = 0  # global micro-batches drawn by all ranks together (world_size per round)
+        self.position = 0  # global micro-batches drawn by all ranks together (one per DP rank per round)
         self.skipped = 0  # micro-batches dropped for a non-finite loss
         self.bad_by_worker: dict = {}
 
-        n_params = sum(p.numel() for p in model.parameters())
-        self.log(f"{n_params / 1e6:.2f}M parameters | ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | "
-                 f"{env.world_size} rank(s) on {env.device.type} | attention: {self.attention} | "
+        self.log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | "
+                 f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | {env.world_size} rank(s) "
+                 f"({self.layout.describe()}) on {env.device.type} | attention: {self.attention} | "
                  f"noise: {self.noise_backend}")
-        self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env)
+        if self.ema is not None:
+            self.log(f"EMA of the trainable weights: {self.ema.local_bytes / 2**20:.2f} MiB fp32 on this rank")
+        self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env,
+                                         trainable_only=lora_enabled(cfg.model))
         if cfg.checkpoint.resume:
             self._resume()
 
         c = model.config
         expect = {"channels": c.out_channels, "text_dim": c.text_embed_dim, "text_len": c.max_text_seq_length}
         self.dataset = LatentDataset(
-            cfg.data.latent_shards, rank=env.rank, world_size=env.world_size, batch_size=cfg.train.micro_batch_size,
+            cfg.data.latent_shards, rank=self.layout.dp_rank, world_size=self.layout.dp_size,
+            batch_size=cfg.train.micro_batch_size,
             seed=cfg.run.seed, shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
             max_bad_fraction=cfg.data.max_bad_fraction, min_samples_for_bad_check=cfg.data.min_samples_for_bad_check,
-            expect=expect, start_batch=self.position // env.world_size, start_global=self.position,
+            expect=expect, start_batch=self.position // self.layout.dp_size, start_global=self.position,
             num_workers=cfg.data.num_workers, allow_pipe=cfg.data.allow_pipe, order=cfg.data.order,
         )
         empty = load_empty_prompt(cfg.data.latent_shards)
         self.empty_prompt = empty.to(env.device) if empty is not None else None
-        self.telemetry = StepLogger(cfg, env)
+        self.telemetry = StepLogger(cfg, env, self.engine.module.config)
         self.writer = self.telemetry.writer  # rank 0 only; None elsewhere
         self._preempt = False
         self.validator = None
-        if cfg.validation.every_steps > 0:
+        if pairs is not None:
             from i2v.validation import Validator
 
-            self.validator = Validator(cfg, env)
-
-    def _build_engine(self, model):
-        cfg = self.cfg
-        ds = build_deepspeed_config(cfg, self.env.world_size)
-        # Under optimizer offload DeepSpeed builds its own CPU Adam from the config.
-        optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, model.parameters())
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg),
-                                               model_parameters=model.parameters() if optimizer is None else None,
-                                               config=ds)
-        return engine
+            self.validator = Validator(cfg, env, pairs, self.ema)
 
     # -- resume -------------------------------------------------------------------
 
@@ -117,7 +126,11 @@ class Trainer:
             self.log(f"removed unfinished checkpoint directories: {', '.join(removed)}")
         if tag is None:
             return
-        state = self.checkpointer.load(self.engine, tag, self._reshard_blocker())
+        path = os.path.join(self.checkpointer.root, tag)
+        recorded = saved_client_state(path)
+        check_engine_layout(self.cfg, recorded, path)
+        check_resume(self.cfg, recorded, path, self.base)
+        state = self.checkpointer.load(self.engine, tag, self._reshard_blocker(), self.ema)
         self.step, self.position, self.skipped = state["step"], state["position"], state["skipped"]
         self.log(f"resumed from {tag}: step {self.step}, {self.position} global micro-batches consumed")
 
@@ -133,10 +146,10 @@ class Trainer:
     def _client_state(self) -> dict:
         return {"step": self.step, "position": self.position, "skipped": self.skipped,
                 "samples_seen": self.position * self.cfg.train.micro_batch_size,
-                "world_size": self.env.world_size, "config": to_dict(self.cfg)}
+                "world_size": self.env.world_size, "config": to_dict(self.cfg), "base": self.base}
 
     def save(self) -> str:
-        return self.checkpointer.save(self.engine, self.step, self._client_state())
+        return self.checkpointer.save(self.engine, self.step, self._client_state(), self.ema)
 
     # -- the loop -----------------------------------------------------------------
 
@@ -180,13 +193,13 @@ class Trainer:
                 wait += time.perf_counter() - tw
                 self.bad_by_worker[batch["bad"]["worker"]] = batch["bad"]
                 # This micro-batch's global position keys its noise, timesteps and dropout.
-                offset = self.position + env.rank
-                self.position += env.world_size
+                offset = self.position + self.layout.dp_rank
+                self.position += self.layout.dp_size
                 if batch.get("empty"):  # every sample of it was bad (counted by the reader)
                     loss = torch.tensor(float("nan"))
                 else:
                     loss = training_loss(self.engine, batch, self.abar, cfg, cfg.run.seed, offset,
-                                         self.empty_prompt, env.device, self.noise_backend, self.rotary)
+                                         self.empty_prompt, env.device, self.noise_backend, self.rotary, self.layout)
                 if attempts == 0 and is_armed("nan_loss", env.rank, self.step):
                     loss = loss * float("nan")
                 attempts += 1
@@ -199,12 +212,15 @@ class Trainer:
                 consecutive_skips = 0
                 self.engine.backward(loss)
                 maybe_fault("after_backward", env.rank, self.step)
-                losses.append(loss.detach())
+                losses.append(self.layout.micro_batch_loss(loss))
+                self.telemetry.record_batch(batch)
                 if len(losses) < cfg.train.grad_accum_steps:
                     self.engine.step()  # a no-op for the optimizer until the accumulation boundary
             maybe_fault("before_step", env.rank, self.step)
             self.engine.step()
             self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.step)
             self.telemetry.record_step(time.perf_counter() - t0, wait)
 
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
@@ -212,7 +228,7 @@ class Trainer:
                 self.telemetry.log(self.step, torch.stack(losses).mean().item(), self.engine,
                                    {"skipped": self.skipped, "bad_samples": bad, "position": self.position})
             every = cfg.checkpoint.every_steps
-            if (every and self.step % every == 0) or self.step == cfg.train.max_steps:
+            if (every and self.step % every == 0) or (self.step == cfg.train.max_steps and cfg.checkpoint.save_at_end):
                 self.save()
             if self.validator is not None and self.step % cfg.validation.every_steps == 0:
                 self.validator.run(self.step, self.engine, self.writer)

@@ -13,6 +13,9 @@ Collectives, and why no rank can be left waiting in one:
   runs on the replica without any collective, so ranks may do different numbers of pairs
   (rank r gets ceil((P - r) / world)). ZeRO 0-2 ranks hold full weights and sample in place.
   The replica costs one extra copy of the weights per rank for the duration of validation.
+- `validation.weights: ema` then swaps the EMA of the trainable weights into the model it samples
+  (the replica at ZeRO-3; the engine's module at ZeRO 0-2, whose live values come back bit for bit
+  afterwards): one all-reduce per trainable parameter, the same sequence on every rank, before sampling.
 - Sampling is bounded by `validation.timeout_s`: a forward pre-hook on the transformer and the
   VAE decoder aborts a pair once the deadline has passed (later pairs abort at their first
   forward), so the slowest rank reaches the next collective at most one transformer forward
@@ -28,6 +31,7 @@ The prompts are encoded once (the T5 is freed afterwards) and the VAE is built o
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -82,12 +86,14 @@ def load_pairs(cfg: Config) -> list[dict]:
 
 
 class Validator:
-    def __init__(self, cfg: Config, env: DistEnv):
+    def __init__(self, cfg: Config, env: DistEnv, pairs: list[dict] | None = None, ema=None):
+        """`pairs` as `load_pairs(cfg)` returns them (loaded here when not given); `ema`: the run's
+        ShardedEMA, sampled with under `validation.weights: ema`."""
         from diffusers.video_processor import VideoProcessor
 
         from i2v.data_prep import encoders
 
-        self.cfg, self.env = cfg, env
+        self.cfg, self.env, self.ema = cfg, env, ema
         v = cfg.validation
         self.num_frames = v.num_frames or cfg.data.video.frames
         if (self.num_frames - 1) % 4:
@@ -95,7 +101,7 @@ class Validator:
                 f"validation.num_frames: is {self.num_frames}; the CogVideoX VAE needs 4k + 1 frames (e.g. 9, 49)"
             )
         self.height, self.width = cfg.data.video.height, cfg.data.video.width
-        pairs = load_pairs(cfg)
+        pairs = load_pairs(cfg) if pairs is None else pairs
         self.num_pairs = len(pairs)
         self.prompts = [p["prompt"] for p in pairs]
         self._described = False
@@ -136,16 +142,16 @@ class Validator:
         """A hook-free full copy of a ZeRO-3 module (collective: every rank calls it once)."""
         import deepspeed
 
+        from i2v.adapters import with_lora
         from i2v.model import set_attention
 
         src = engine.module
-        dtype = next(src.parameters()).dtype
-        with torch.device("meta"):
-            replica = type(src).from_config(src.config)
-        if dtype != torch.float32:
-            replica = replica.to(dtype=dtype)
-        replica = replica.to_empty(device=self.env.device)
         params = dict(src.named_parameters())
+        with torch.device("meta"):
+            replica = with_lora(type(src).from_config(src.config), self.cfg.model)  # the same names as src
+        for n, p in replica.named_parameters():
+            p.data = p.data.to(params[n].dtype)  # still on meta: free
+        replica = replica.to_empty(device=self.env.device)
         # Gathered one block at a time, so the peak is the replica plus one block, not two models.
         # Every rank walks the same names in the same order, so the gathers pair up across ranks.
         names = [n for n, _ in replica.named_parameters()]
@@ -177,6 +183,9 @@ class Validator:
         zero3 = engine.zero_optimization_stage() == 3
         model = self._replica(engine) if zero3 else module
         model.eval()
+        weights = contextlib.ExitStack()
+        if v.weights == "ema":  # a collective (fragments summed across ranks): every rank swaps here
+            weights.enter_context(self.ema.swapped_into(model, restore=not zero3))
 
         def check_deadline(*_):
             if time.monotonic() > deadline:
@@ -211,6 +220,7 @@ class Validator:
                         print(f"[rank {env.rank}] validation pair {pair['index']} failed at step {step}: "
                               f"{errors[pair['index']]}", file=sys.stderr, flush=True)
         finally:
+            weights.close()  # the live weights are back in the engine's module
             for h in hooks:
                 h.remove()
             del model

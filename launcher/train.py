@@ -13,8 +13,10 @@ def main():
     env = init_distributed()
     try:
         Trainer(cfg, env).train()
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown()
 
 
 if __name__ == "__main__":

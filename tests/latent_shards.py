@@ -23,14 +23,16 @@ def sample_tensors(index: int, frames=3, channels=4, height=16, width=16, text_l
     return video, image, prompt
 
 
-def make_latent_shards(directory, shards=4, per_shard=6, corrupt: dict | None = None, **shape) -> list[str]:
-    """Write `shards` shards of `per_shard` samples; `corrupt` maps a global index to a defect:
+def make_latent_shards(directory, shards=4, per_shard=6, corrupt: dict | None = None, first_shard=0,
+                       **shape) -> list[str]:
+    """Write `shards` shards of `per_shard` samples, numbered from `first_shard` (so that calls with
+    different shapes can fill one directory); `corrupt` maps a global index to a defect:
     'nan', 'missing_tensor', 'wrong_shape', 'garbage' or 'no_latents'."""
     os.makedirs(directory, exist_ok=True)
     shape = {**SHAPE, **shape}
     corrupt = corrupt or {}
     paths = []
-    for s in range(shards):
+    for s in range(first_shard, first_shard + shards):
         path = os.path.join(directory, f"latents-{s:06d}.tar")
         with LatentShardWriter(path) as w:
             for i in range(per_shard):

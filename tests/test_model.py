@@ -66,3 +66,22 @@ def test_real_model_configs_load_and_name_missing_weights(name):
     assert cfg.data.video.frames == 49 and cfg.deepspeed.precision == "bf16"
     with pytest.raises(ConfigError, match="model.pretrained"):
         build_transformer(cfg.model)
+
+
+def test_arch_file_builds_the_inline_model_and_guards_pretrained_weights(tmp_path):
+    import json
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"_class_name": "CogVideoXTransformer3DModel", **TINY.model.arch}))
+    from_file = build_transformer(ModelConfig(arch_file=str(path)), seed=0)
+    inline = build_transformer(TINY.model, seed=0)
+    assert all(torch.equal(p, q) for p, q in zip(from_file.parameters(), inline.parameters()))
+    inline.save_pretrained(tmp_path / "transformer")
+    build_transformer(ModelConfig(pretrained=str(tmp_path / "transformer"), arch_file=str(path)))  # they agree
+    path.write_text(json.dumps({**TINY.model.arch, "num_layers": 3}))
+    with pytest.raises(ConfigError, match=r"model.arch_file: .* differs from .*config.json in num_layers \(2 there, 3 here\)"):
+        build_transformer(ModelConfig(pretrained=str(tmp_path / "transformer"), arch_file=str(path)))
+    with pytest.raises(ConfigError, match="model.arch_file: file not found"):
+        build_transformer(ModelConfig(arch_file=str(tmp_path / "nope.json")))
+    with pytest.raises(ConfigError, match="model.arch: set only one of model.arch and model.arch_file"):
+        load_config(REPO / "configs" / "tiny.yaml", [f"model.arch_file={path}"])

@@ -276,8 +276,15 @@ def test_rejects_are_listed_and_an_all_bad_shard_is_empty_and_valid(shards, tmp_
     assert {r["shard"] for r in rejects} == {"shard-000000.tar", "shard-000001.tar"}
     assert any("000000101" in r["key"] for r in rejects)
     # Finished shards written with other settings are never mixed into a dataset.
-    with pytest.raises(DataError, match="other precompute settings"):
+    with pytest.raises(DataError, match="other precompute settings.*image_draws: 2 there, 3 here"):
         run(cfg_for(str(videos), str(out), "precompute.image_draws=3"), progress=False)
+    # A shard whose first-frame noise came from another stream (e.g. a device-dependent one) is named too.
+    record_file = out / "latents-000001.json"
+    record = json.loads(record_file.read_text())
+    record["settings"]["condition_noise"], record["fingerprint"] = "triton-cuda", "other"
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(DataError, match='condition_noise: "triton-cuda" there, "torch-cpu" here'):
+        run(cfg_for(str(videos), str(out)), progress=False)
 
 
 def test_assignment_and_names():

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO
 from latent_shards import make_latent_shards
+from lora_runs import RUN_A, step_dir
 from test_train import ENV, TORCHRUN, losses, train
 
 EXACT = ("train.max_steps=12", "train.log_every=1", "checkpoint.every_steps=4", "run.deterministic=true",
@@ -29,7 +30,7 @@ def with_fault(spec):
     return {**ENV, "I2V_FAULT": spec}
 
 
-def test_sigkill_anywhere_then_relaunch_is_bit_exact_and_world_size_change_is_refused(tmp_path, shards):
+def test_sigkill_anywhere_then_relaunch_is_bit_exact_and_world_size_or_zero_stage_changes_are_refused(tmp_path, shards):
     ref, run = tmp_path / "ref", tmp_path / "run"
     r = train(TORCHRUN, ref, shards, *EXACT)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -60,6 +61,42 @@ def test_sigkill_anywhere_then_relaunch_is_bit_exact_and_world_size_change_is_re
     assert r.returncode == 2
     assert "written by 2 rank(s), this run has 1" in r.stderr and "ZeRO-2 optimizer partitions" in r.stderr
     assert "Traceback" not in r.stderr
+    # 5. nor can another ZeRO stage or precision load its optimizer state: refused before any loading
+    r = train([sys.executable], run, shards, *EXACT[1:], "train.max_steps=14", "deepspeed.zero_stage=3",
+              "deepspeed.precision=bf16")
+    assert r.returncode == 2
+    assert ("deepspeed.zero_stage: checkpoint has 2, this run has 3; deepspeed.precision: checkpoint has 'fp32', "
+            "this run has 'bf16'") in r.stderr and "resume with deepspeed.zero_stage=2 deepspeed.precision=fp32" in r.stderr
+    assert "Traceback" not in r.stderr and "resumed from" not in r.stdout
+
+
+def test_lora_sigkill_then_relaunch_is_bit_exact_with_its_ema(tmp_path, lora_run):
+    """LoRA + EMA (run A of tests/lora_runs.py): the resumed run logs the same losses and ends with the
+    same adapters and the same EMA shards, bit for bit, as the uninterrupted one."""
+    import torch
+    from safetensors import safe_open
+
+    from i2v.checkpoint import consolidated_state_dict
+
+    run, ref = tmp_path / "run", lora_run["run"]
+    # rank 1 is SIGKILLed after a backward of the sixth step (last commit: step 5)
+    r = train(TORCHRUN, run, lora_run["shards"], *RUN_A, env=with_fault("1:5:after_backward:kill"))
+    assert r.returncode != 0
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000005"
+    r = train(TORCHRUN, run, lora_run["shards"], *RUN_A)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from step-00000005" in r.stdout
+
+    assert losses(run)[0] == losses(ref)[0]  # exact float equality, all 8 steps
+    ema_dir = os.path.join(step_dir(ref, 8), "ema")
+    assert sorted(os.listdir(ema_dir)) == ["rank-00000.safetensors", "rank-00001.safetensors"]
+    for name in os.listdir(ema_dir):  # (not the bytes: safetensors writes its metadata map in any order)
+        with safe_open(os.path.join(ema_dir, name), "pt") as a, \
+                safe_open(os.path.join(step_dir(run, 8), "ema", name), "pt") as b:
+            assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys()), name
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys()), name
+    mine, theirs = consolidated_state_dict(step_dir(run, 8)), consolidated_state_dict(step_dir(ref, 8))
+    assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def test_world_size_change_continues_the_global_sample_order_at_zero0(tmp_path, shards):
@@ -84,13 +121,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def spawn_ranks(args, world=2, env=None):
+def spawn_ranks(args, world=2, env=None, cwds=None, logs=None):
+    """`world` processes of `args` with the rendezvous variables set; `cwds[r]` is rank r's directory.
+
+    `logs[r]`: a file for rank r's stdout and stderr, for chatty runs (two ranks writing to pipes that
+    are drained one after the other can fill one and block it)."""
     port = str(_free_port())
     procs = []
     for rank in range(world):
         e = {**(env or ENV), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen(args, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        cwd = cwds[rank] if cwds else REPO
+        out = open(logs[rank], "w") if logs else subprocess.PIPE
+        procs.append(subprocess.Popen(args, cwd=cwd, env=e, stdout=out, stderr=subprocess.STDOUT if logs else out,
+                                      text=True))
     return procs
 
 

@@ -46,15 +46,19 @@ def assert_loss_falls(out, n=8):
 
 def test_single_process_python_run_trains_and_writes_everything(tmp_path, shards):
     out = tmp_path / "run"
-    r = train([sys.executable], out, shards, "train.max_steps=40", "train.log_every=1", "checkpoint.every_steps=20")
+    r = train([sys.executable], out, shards, "train.max_steps=40", "train.log_every=1", "checkpoint.every_steps=20",
+              "train.peak_tflops=0.5")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert_loss_falls(out)
     _, records = losses(out)
     assert sorted(records) == list(range(1, 41))
     rec = records[40]
-    for field in ("loss", "lr", "grad_norm", "samples_per_s"):
+    for field in ("loss", "lr", "grad_norm", "samples_per_s", "tflops", "mfu", "hfu", "tokens_per_s"):
         assert isinstance(rec[field], float), field
-    assert "step 40/40" in r.stdout and "ETA" in r.stdout
+    # The tiny model's 32 text + 3 x 4 x 4 video tokens per sample; MFU against the given peak.
+    assert rec["tokens_per_s"] == pytest.approx(80 * rec["samples_per_s"], rel=1e-6)
+    assert rec["tflops"] > 0 and rec["mfu"] == pytest.approx(rec["tflops"] / 0.5) and rec["hfu"] == rec["mfu"]
+    assert "step 40/40" in r.stdout and "ETA" in r.stdout and "TFLOP/s (MFU " in r.stdout
     # TensorBoard: a real event file with the documented scalar tags
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -62,7 +66,7 @@ def test_single_process_python_run_trains_and_writes_everything(tmp_path, shards
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/step_time_s",
-            "perf/data_wait_frac"} <= tags
+            "perf/data_wait_frac", "perf/tflops_per_s", "perf/mfu", "perf/tokens_per_s"} <= tags
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 41))
     assert acc.Scalars("train/loss")[-1].value == pytest.approx(rec["loss"], rel=1e-6)
     # resolved config written, and stored in the checkpoint
@@ -83,6 +87,8 @@ def test_two_process_gloo_run_loss_falls(tmp_path, shards, stage):
     # two ranks, two samples each per step
     _, records = losses(out)
     assert records[30]["samples_per_s"] > 0
+    # No known peak on the CPU: FLOP/s are logged, MFU is not.
+    assert records[30]["tflops"] > 0 and "mfu" not in records[30]
     assert os.listdir(out / "checkpoints" / "step-00000030")
 
 

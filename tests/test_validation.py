@@ -98,8 +98,8 @@ def _events(run):
     return ea
 
 
-def _reference_gifs(run, step) -> dict[int, bytes]:
-    """Each pair sampled here from the consolidated checkpoint of `step`, as a GIF."""
+def _reference_gifs(run, step, weights="live") -> dict[int, bytes]:
+    """Each pair sampled here from the consolidated checkpoint of `step` (or its EMA), as a GIF."""
     from i2v.checkpoint import load_trained_transformer
     from i2v.distributed import DistEnv
     from i2v.model import set_attention
@@ -109,7 +109,7 @@ def _reference_gifs(run, step) -> dict[int, bytes]:
 
     cfg = load_config(os.path.join(run, "config.yaml"))
     val = Validator(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
-    model = load_trained_transformer(cfg, os.path.join(run, "checkpoints", f"step-{step:08d}"))
+    model = load_trained_transformer(cfg, os.path.join(run, "checkpoints", f"step-{step:08d}"), weights)
     set_attention(model, cfg.kernels.attention)
     out = {}
     for p in val.mine:

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite: about 8 minutes on one H200, writing bench/results/*-nvidia-*.json.
+#
+#   noise              bench/noise.py                    fused noise injection vs eager / torch.compile / copy
+#   attention          bench/attention.py --shapes 5b    flash attention vs SDPA flash / cuDNN / efficient, S=17,776
+#   train_step         bench/train_step.py --shape 5b    the 5B-I2V step (8 of 42 blocks) at 49x480x720: i2v's trainer
+#                                                        vs the stock diffusers loop, MFU, peak memory, and the
+#                                                        planner's estimate against torch.cuda.max_memory_allocated
+#   sequence_parallel  bench/sequence_parallel.py        SP 1/2/4/8 from the architecture; SP 1 vs 2 measured
+#
+# The GPU machine has Python 3.12, torch 2.11, triton 3.6 and lacks deepspeed, diffusers, webdataset
+# and peft. Fetch their wheels on a machine with network access, from the project root:
+#     ../shared/tools/device-wheels.sh
+# then carry .whl/ to the GPU machine and, from the project root there, run:
+#     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$PWD/.site" .whl/*.whl \
+#       && export PYTHONPATH="$PWD/.site" && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit;
+#     bash bench/gpu.sh
+#
+# bash bench/gpu.sh --cpu-smoke runs the same suite on the CPU at tiny shapes (kernels under the
+# Triton interpreter), writing *-cpu-smoke.json: it shows the scripts work, not how fast anything is.
+# LAYERS=K changes the 5B blocks timed (42 is the whole model; its states need about 100 GiB on one GPU).
+# Each benchmark has a time limit; a failing one is reported and the others still run; the exit
+# code is the number of failures.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=0 scale=1
+[ "${1:-}" = "--cpu-smoke" ] && smoke=1 scale=5  # the Triton interpreter and a CPU take longer
+PY=${PYTHON:-python3}
+if [ $smoke = 1 ] && [ -x .venv/bin/python ]; then
+    PY=${PYTHON:-.venv/bin/python}
+    export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}  # DeepSpeed's CPU ops
+fi
+export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+LAYERS=${LAYERS:-8}
+
+has_cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))") || exit 1
+if [ $smoke = 0 ] && [ "$has_cuda" = 0 ]; then
+    echo "error: no CUDA device here; bash bench/gpu.sh --cpu-smoke runs the CPU smoke version" >&2
+    exit 2
+fi
+"$PY" -c "import torch, platform; d = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'; \
+print(f'device {d} | torch {torch.__version__} | python {platform.python_version()}')"
+
+failures=0
+run() {  # run NAME LIMIT_S COMMAND...
+    local name=$1 limit=$(($2 * scale)) start=$SECONDS
+    shift 2
+    echo "== $name: $*"
+    if timeout "$limit" "$@"; then
+        echo "== $name: done in $((SECONDS - start)) s"
+    else
+        echo "== $name: FAILED (exit $?, after $((SECONDS - start)) s)"
+        failures=$((failures + 1))
+    fi
+}
+
+run noise 90 "$PY" bench/noise.py
+run attention 120 "$PY" bench/attention.py --shapes 5b
+run train_step 210 "$PY" bench/train_step.py --shape 5b --layers "$LAYERS" --steps 8 --warmup 3
+# Its measured part runs 2 ranks, one device each: with fewer GPUs only the architecture figures.
+sp_args=()
+[ $smoke = 0 ] && [ "$("$PY" -c "import torch; print(torch.cuda.device_count())")" -lt 2 ] && sp_args=(--no-measure)
+run sequence_parallel 60 "$PY" bench/sequence_parallel.py "${sp_args[@]}"
+
+tag=cpu-smoke
+[ $smoke = 0 ] && tag=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+echo "== results (bench/results/*-$tag.json)"
+"$PY" - "$tag" <<'EOF'
+import json, pathlib, sys
+
+tag = sys.argv[1]
+keys = {"noise": ["speedup_vs_eager_b1", "speedup_vs_compile_b1", "fraction_of_copy_bw_b64"],
+        "attention": ["fwd_tflops_5b", "bwd_tflops_5b", "fwd_bwd_speedup_vs_best_sdpa_5b"],
+        "train_step-5b": ["speedup", "i2v.step_s", "i2v.mfu", "i2v.peak_mem_gb", "stock.step_s", "stock.mfu",
+                          "planner.estimate_over_measured"],
+        "sequence_parallel": []}
+for kind, wanted in keys.items():
+    path = pathlib.Path(f"bench/results/{kind}-{tag}.json")
+    if not path.exists():
+        continue
+    record = json.loads(path.read_text())
+    figures = []
+    for key in wanted:
+        value = record
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        figures.append(f"{key}={value:.4g}" if isinstance(value, (int, float)) else f"{key}={value}")
+    print(f"{path}: " + ", ".join(figures))
+EOF
+exit $failures

@@ -1,0 +1,92 @@
+"""What full fine-tuning and LoRA cost in state memory and checkpoint size, for the real CogVideoX models.
+
+    python bench/memory.py [--out bench/results/memory-lora-ema.json]
+
+Each model is built from its shipped config (`configs/cogvideox-{5b,2b}-i2v.yaml`, architecture from
+`model.arch_file`) on PyTorch's meta device: no weights are read and nothing is allocated. LoRA adapters
+go on the four attention projections at ranks 64 and 128 (alpha = rank / 2), as
+`configs/cogvideox-5b-i2v-lora.yaml` does. For ZeRO-2 bf16 with an fp32 EMA, on 1 rank and on 8, it
+prints and records: trainable parameters, optimizer-state bytes per rank (fp32 master copy and AdamW
+moments), EMA bytes per rank, and the bytes of one checkpoint (all ranks' files together).
+
+The formulas are `i2v.memory.state_bytes` and `i2v.memory.checkpoint_bytes`. The test suite checks
+them on the CPU against what a real two-rank engine holds (tests/test_memory.py) and against the
+tensors a LoRA and a full checkpoint of the tiny model write (tests/test_lora_ema.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _kernels import REPO, RESULTS, git_commit, write_result  # noqa: E402
+
+from i2v.adapters import with_lora  # noqa: E402
+from i2v.config import load_config  # noqa: E402
+from i2v.ds_config import build_deepspeed_config  # noqa: E402
+from i2v.memory import ParamCounts, ZeroSettings, checkpoint_bytes, state_bytes  # noqa: E402
+from i2v.model import transformer_arch  # noqa: E402
+
+MODELS = {"CogVideoX-5b-I2V": "cogvideox-5b-i2v.yaml", "CogVideoX-2b-I2V": "cogvideox-2b-i2v.yaml"}
+VARIANTS = {"full": [], "lora-r64": ["model.lora.rank=64", "model.lora.alpha=32"],
+            "lora-r128": ["model.lora.rank=128", "model.lora.alpha=64"]}
+WORLD_SIZES = (1, 8)
+SETTINGS = ["deepspeed.zero_stage=2", "deepspeed.precision=bf16", "model.dtype=bf16", "train.ema.decay=0.999"]
+
+
+def measure(config: str, overrides: list[str], world_size: int) -> dict:
+    from diffusers import CogVideoXTransformer3DModel
+
+    cfg = load_config(REPO / "configs" / config, [*SETTINGS, *overrides])
+    with torch.device("meta"):
+        model = with_lora(CogVideoXTransformer3DModel(**transformer_arch(cfg.model)), cfg.model)
+    counts = ParamCounts.of(model)
+    zero = ZeroSettings.from_deepspeed(build_deepspeed_config(cfg, world_size)["zero_optimization"])
+    state = state_bytes(counts, zero, cfg.deepspeed.precision, world_size, ema=True, model_dtype=cfg.model.dtype)
+    lora = cfg.model.lora.rank > 0
+    return {
+        "world_size": world_size,
+        "parameters": counts.total,
+        "trainable": counts.trainable,
+        "optimizer_state_bytes_per_rank": state.optimizer + state.offloaded,
+        "ema_bytes_per_rank": state.ema,
+        "weights_bytes_per_rank": state.weights,
+        "gradient_bytes_per_rank": state.gradients,
+        "checkpoint_bytes": checkpoint_bytes(counts, cfg.deepspeed.zero_stage, cfg.deepspeed.precision, ema=True,
+                                             model_dtype=cfg.model.dtype, trainable_only=lora),
+    }
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(RESULTS / "memory-lora-ema.json"))
+    args = p.parse_args(argv)
+    rows = []
+    print("ZeRO-2 bf16 with an fp32 EMA; bytes in GiB")
+    print(f"{'model':18s} {'variant':10s} ranks      trainable  optimizer/rank  EMA/rank  checkpoint")
+    for model, config in MODELS.items():
+        for variant, overrides in VARIANTS.items():
+            for world_size in WORLD_SIZES:
+                row = {"model": model, "variant": variant, **measure(config, overrides, world_size)}
+                rows.append(row)
+                print(f"{model:18s} {variant:10s} {world_size:5d}  {row['trainable']:>13,}  "
+                      f"{gib(row['optimizer_state_bytes_per_rank']):>14s}  {gib(row['ema_bytes_per_rank']):>8s}  "
+                      f"{gib(row['checkpoint_bytes']):>10s}")
+    commit, dirty = git_commit("i2v/memory.py", "i2v/adapters.py", "bench/memory.py")
+    record = {"commit": commit, "dirty": dirty, "settings": SETTINGS,
+              "lora_targets": ["to_q", "to_k", "to_v", "to_out.0"], "rows": rows}
+    write_result("memory", "cpu", False, record, out=args.out)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Per-rank memory of a training run: model states by ZeRO stage, EMA and activations per micro-batch.
+
+The state model is what DeepSpeed's engines actually allocate (`tests/test_memory.py` walks the
+tensors a real engine holds and compares), per parameter, with W the number of ranks ZeRO
+partitions over (the whole world: data x sequence parallel) and T the trainable parameters:
+
+| precision | stage | weights | gradients | optimizer (fp32 master + AdamW moments) |
+|---|---|---|---|---|
+| bf16/fp16 | 0 | 2 | 2T | 12T (not partitioned) |
+| bf16/fp16 | 1, 2 | 2 | 2T/W | 12T/W |
+| bf16/fp16 | 3 | 2/W (+ small parameters whole) | 2T/W | 12T/W |
+| fp32 | 0 | 4 | 4T | 8T (no master copy) |
+| fp32 | 1, 2, 3 | 4 (3: 4/W) | 4T/W | 12T/W (ZeRO clones a master copy) |
+
+Optimizer offload moves the optimizer column to host memory; at ZeRO-1/2 the gradients go there
+too (an fp32 partition, beside a low-precision staging copy of the parameters). ZeRO's reduction buckets (`reduce_bucket_size`
+elements, two with `overlap_comm`) and, at ZeRO-3, the gathered parameters of one block plus
+the prefetch bucket are counted as `buckets`. An EMA is an fp32 copy of the trainable
+parameters, sharded like the optimizer state at ZeRO 1-3.
+
+Activations: a CogVideoX block saves, per token, 15 vectors of width d (the residual stream,
+the norms' outputs, Q and K before the QK norm, Q/K/V after RoPE, the attention output, the
+projections' inputs and outputs) and 2 of the feed-forward width (before and after the GELU);
+our Triton attention's output is already the output projection's input, one vector fewer.
+Outside the blocks: four more vectors per video token (the final norms and the output
+projection's input), the inputs and the loss's difference. With gradient checkpointing a block
+keeps only its inputs (one vector per token), and backward recomputes one block at a time, so
+the peak adds one block's full set. Sequence parallelism splits the video tokens over its
+group; text tokens are replicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    trainable: int
+    buffers: int = 0  # elements of non-parameter buffers (e.g. a fixed positional table)
+    small: int = 0  # elements of parameters small enough that ZeRO-3 keeps them whole on every rank
+    largest_block: int = 0  # parameters of the biggest transformer block (what ZeRO-3 gathers at once)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, persistence_threshold: int = 100_000) -> "ParamCounts":
+        """Count a model (a meta-device one is enough); trainable = parameters that require grad."""
+        params = list(model.parameters())
+        blocks = getattr(model, "transformer_blocks", [])
+        return cls(
+            total=sum(p.numel() for p in params),
+            trainable=sum(p.numel() for p in params if p.requires_grad),
+            buffers=sum(b.numel() for b in model.buffers()),
+            small=sum(p.numel() for p in params if p.numel() < persistence_threshold),
+            largest_block=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
+        )
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The parts of DeepSpeed's ZeRO config that size its buffers (DeepSpeed's own defaults apply)."""
+
+    stage: int
+    offload_optimizer: bool = False
+    reduce_bucket_size: int = 500_000_000
+    overlap_comm: bool = False
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+
+    @classmethod
+    def from_deepspeed(cls, zero_optimization: dict) -> "ZeroSettings":
+        """Resolve a generated `zero_optimization` section through DeepSpeed's own config model."""
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+        z = DeepSpeedZeroConfig(**zero_optimization)
+        offload = z.offload_optimizer is not None and z.offload_optimizer.device != OffloadDeviceEnum.none
+        return cls(stage=int(z.stage), offload_optimizer=offload, reduce_bucket_size=int(z.reduce_bucket_size),
+                   overlap_comm=bool(z.overlap_comm), prefetch_bucket_size=int(z.prefetch_bucket_size),
+                   param_persistence_threshold=int(z.param_persistence_threshold))
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    weights: int
+    gradients: int
+    optimizer: int  # on the accelerator (0 under optimizer offload)
+    offloaded: int  # in host memory under optimizer offload
+    ema: int
+    ema_on_host: bool
+    buckets: int
+
+    @property
+    def device(self) -> int:
+        """Everything above that lives on the accelerator."""
+        return self.weights + self.gradients + self.optimizer + self.buckets + (0 if self.ema_on_host else self.ema)
+
+    @property
+    def host(self) -> int:
+        return self.offloaded + (self.ema if self.ema_on_host else 0)
+
+
+def state_bytes(counts: ParamCounts, zero: ZeroSettings, precision: str, world_size: int, ema: bool = False,
+                model_dtype: str = "fp32") -> StateBytes:
+    """Bytes one rank holds for weights, gradients, optimizer state, EMA and ZeRO's buffers.
+
+    `precision` is DeepSpeed's (`deepspeed.precision`); under fp32 the weights keep `model_dtype`.
+    """
+    w, t, stage = world_size, counts.trainable, zero.stage
+    mixed = precision in ("bf16", "fp16")
+    p = 2 if mixed else DTYPE_BYTES[model_dtype]  # bytes of a weight and of its gradient
+    if stage == 3:
+        weights = p * (counts.total - counts.small) // w + p * counts.small
+    else:
+        weights = p * counts.total
+    weights += p * counts.buffers
+    shard = 1 if stage == 0 else w
+    gradients = p * t // shard
+    optimizer = (12 if mixed or stage > 0 else 8) * t // shard
+    offloaded = 0
+    if zero.offload_optimizer:
+        offloaded, optimizer = optimizer, 0
+        if stage < 3:
+            # ZeRO-1/2 reduce gradients straight into an fp32 partition in host memory, beside a
+            # low-precision staging copy of the parameters; ZeRO-3 keeps its gradient partition on the device.
+            offloaded += (4 + p) * t // shard
+            gradients = 0
+    buckets = 0
+    if stage in (1, 2):
+        buckets = zero.reduce_bucket_size * p * (2 if zero.overlap_comm else 1)
+    elif stage == 3:
+        buckets = (zero.reduce_bucket_size + zero.prefetch_bucket_size + counts.largest_block) * p
+    return StateBytes(weights=weights, gradients=gradients, optimizer=optimizer, offloaded=offloaded,
+                      ema=4 * t // shard if ema else 0, ema_on_host=zero.offload_optimizer, buckets=buckets)
+
+
+def checkpoint_bytes(counts: ParamCounts, stage: int, precision: str, ema: bool = False, model_dtype: str = "fp32",
+                     trainable_only: bool = False) -> int:
+    """Tensor bytes of one committed checkpoint, all ranks' files together (the same at any world size).
+
+    The module's weights (only the trainable ones under LoRA, whose checkpoints leave the frozen base
+    out), the optimizer's fp32 master copy and AdamW moments, and the fp32 EMA.
+    """
+    mixed = precision in ("bf16", "fp16")
+    p = 2 if mixed else DTYPE_BYTES[model_dtype]
+    t = counts.trainable
+    weights = p * (t if trainable_only else counts.total)
+    optimizer = (12 if mixed or stage > 0 else 8) * t
+    return weights + optimizer + (4 * t if ema else 0)
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    held: int  # what the forward leaves for backward
+    peak: int  # held plus, under gradient checkpointing, one block's recomputed activations
+    per_block: int = field(repr=False, default=0)
+
+
+def activation_bytes(config, frames: int, height: int, width: int, micro_batch: int, dtype_bytes: int,
+                     gradient_checkpointing: bool, attention: str = "triton", text_tokens: int | None = None,
+                     sequence_parallel_size: int = 1) -> ActivationBytes:
+    """Activation bytes of one micro-batch on one rank (latents of [frames, height, width])."""
+    c = dict(config)
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    p, pt = c["patch_size"], c.get("patch_size_t") or 1
+    text = c["max_text_seq_length"] if text_tokens is None else text_tokens
+    padded_frames = -(-frames // pt) * pt
+    video = -(-padded_frames // pt) * (height // p) * (width // p) // sequence_parallel_size
+    seq = text + video
+    vectors = 15 * d + 2 * 4 * d - (d if attention == "triton" else 0)
+    per_block = seq * vectors
+    # Outside the blocks, per video token: the last block's output, the final norm's output,
+    # norm_out's normalised and modulated outputs; then the inputs (model input with the image
+    # latents, prompt embeddings) and the loss's fp32 difference from the target.
+    pixels = padded_frames * height * width // sequence_parallel_size
+    outer = 4 * video * d + pixels * c["in_channels"] + text * c["text_embed_dim"]
+    loss = micro_batch * 4 * pixels * c["out_channels"]
+    layers = c["num_layers"]
+    scale = micro_batch * dtype_bytes
+    kept = layers * seq * d if gradient_checkpointing else layers * per_block  # per micro-batch sample
+    held = (kept + outer) * scale + loss
+    peak = held + (per_block * scale if gradient_checkpointing else 0)
+    return ActivationBytes(held=held, peak=peak, per_block=per_block * scale)
