@@ -36,7 +36,7 @@ def test_prompt_embeddings_shape_and_determinism():
     c = cfg()
     text = encoders.build_text_encoder(c)
     e = text(["a red square moving left", "a blue circle moving up", ""])
-    assert e.shape == (3, 32, 32) and e.dtype == torch.float32
+    assert e.shape == (3, c.precompute.text_encoder.max_length, 32) and e.dtype == torch.float32
     assert not torch.allclose(e[0], e[1])
     again = encoders.build_text_encoder(c)(["a red square moving left"])
     assert torch.equal(again[0], e[0])  # seeded init: the same encoder in every process

@@ -58,7 +58,7 @@ def test_matches_diffusers_pipeline(parts, kind, guidance, invert):
         image=image[None] * 0.5 + 0.5, prompt_embeds=prompt[None], negative_prompt_embeds=negative[None], height=64, width=64,
         num_frames=9, num_inference_steps=3, guidance_scale=guidance, generator=torch.Generator().manual_seed(7),
         output_type="latent", return_dict=False)[0]
-    assert ours.shape == ref.shape == (1, 3, 4, 8, 8)
+    assert ours.shape == ref.shape == (1, 3, 4, 16, 16)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
     # A different seed gives a different sample: the generator really drives the loop.
     other = sample_video(transformer, vae, build_scheduler(cfg.diffusion, kind), image, prompt, negative,
