@@ -60,11 +60,11 @@ def test_demo_script_runs_end_to_end_and_resumes(tmp_path):
 
     # The evaluation: the report's documented fields, one picture row per pair, the pictures in TensorBoard.
     report = json.loads((out / "eval.json").read_text())
-    assert tuple(report) == REPORT_FIELDS and report["pairs"] == 2 and report["step"] == 4
+    assert set(report) == set(REPORT_FIELDS) and report["pairs"] == 2 and report["step"] == 4
     assert sorted(report["ablations"]) == sorted(ABLATIONS)
     for summary in [report, *report["ablations"].values()]:
         assert set(SUMMARY_FIELDS) <= set(summary) and len(summary["per_pair"]) == 2
-        assert all(tuple(r) == PAIR_FIELDS for r in summary["per_pair"])
+        assert all(set(r) == set(PAIR_FIELDS) for r in summary["per_pair"])
     assert report["sampler"]["steps"] == 2
     swapped = report["ablations"]["swap_caption"]["per_pair"]
     assert [r["direction"] for r in swapped] != [r["direction"] for r in report["per_pair"]]
