@@ -250,7 +250,7 @@ def test_image_latent_convention_matches_pipeline(variant, tmp_path):
     hook = pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
     image, seed = _image(3), 1234
     result = pipe(image=image, prompt="a blue disk", num_frames=9, height=64, width=64, num_inference_steps=1,
-                  guidance_scale=6.0, max_sequence_length=n, output_type="latent",
+                  guidance_scale=6.0, max_sequence_length=cfg.precompute.text_encoder.max_length, output_type="latent",
                   generator=torch.Generator().manual_seed(seed)).frames
     hook.remove()
     hidden = captured[0]["hidden_states"]  # [2 (uncond, cond), F, 2C, h, w]
@@ -288,9 +288,9 @@ def test_image_latent_convention_matches_pipeline(variant, tmp_path):
                                    rtol=1e-5, atol=1e-5)
     # 1.5: the padding latent frame is kept in latent output and dropped before decoding, so the
     # decoded clip has the requested 9 frames.
-    assert result.shape == (1, frames, c, 8, 8)
+    assert result.shape == (1, frames, c, 16, 16)
     video = pipe(image=image, prompt="a blue disk", num_frames=9, height=64, width=64, num_inference_steps=1,
-                 guidance_scale=1.0, max_sequence_length=n, output_type="pt",
+                 guidance_scale=1.0, max_sequence_length=cfg.precompute.text_encoder.max_length, output_type="pt",
                  generator=torch.Generator().manual_seed(seed)).frames
     assert video.shape == (1, 9, 3, 64, 64)
 

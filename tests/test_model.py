@@ -73,7 +73,7 @@ def test_arch_file_builds_the_inline_model_and_guards_pretrained_weights(tmp_pat
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"_class_name": "CogVideoXTransformer3DModel", **TINY.model.arch}))
-    from_file = build_transformer(ModelConfig(arch_file=str(path)), seed=0)
+    from_file = build_transformer(ModelConfig(arch_file=str(path), init_std=TINY.model.init_std), seed=0)
     inline = build_transformer(TINY.model, seed=0)
     assert all(torch.equal(p, q) for p, q in zip(from_file.parameters(), inline.parameters()))
     inline.save_pretrained(tmp_path / "transformer")
