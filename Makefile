@@ -2,6 +2,9 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# DeepSpeed JIT-builds a CPU communication op on its first start. Kept in the venv, the build
+# belongs to this clone's torch and DeepSpeed: no other clone on the machine invalidates it.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: test demo bench clean-demo
 
@@ -11,6 +14,8 @@ $(STAMP): requirements-dev.txt setup.py
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	# Build that op now (about 30 s), not in the middle of the first demo or test.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -87,6 +87,7 @@ def sample_video(
     generator: torch.Generator | None = None,
     *,
     image_latents_mode: str = "sample",
+    zero_image: bool = False,
     ofs: float | None = PIPELINE_OFS,
     output: str = "frames",
     progress=None,
@@ -95,7 +96,9 @@ def sample_video(
 
     Returns frames [F, 3, H, W] in [-1, 1] (or the final latents [1, f, C, h, w] with
     output="latents"). `image_latents_mode` "mode" encodes the image with the posterior mode, as a
-    precompute job with `precompute.latents: mode` did for training.
+    precompute job with `precompute.latents: mode` did for training. `zero_image` replaces the
+    image latents by zeros (the image-dropped condition of training) after drawing them, so the
+    noise is the same as without it: an ablation that shows what the image condition carries.
     """
     device = next(transformer.parameters()).device
     dtype = prompt_embeds.dtype
@@ -119,6 +122,8 @@ def sample_video(
     h, w = image.shape[-2] // spatial, image.shape[-1] // spatial
 
     image_latents = encode_image(vae, image, generator, image_latents_mode, dtype).to(device)
+    if zero_image:
+        image_latents = torch.zeros_like(image_latents)
     pad = torch.zeros(1, latent_frames - 1, channels, h, w, device=device, dtype=dtype)
     image_latents = torch.cat([image_latents, pad], dim=1)
     if conf.patch_size_t is not None:

@@ -1,104 +1,160 @@
 #!/usr/bin/env bash
 # The whole pipeline on synthetic data, on a CPU, in a few minutes (`make demo`):
-#   1 synthetic clips  ->  2 video shards  ->  3 fit the tiny VAE  ->  4 latent shards  ->  5 train  ->  6 sample
+#   1 synthetic clips -> 2 video shards -> 3 fit the tiny VAE -> 4 latent shards -> 5 train -> 6 sample -> 7 evaluate
 # Everything lands in $DEMO_DIR (default runs/demo). Smaller settings for CI through the environment:
-#   DEMO_DIR, DEMO_CLIPS (48), DEMO_PER_SHARD (12), DEMO_VAE_STEPS (500; 0 keeps the random-init VAE),
-#   DEMO_TRAIN_STEPS (1500: enough for the tiny DiT to hold the first frame's shape, ~15 ms each),
-#   DEMO_SAMPLE_STEPS (10),
+#   DEMO_DIR, DEMO_CLIPS (192), DEMO_PER_SHARD (48), DEMO_VAE_STEPS (700; 0 keeps the random-init VAE),
+#   DEMO_TRAIN_STEPS (4000), DEMO_SAMPLE_STEPS (validation.num_inference_steps), DEMO_EVAL_PAIRS (16),
+#   DEMO_SEED (0: run.seed and the synthetic clips' seed),
+#   DEMO_QUALITY_JSON (bench/results/demo-quality.json; empty: not written),
 #   DEMO_LAUNCHER (deepspeed | python; default deepspeed when its launcher is installed), PYTHON.
-# Rerunning resumes: a fitted VAE and finished shards are kept and training continues from its latest checkpoint.
+# Rerunning resumes: finished stages are kept (clips with the same settings, shards, the fitted VAE,
+# latent shards, a finished training run, its sample and its evaluation) and the rest is redone.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 DIR=${DEMO_DIR:-runs/demo}
-CLIPS=${DEMO_CLIPS:-48}
-PER_SHARD=${DEMO_PER_SHARD:-12}
-VAE_STEPS=${DEMO_VAE_STEPS:-500}
-TRAIN_STEPS=${DEMO_TRAIN_STEPS:-1500}
-SAMPLE_STEPS=${DEMO_SAMPLE_STEPS:-10}
+CLIPS=${DEMO_CLIPS:-192}
+PER_SHARD=${DEMO_PER_SHARD:-48}
+VAE_STEPS=${DEMO_VAE_STEPS:-700}
+TRAIN_STEPS=${DEMO_TRAIN_STEPS:-4000}
+EVAL_PAIRS=${DEMO_EVAL_PAIRS:-16}
+SEED=${DEMO_SEED:-0}
+QUALITY_JSON=${DEMO_QUALITY_JSON-bench/results/demo-quality.json}
 CONFIG=configs/tiny.yaml
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
+# The tiny models' ops are too small to gain from a second thread, and a second thread stalls
+# whenever another process takes a core: one thread per process is faster on a shared CPU.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
+# DeepSpeed's CPU op, built with the venv (see the Makefile), is looked up where it was built.
+VENV_DIR=$(cd "$(dirname "$PY")/.." && pwd)
+[ -f "$VENV_DIR/bin/activate" ] && export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV_DIR/torch_extensions}
 
 DEEPSPEED="$(dirname "$PY")/deepspeed"
 LAUNCHER=${DEMO_LAUNCHER:-$([ -x "$DEEPSPEED" ] && echo deepspeed || echo python)}
+# The clips are drawn at the size and length the model trains on, so each is one whole trajectory.
+read -r FRAMES HEIGHT WIDTH < <("$PY" -c "from i2v.config import load_config; v = load_config('$CONFIG').data.video; print(v.frames, v.height, v.width)")
 
 OVERRIDES=(
   "run.output_dir=$DIR"
+  "run.seed=$SEED"
   "data.video_shards=$DIR/shards"
   "data.latent_shards=$DIR/latents"
   "train.max_steps=$TRAIN_STEPS"
   "train.warmup_steps=$(( TRAIN_STEPS / 8 ))"
+  # One CPU rank: ZeRO-2's gradient partitioning buys nothing there and costs a third of each tiny
+  # step (86 vs 126 samples/s at micro-batch 4); ZeRO-1 keeps the partitioned optimizer state.
+  "deepspeed.zero_stage=1"
   "checkpoint.every_steps=$(( TRAIN_STEPS / 2 > 0 ? TRAIN_STEPS / 2 : 1 ))"
 )
+[ -n "${DEMO_SAMPLE_STEPS:-}" ] && OVERRIDES+=("validation.num_inference_steps=$DEMO_SAMPLE_STEPS")
 # A random-init VAE decodes everything to texture noise; the fitted one (step 3) makes the
 # latents, and so every video below, show the shapes. Every stage after it must load it.
 if [ "$VAE_STEPS" -gt 0 ]; then
   OVERRIDES+=("precompute.vae.pretrained=$DIR/vae" "precompute.vae.arch={}")
 fi
-step() { printf '\n== %s\n' "$*"; }
+
+TIMES=()  # "stage seconds kept|ran", one per stage
+stage_start=$SECONDS
+step() { printf '\n== %s\n' "$*"; stage_start=$SECONDS; }
+done_stage() {  # done_stage NAME ran|kept
+  local took=$(( SECONDS - stage_start ))
+  TIMES+=("$1 $took $2")
+  printf -- '-- %s: %d s%s\n' "$1" "$took" "$([ "$2" = kept ] && echo ' (kept from an earlier run)')"
+}
 start=$SECONDS
+LATEST="$DIR/checkpoints/latest"
+FINAL=$(printf 'step-%08d' "$TRAIN_STEPS")
 
-step "1/6 synthetic clips -> $DIR/clips (held-out first frame in $DIR/heldout)"
-"$PY" -m i2v.data_prep.synthetic --output "$DIR/clips" --clips "$CLIPS" --heldout "$DIR/heldout"
+step "1/7 synthetic clips -> $DIR/clips (held-out first frame in $DIR/heldout)"
+"$PY" -m i2v.data_prep.synthetic --output "$DIR/clips" --clips "$CLIPS" --seed "$SEED" --frames "$FRAMES" --height "$HEIGHT" \
+  --width "$WIDTH" --heldout "$DIR/heldout"
+done_stage clips ran
 
-step "2/6 video shards -> $DIR/shards"
+step "2/7 video shards -> $DIR/shards"
 "$PY" launcher/make_shards.py --input "$DIR/clips" --output "$DIR/shards" --samples-per-shard "$PER_SHARD"
+done_stage shards ran
 
 if [ "$VAE_STEPS" -le 0 ]; then
-  step "3/6 fit the tiny VAE: skipped (DEMO_VAE_STEPS=0), the random-init VAE stays"
+  step "3/7 fit the tiny VAE: skipped (DEMO_VAE_STEPS=0), the random-init VAE stays"
+  done_stage fit_vae kept
 elif [ -f "$DIR/vae/config.json" ]; then
   # Latents already made with it would no longer match a refitted one.
-  step "3/6 fit the tiny VAE: kept $DIR/vae (remove it to refit)"
+  step "3/7 fit the tiny VAE: kept $DIR/vae (remove it to refit)"
+  done_stage fit_vae kept
 else
-  step "3/6 fit the tiny VAE, $VAE_STEPS steps -> $DIR/vae"
+  step "3/7 fit the tiny VAE, $VAE_STEPS steps -> $DIR/vae"
   "$PY" -m i2v.data_prep.fit_vae --config "$CONFIG" --clips "$DIR/shards" --out "$DIR/vae" --steps "$VAE_STEPS"
+  done_stage fit_vae ran
 fi
 
-step "4/6 latent shards (VAE + T5, noisy first-frame draws) -> $DIR/latents"
+step "4/7 latent shards (VAE + T5, noisy first-frame draws) -> $DIR/latents"
 "$PY" launcher/precompute.py --config "$CONFIG" "${OVERRIDES[@]}"
+done_stage precompute ran
 
-step "5/6 train $TRAIN_STEPS steps ($LAUNCHER launcher) -> $DIR"
 PROMPT=$(cat "$DIR/heldout/heldout.txt")
-# Validation videos of the held-out pair at half-way and at the end, shown in TensorBoard.
-VALIDATION=(
-  "validation.every_steps=$(( TRAIN_STEPS / 2 > 0 ? TRAIN_STEPS / 2 : 1 ))"
-  "validation.num_inference_steps=$SAMPLE_STEPS"
-  "validation.pairs=[{image: \"$DIR/heldout/heldout.png\", prompt: \"$PROMPT\"}]"
-)
-if [ "$LAUNCHER" = deepspeed ]; then
-  "$DEEPSPEED" --num_gpus 1 launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}" "${VALIDATION[@]}"
+if [ "$(cat "$LATEST" 2>/dev/null)" = "$FINAL" ]; then
+  step "5/7 train: kept $DIR/checkpoints/$FINAL"
+  done_stage train kept
 else
-  "$PY" launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}" "${VALIDATION[@]}"
+  step "5/7 train $TRAIN_STEPS steps ($LAUNCHER launcher) -> $DIR"
+  # Validation videos of the held-out pair at half-way and at the end, shown in TensorBoard.
+  VALIDATION=(
+    "validation.every_steps=$(( TRAIN_STEPS / 2 > 0 ? TRAIN_STEPS / 2 : 1 ))"
+    "validation.pairs=[{image: \"$DIR/heldout/heldout.png\", prompt: \"$PROMPT\"}]"
+  )
+  if [ "$LAUNCHER" = deepspeed ]; then
+    "$DEEPSPEED" --num_gpus 1 launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}" "${VALIDATION[@]}"
+  else
+    "$PY" launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}" "${VALIDATION[@]}"
+  fi
+  done_stage train ran
 fi
 
-step "6/6 sample from the held-out first frame -> $DIR/samples"
-"$PY" launcher/sample.py --config "$CONFIG" "${OVERRIDES[@]}" --checkpoint "$DIR/checkpoints" \
-  --image "$DIR/heldout/heldout.png" --prompt "$PROMPT" --steps "$SAMPLE_STEPS" \
-  --out "$DIR/samples/heldout.gif" --out "$DIR/samples/heldout.mp4"
-
-if [ "$VAE_STEPS" -gt 0 ]; then
-  NOTE="The VAE was fitted for $VAE_STEPS steps on these clips ($DIR/vae, fit.json), so the videos show the
-first frame's shape: a blurry blob with roughly its colour, kept in place over the frames. The T5 is a
-random-init stand-in, so the caption steers the motion only weakly. Point precompute.vae,
-precompute.text_encoder and model at real weights for real videos."
+# A stage after training is finished when its output is newer than the checkpoint it used.
+if [ "$DIR/samples/heldout.gif" -nt "$LATEST" ]; then
+  step "6/7 sample from the held-out first frame: kept $DIR/samples/heldout.gif"
+  done_stage sample kept
 else
-  NOTE="The tiny VAE and T5 are random-init stand-ins (DEMO_VAE_STEPS=0), so the sampled frames are texture
-noise that shows the pipeline works; point precompute.vae/text_encoder and model at real weights for that."
+  step "6/7 sample from the held-out first frame -> $DIR/samples"
+  "$PY" launcher/sample.py --config "$CONFIG" "${OVERRIDES[@]}" --checkpoint "$DIR/checkpoints" \
+    --image "$DIR/heldout/heldout.png" --prompt "$PROMPT" --out "$DIR/samples/heldout.gif" --out "$DIR/samples/heldout.mp4"
+  done_stage sample ran
 fi
+
+if [ "$DIR/eval.json" -nt "$LATEST" ]; then
+  step "7/7 evaluate: kept $DIR/eval.json"
+  done_stage evaluate kept
+else
+  step "7/7 evaluate on $EVAL_PAIRS held-out pairs, and the two ablations -> $DIR/eval.json, $DIR/eval.png"
+  "$PY" launcher/evaluate.py --config "$CONFIG" "${OVERRIDES[@]}" --checkpoint "$DIR/checkpoints" \
+    --pairs "$EVAL_PAIRS" --ablation zero_image --ablation swap_caption
+  done_stage evaluate ran
+fi
+TOTAL=$(( SECONDS - start ))
+
+if [ -n "$QUALITY_JSON" ]; then
+  "$PY" bench/demo_quality.py --eval "$DIR/eval.json" --out "$QUALITY_JSON" --total "$TOTAL" "${TIMES[@]/#/--stage=}"
+fi
+
 cat <<EOF
 
-== demo finished in $(( SECONDS - start )) s
-  clips + captions:   $DIR/clips/            (held-out frame: $DIR/heldout/heldout.png, "$PROMPT")
+== demo finished in $TOTAL s ($(printf '%s; ' "${TIMES[@]}" | sed 's/ ran;/ s;/g; s/ kept;/ s kept;/g'))
+  clips + captions:   $DIR/clips/            (specs.json: true trajectories; held-out frame: $DIR/heldout/heldout.png, "$PROMPT")
   video shards:       $DIR/shards/
+  fitted VAE:         $DIR/vae/              (fit.json)
   latent shards:      $DIR/latents/          (manifest.json, rejects.jsonl)
-  checkpoints:        $DIR/checkpoints/      (newest: $(cat "$DIR/checkpoints/latest" 2>/dev/null || echo '?'))
+  checkpoints:        $DIR/checkpoints/      (newest: $(cat "$LATEST" 2>/dev/null || echo '?'))
   metrics:            $DIR/metrics.jsonl
-  tensorboard:        $DIR/tensorboard/      (loss, lr, grad norm, throughput; validation/pair-0 videos)
+  tensorboard:        $DIR/tensorboard/      (loss, lr, grad norm, throughput; validation/pair-0 videos; evaluation/*)
   validation videos:  $DIR/samples/step-*/pair-0.mp4
   sampled video:      $DIR/samples/heldout.gif  $DIR/samples/heldout.mp4
+  evaluation:         $DIR/eval.json  (ablations: $DIR/eval-zero_image.png  $DIR/eval-swap_caption.png)
 Open TensorBoard with:
   $(dirname "$PY")/tensorboard --logdir $DIR/tensorboard    # then browse http://localhost:6006
-$NOTE
+The T5 and the VAE are tiny stand-ins (random-init, and fitted on these clips); point precompute.vae,
+precompute.text_encoder and model at real CogVideoX weights for real videos.
+
 EOF
+"$PY" -c "import json, sys; from i2v.evaluation import headline; print(headline(json.load(open(sys.argv[1]))))" "$DIR/eval.json"
+echo "picture: $DIR/eval.png  (per pair: true first frame | sampled frames | true frames)"

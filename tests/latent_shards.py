@@ -8,11 +8,11 @@ import torch
 
 from i2v.data.latents import LatentShardWriter, save_empty_prompt
 
-# Matches configs/tiny.yaml: 9 frames at 64x64 -> 3 latent frames of 4 x 8 x 8; text 32 x 32.
-SHAPE = dict(frames=3, channels=4, height=8, width=8, text_len=32, text_dim=32, draws=2)
+# Matches configs/tiny.yaml: 9 frames at 64x64 -> 3 latent frames of 4 x 16 x 16; text 8 x 32.
+SHAPE = dict(frames=3, channels=4, height=16, width=16, text_len=8, text_dim=32, draws=2)
 
 
-def sample_tensors(index: int, frames=3, channels=4, height=8, width=8, text_len=32, text_dim=32, draws=2):
+def sample_tensors(index: int, frames=3, channels=4, height=16, width=16, text_len=8, text_dim=32, draws=2):
     """Structured latents: a per-sample pattern drifting over frames, so there is something to learn."""
     g = torch.Generator().manual_seed(1000 + index)
     base = torch.randn(1, channels, height, width, generator=g)

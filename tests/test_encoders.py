@@ -36,7 +36,7 @@ def test_prompt_embeddings_shape_and_determinism():
     c = cfg()
     text = encoders.build_text_encoder(c)
     e = text(["a red square moving left", "a blue circle moving up", ""])
-    assert e.shape == (3, 32, 32) and e.dtype == torch.float32
+    assert e.shape == (3, c.precompute.text_encoder.max_length, 32) and e.dtype == torch.float32
     assert not torch.allclose(e[0], e[1])
     again = encoders.build_text_encoder(c)(["a red square moving left"])
     assert torch.equal(again[0], e[0])  # seeded init: the same encoder in every process
@@ -55,7 +55,7 @@ def test_vae_latent_channels_must_match_the_dit():
 def test_text_encoder_width_and_length_must_match_the_dit():
     with pytest.raises(ConfigError, match=r"precompute\.text_encoder\.arch\.d_model.*text_embed_dim 32"):
         encoders.build_text_encoder(cfg("precompute.text_encoder.arch.d_model=64"))
-    with pytest.raises(ConfigError, match=r"precompute\.text_encoder\.max_length.*max_text_seq_length 32"):
+    with pytest.raises(ConfigError, match=r"precompute\.text_encoder\.max_length.*max_text_seq_length 8"):
         encoders.build_text_encoder(cfg("precompute.text_encoder.max_length=226"))
 
 

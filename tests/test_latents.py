@@ -53,9 +53,9 @@ def test_round_trip_and_empty_prompt(tmp_path):
     video, image, prompt = sample_tensors(1)
     assert torch.equal(batch["video_latents"][1], video)
     assert torch.equal(batch["image_latents"][1], image[batch["draws"][1]])  # one of the K draws
-    assert batch["image_latents"].shape == (3, 1, 4, 8, 8)
+    assert batch["image_latents"].shape == (3, 1, 4, 16, 16)
     assert torch.equal(batch["prompt_embeds"][1], prompt)
-    assert load_empty_prompt(str(tmp_path)).shape == (32, 32)
+    assert load_empty_prompt(str(tmp_path)).shape == (8, 32)
 
 
 def test_no_duplicates_across_2_ranks_x_2_workers_and_nothing_missing(tmp_path):
@@ -120,7 +120,7 @@ def test_batches_only_stack_same_shapes(tmp_path):
     shapes = set()
     for b in itertools.islice(make_loader(ds, 0), 4):
         shapes.add(tuple(b["video_latents"].shape))
-    assert shapes == {(2, 3, 4, 8, 8), (2, 5, 4, 8, 8)}
+    assert shapes == {(2, 3, 4, 16, 16), (2, 5, 4, 16, 16)}
 
 
 def test_missing_and_empty_shard_paths_are_named(tmp_path):
@@ -149,7 +149,7 @@ def test_decode_rejects_mismatch_with_model():
     video, image, prompt = sample_tensors(0)
     raw = {"__key__": "k", "latents.safetensors": save({"video_latents": video, "image_latents": image,
                                                          "prompt_embeds": prompt})}
-    assert decode_sample(raw, {"channels": 4, "text_dim": 32, "text_len": 32})["__key__"] == "k"
+    assert decode_sample(raw, {"channels": 4, "text_dim": 32, "text_len": 8})["__key__"] == "k"
     with pytest.raises(_Bad) as e:
         decode_sample(raw, {"channels": 16})
     assert e.value.reason == "wrong shape" and "the model takes 16" in e.value.detail
@@ -196,7 +196,7 @@ def test_global_order_batches_one_shape_and_counts_bad(tmp_path):
     ds = LatentDataset(str(tmp_path / "a"), batch_size=2, order="global", max_bad_fraction=0.5)
     batches = list(itertools.islice(make_loader(ds, 0), 4))
     shapes = {tuple(b["video_latents"].shape[1:]) for b in batches}
-    assert shapes == {(3, 4, 8, 8), (5, 4, 8, 8)}
+    assert shapes == {(3, 4, 16, 16), (5, 4, 16, 16)}
     assert sum(len(b["keys"]) for b in batches) == 7  # the NaN sample is dropped from its batch
     assert batches[-1]["bad"]["by_reason"] == {"non-finite": 1}
 

@@ -178,13 +178,13 @@ def test_manifest_and_the_trainer_reads_the_shards(baseline):
     assert [s["name"] for s in m["shards"]] == [f"latents-00000{i}.tar" for i in range(4)]
     for s in m["shards"]:
         assert s["sha256"] == sha(os.path.join(out, s["name"])) and s["samples"] == 3
-    assert m["shapes"] == [{"video_latents": [3, 4, 4, 4], "image_latents": [2, 1, 4, 4, 4],
-                            "prompt_embeds": [32, 32], "samples": 12}]
+    assert m["shapes"] == [{"video_latents": [3, 4, 8, 8], "image_latents": [2, 1, 4, 8, 8],
+                            "prompt_embeds": [8, 32], "samples": 12}]
     assert m["vae"]["latent_channels"] == 4 and m["text_encoder"]["d_model"] == 32
     assert summary["written"] == 4 and summary["manifest"] is not None
     ds = LatentDataset(out, batch_size=2, resampled=False, shuffle_buffer=0, expect={"channels": 4, "text_dim": 32})
     batch = next(iter(ds))
-    assert batch["video_latents"].shape == (2, 3, 4, 4, 4) and batch["image_latents"].shape == (2, 1, 4, 4, 4)
+    assert batch["video_latents"].shape == (2, 3, 4, 8, 8) and batch["image_latents"].shape == (2, 1, 4, 8, 8)
 
 
 def test_rerun_is_idempotent_and_output_is_deterministic(shards, baseline, tmp_path):

@@ -58,13 +58,29 @@ def test_matches_diffusers_pipeline(parts, kind, guidance, invert):
         image=image[None] * 0.5 + 0.5, prompt_embeds=prompt[None], negative_prompt_embeds=negative[None], height=64, width=64,
         num_frames=9, num_inference_steps=3, guidance_scale=guidance, generator=torch.Generator().manual_seed(7),
         output_type="latent", return_dict=False)[0]
-    assert ours.shape == ref.shape == (1, 3, 4, 8, 8)
+    assert ours.shape == ref.shape == (1, 3, 4, 16, 16)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
     # A different seed gives a different sample: the generator really drives the loop.
     other = sample_video(transformer, vae, build_scheduler(cfg.diffusion, kind), image, prompt, negative,
                          num_frames=9, num_inference_steps=3, guidance_scale=guidance,
                          generator=torch.Generator().manual_seed(8), output="latents")
     assert not torch.allclose(other, ours)
+
+
+def test_zero_image_removes_the_image_condition_only(parts):
+    cfg, transformer, text, prompt, negative, image = parts
+    vae = encoders.build_vae(cfg)
+
+    def latents(img, **kw):
+        return sample_video(transformer, vae, build_scheduler(cfg.diffusion), img, prompt, negative, num_frames=9,
+                            num_inference_steps=2, guidance_scale=6.0, generator=torch.Generator().manual_seed(4),
+                            output="latents", **kw)
+
+    other = -image
+    assert not torch.allclose(latents(image), latents(other))  # by default the image steers the sample
+    zeroed = latents(image, zero_image=True)
+    torch.testing.assert_close(zeroed, latents(other, zero_image=True), atol=0, rtol=0)
+    assert not torch.allclose(zeroed, latents(image))
 
 
 def test_decoded_frames_match_the_pipeline(parts):

@@ -48,7 +48,7 @@ def test_cogvideox_15_pads_latent_frames_to_patch_size_t(tmp_path):
     model = build_transformer(cfg.model, seed=0)
     abar = diffusion.alphas_cumprod(cfg.diffusion)
     inputs = prepare_inputs(batch, abar, cfg, 0, 0, None, "cpu", "torch", patch_size_t=2)
-    assert inputs["model_input"].shape == (2, 4, 8, 8, 8)
+    assert inputs["model_input"].shape == (2, 4, 8, 16, 16)
     assert torch.equal(inputs["x0"][:, 0], inputs["x0"][:, 1])  # the repeated first latent frame
     assert torch.count_nonzero(inputs["model_input"][:, 1:, 4:]) == 0  # image latent only at frame 0
     from i2v.objective import training_loss
