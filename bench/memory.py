@@ -9,7 +9,8 @@ go on the four attention projections at ranks 64 and 128 (alpha = rank / 2), as
 prints and records: trainable parameters, optimizer-state bytes per rank (fp32 master copy and AdamW
 moments), EMA bytes per rank, and the bytes of one checkpoint (all ranks' files together).
 
-The formulas are `i2v.memory.state_bytes` and `i2v.memory.checkpoint_bytes`. The test suite checks
+The figures are the planner's (`i2v.plan.make_plan`, i.e. `i2v.memory.state_bytes`) and
+`i2v.memory.checkpoint_bytes`. The test suite checks
 them on the CPU against what a real two-rank engine holds (tests/test_memory.py) and against the
 tensors a LoRA and a full checkpoint of the tiny model write (tests/test_lora_ema.py).
 """
@@ -20,17 +21,13 @@ import argparse
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _kernels import REPO, RESULTS, git_commit, write_result  # noqa: E402
 
-from i2v.adapters import with_lora  # noqa: E402
 from i2v.config import load_config  # noqa: E402
-from i2v.ds_config import build_deepspeed_config  # noqa: E402
-from i2v.memory import ParamCounts, ZeroSettings, checkpoint_bytes, state_bytes  # noqa: E402
-from i2v.model import transformer_arch  # noqa: E402
+from i2v.memory import checkpoint_bytes  # noqa: E402
+from i2v.plan import make_plan  # noqa: E402
 
 MODELS = {"CogVideoX-5b-I2V": "cogvideox-5b-i2v.yaml", "CogVideoX-2b-I2V": "cogvideox-2b-i2v.yaml"}
 VARIANTS = {"full": [], "lora-r64": ["model.lora.rank=64", "model.lora.alpha=32"],
@@ -40,14 +37,9 @@ SETTINGS = ["deepspeed.zero_stage=2", "deepspeed.precision=bf16", "model.dtype=b
 
 
 def measure(config: str, overrides: list[str], world_size: int) -> dict:
-    from diffusers import CogVideoXTransformer3DModel
-
     cfg = load_config(REPO / "configs" / config, [*SETTINGS, *overrides])
-    with torch.device("meta"):
-        model = with_lora(CogVideoXTransformer3DModel(**transformer_arch(cfg.model)), cfg.model)
-    counts = ParamCounts.of(model)
-    zero = ZeroSettings.from_deepspeed(build_deepspeed_config(cfg, world_size)["zero_optimization"])
-    state = state_bytes(counts, zero, cfg.deepspeed.precision, world_size, ema=True, model_dtype=cfg.model.dtype)
+    plan = make_plan(cfg, world_size, gpu_mem_gb=80)  # the planner's meta-device model, LoRA and EMA included
+    counts, state = plan.counts, plan.state
     lora = cfg.model.lora.rank > 0
     return {
         "world_size": world_size,

@@ -237,10 +237,10 @@ def check_engine_layout(cfg, recorded: dict, where: str) -> None:
     """
     saved = (recorded.get("config") or {}).get("deepspeed") or {}
     now = {"zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision}
-    diffs = [f"deepspeed.{k}: checkpoint has {saved[k]!r}, this run has {v!r}" for k, v in now.items()
-             if k in saved and saved[k] != v]
-    if diffs:
-        fix = " ".join(f"deepspeed.{k}={saved[k]}" for k in now if k in saved and saved[k] != now[k])
+    changed = [k for k, v in now.items() if k in saved and saved[k] != v]
+    if changed:
+        diffs = [f"deepspeed.{k}: checkpoint has {saved[k]!r}, this run has {now[k]!r}" for k in changed]
+        fix = " ".join(f"deepspeed.{k}={saved[k]}" for k in changed)
         raise CheckpointError(f"checkpoint {where} cannot be resumed by this engine: {'; '.join(diffs)}. DeepSpeed's "
                               f"optimizer state of one layout does not load into another; resume with {fix}, or "
                               "export the weights and start a new run from them")

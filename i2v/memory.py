@@ -104,6 +104,17 @@ class StateBytes:
         return self.offloaded + (self.ema if self.ema_on_host else 0)
 
 
+def _weight_bytes(precision: str, model_dtype: str) -> int:
+    """Bytes of a weight (and of its gradient): 2 under mixed precision, else the model's dtype."""
+    return 2 if precision in ("bf16", "fp16") else DTYPE_BYTES[model_dtype]
+
+
+def _optimizer_bytes(precision: str, stage: int) -> int:
+    """Optimizer bytes per trainable parameter: AdamW's two fp32 moments, plus an fp32 master copy
+    under mixed precision or any ZeRO stage."""
+    return 12 if precision in ("bf16", "fp16") or stage > 0 else 8
+
+
 def state_bytes(counts: ParamCounts, zero: ZeroSettings, precision: str, world_size: int, ema: bool = False,
                 model_dtype: str = "fp32") -> StateBytes:
     """Bytes one rank holds for weights, gradients, optimizer state, EMA and ZeRO's buffers.
@@ -111,8 +122,7 @@ def state_bytes(counts: ParamCounts, zero: ZeroSettings, precision: str, world_s
     `precision` is DeepSpeed's (`deepspeed.precision`); under fp32 the weights keep `model_dtype`.
     """
     w, t, stage = world_size, counts.trainable, zero.stage
-    mixed = precision in ("bf16", "fp16")
-    p = 2 if mixed else DTYPE_BYTES[model_dtype]  # bytes of a weight and of its gradient
+    p = _weight_bytes(precision, model_dtype)
     if stage == 3:
         weights = p * (counts.total - counts.small) // w + p * counts.small
     else:
@@ -120,7 +130,7 @@ def state_bytes(counts: ParamCounts, zero: ZeroSettings, precision: str, world_s
     weights += p * counts.buffers
     shard = 1 if stage == 0 else w
     gradients = p * t // shard
-    optimizer = (12 if mixed or stage > 0 else 8) * t // shard
+    optimizer = _optimizer_bytes(precision, stage) * t // shard
     offloaded = 0
     if zero.offload_optimizer:
         offloaded, optimizer = optimizer, 0
@@ -145,12 +155,9 @@ def checkpoint_bytes(counts: ParamCounts, stage: int, precision: str, ema: bool 
     The module's weights (only the trainable ones under LoRA, whose checkpoints leave the frozen base
     out), the optimizer's fp32 master copy and AdamW moments, and the fp32 EMA.
     """
-    mixed = precision in ("bf16", "fp16")
-    p = 2 if mixed else DTYPE_BYTES[model_dtype]
     t = counts.trainable
-    weights = p * (t if trainable_only else counts.total)
-    optimizer = (12 if mixed or stage > 0 else 8) * t
-    return weights + optimizer + (4 * t if ema else 0)
+    weights = _weight_bytes(precision, model_dtype) * (t if trainable_only else counts.total)
+    return weights + _optimizer_bytes(precision, stage) * t + (4 * t if ema else 0)
 
 
 @dataclass(frozen=True)

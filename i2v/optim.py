@@ -36,13 +36,12 @@ def build_scheduler(cfg: Config):
 
 def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None):
     """The DeepSpeed engine of a run: its generated config, our AdamW over the trainable parameters
-    (DeepSpeed's own CPU Adam under optimizer offload) and the LR schedule. Under sequence parallelism `world_size` is the data-parallel
-    size and `mpu` the groups of `i2v.parallel`."""
+    (DeepSpeed's own CPU Adam under optimizer offload) and the LR schedule. Under sequence parallelism
+    `world_size` is the data-parallel size and `mpu` the groups of `i2v.parallel`."""
     import deepspeed
 
-    from i2v.ds_config import build_deepspeed_config, optimizer_in_config
-
     from i2v.adapters import trainable_parameters
+    from i2v.ds_config import build_deepspeed_config, optimizer_in_config
 
     params = trainable_parameters(model)  # a frozen LoRA base never reaches the optimizer
     optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, params)
