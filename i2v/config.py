@@ -152,15 +152,21 @@ class EMAConfig:
 class TrainConfig:
     max_steps: int = doc(REQUIRED, "Optimizer steps to run.")
     micro_batch_size: int = doc(1, "Samples per rank per forward/backward.")
-    grad_accum_steps: int = doc(1, "Micro-batches accumulated per optimizer step.")
+    grad_accum_steps: Optional[int] = doc(
+        None, "Micro-batches accumulated per optimizer step. Unset: global_batch_size / (micro_batch_size x "
+        "data-parallel size) when global_batch_size is set, else 1."
+    )
     global_batch_size: Optional[int] = doc(
-        None, "If set, must equal micro_batch_size * grad_accum_steps * world_size (a guard against typos)."
+        None, "Samples per optimizer step over all ranks. With grad_accum_steps unset it fixes the accumulation "
+        "at every world size (a run resumed on more or fewer ranks keeps its trajectory); with it set, the "
+        "three must agree (a guard against typos)."
     )
     lr: float = doc(1e-4, "Peak learning rate.")
     lr_schedule: Literal["cosine", "constant"] = doc("cosine", "Schedule after warmup.")
     warmup_steps: int = doc(0, "Linear warmup steps from 0 to `lr`.")
     min_lr_ratio: float = doc(0.0, "Cosine floor as a fraction of `lr`.")
     weight_decay: float = doc(1e-4, "AdamW weight decay.")
+    no_decay: bool = doc(True, "No weight decay on biases and norm weights (a second parameter group).")
     betas: list = doc([0.9, 0.95], "AdamW betas.")
     eps: float = doc(1e-8, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
@@ -237,6 +243,30 @@ class PrecomputeConfig:
     samples_per_shard: int = doc(0, "Unused when 0: output shards mirror input shards one to one.")
 
 
+def accumulation_steps(t: "TrainConfig", dp_size: int, world_size: int, sp: int = 1) -> int:
+    """train.grad_accum_steps at this data-parallel size: as given, or derived from train.global_batch_size."""
+    what = f"data-parallel size (world {world_size} / sequence parallel {sp})" if sp > 1 else "world size"
+    if t.grad_accum_steps is None:
+        if t.global_batch_size is None:
+            return 1
+        per_round = t.micro_batch_size * dp_size
+        if t.global_batch_size % per_round:
+            raise ConfigError(
+                f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.micro_batch_size "
+                f"({t.micro_batch_size}) x {what} ({dp_size}); choose a world size or micro-batch size that "
+                "divides it, or set train.grad_accum_steps"
+            )
+        return t.global_batch_size // per_round
+    got = t.micro_batch_size * t.grad_accum_steps * dp_size
+    if t.global_batch_size is not None and got != t.global_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size: is {t.global_batch_size}, but train.micro_batch_size "
+            f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x {what} "
+            f"({dp_size}) = {got}; make them agree, or drop train.grad_accum_steps to derive it"
+        )
+    return t.grad_accum_steps
+
+
 @dataclass
 class ValidationConfig:
     every_steps: int = doc(0, "Sample validation videos every this many steps; 0 disables.")
@@ -270,15 +300,10 @@ class Config:
             from i2v.parallel import check_sequence_parallel
 
             check_sequence_parallel(sp, world_size)
-        if world_size is not None and t.global_batch_size is not None:
-            got = t.micro_batch_size * t.grad_accum_steps * (world_size // sp)
-            if got != t.global_batch_size:
-                what = f"data-parallel size (world {world_size} / sequence parallel {sp})" if sp > 1 else "world size"
-                raise ConfigError(
-                    f"train.global_batch_size: is {t.global_batch_size}, but train.micro_batch_size "
-                    f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x {what} "
-                    f"({world_size // sp}) = {got}; make them agree or drop train.global_batch_size"
-                )
+        if world_size is not None:
+            t.grad_accum_steps = accumulation_steps(t, world_size // sp, world_size, sp)
+        elif t.grad_accum_steps is None and t.global_batch_size is None:
+            t.grad_accum_steps = 1
         m = self.model
         if not (m.pretrained or m.arch or m.arch_file):
             raise ConfigError("model: set model.pretrained (a diffusers transformer directory), model.arch (inline) "

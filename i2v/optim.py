@@ -24,9 +24,33 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+def _decays(name: str, owner: torch.nn.Module) -> bool:
+    """Weight decay pulls weights toward 0: right for matrices, wrong for biases and norm gains."""
+    return not (name.endswith("bias") or "Norm" in type(owner).__name__)
+
+
+def param_groups(cfg: Config, model: torch.nn.Module) -> list[dict]:
+    """The trainable parameters as AdamW groups: [decay, no decay] with `train.no_decay`, else one group.
+
+    Both groups exist whenever `train.no_decay` is on (an empty one is dropped), whatever the decay
+    value: a resume that changes `train.weight_decay` still finds the optimizer state it saved.
+    """
     t = cfg.train
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    if not t.no_decay:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": t.weight_decay}]
+    decay, no_decay, seen = [], [], set()
+    for owner in model.modules():
+        for name, p in owner.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:  # a tied parameter belongs to one group
+                seen.add(id(p))
+                (decay if _decays(name, owner) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
+    t = cfg.train
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
 
 
 def build_scheduler(cfg: Config):
@@ -40,12 +64,11 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None)
     `world_size` is the data-parallel size and `mpu` the groups of `i2v.parallel`."""
     import deepspeed
 
-    from i2v.adapters import trainable_parameters
     from i2v.ds_config import build_deepspeed_config, optimizer_in_config
 
-    params = trainable_parameters(model)  # a frozen LoRA base never reaches the optimizer
-    optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, params)
+    groups = param_groups(cfg, model)  # trainable only: a frozen LoRA base never reaches the optimizer
+    optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, groups)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg),
-                                           model_parameters=params if optimizer is None else None,
+                                           model_parameters=groups if optimizer is None else None,
                                            config=build_deepspeed_config(cfg, world_size), mpu=mpu)
     return engine

@@ -80,6 +80,36 @@ def test_inconsistent_global_batch_names_all_factors():
     assert load("train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2", world_size=2)
 
 
+def test_accumulation_follows_the_global_batch_at_every_world_size():
+    fixed = ("train.global_batch_size=12", "train.micro_batch_size=2")
+    assert [load(*fixed, world_size=w).train.grad_accum_steps for w in (1, 2, 3, 6)] == [6, 3, 2, 1]
+    with pytest.raises(ConfigError) as e:
+        load(*fixed, world_size=4)
+    assert str(e.value).startswith("train.global_batch_size: 12 is not a multiple of train.micro_batch_size (2) x "
+                                   "world size (4)")
+    assert load(world_size=2).train.grad_accum_steps == 1  # neither set
+
+
+def test_biases_and_norm_weights_get_no_weight_decay():
+    import torch
+
+    from i2v.model import build_transformer
+    from i2v.optim import param_groups
+
+    cfg = load("train.weight_decay=0.01")
+    model = build_transformer(cfg.model, seed=0)
+    decay, no_decay = param_groups(cfg, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    norms = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.LayerNorm)}
+    assert norms and {names[id(p)] for p in no_decay["params"]} == {
+        n for n, _ in model.named_parameters() if n.endswith("bias") or n in norms}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert all(p.ndim >= 2 for p in decay["params"])
+    cfg.train.no_decay = False
+    assert [len(g["params"]) for g in param_groups(cfg, model)] == [len(list(model.parameters()))]
+
+
 def test_other_inconsistent_combinations():
     with pytest.raises(ConfigError, match="offload_optimizer"):
         load("deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true")

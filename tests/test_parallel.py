@@ -101,9 +101,10 @@ def test_sequence_parallel_size_must_divide_world_and_heads():
     with pytest.raises(ConfigError, match=r"parallel.sequence_parallel_size: is 0, expected a value >= 1"):
         load_config(TINY, ["parallel.sequence_parallel_size=0"])
     # The global batch counts data-parallel replicas: 2 micro-batches of 4 per step on 4 ranks at SP 2.
-    load_config(TINY, ["parallel.sequence_parallel_size=2", "train.global_batch_size=8"], world_size=4)
+    sp2 = ["parallel.sequence_parallel_size=2", "train.micro_batch_size=4"]
+    assert load_config(TINY, [*sp2, "train.global_batch_size=16"], world_size=4).train.grad_accum_steps == 2
     with pytest.raises(ConfigError, match=r"data-parallel size \(world 4 / sequence parallel 2\) \(2\) = 8"):
-        load_config(TINY, ["parallel.sequence_parallel_size=2", "train.global_batch_size=16"], world_size=4)
+        load_config(TINY, [*sp2, "train.global_batch_size=16", "train.grad_accum_steps=1"], world_size=4)
 
 
 def test_zero3_reduce_scatter_must_stay_on_under_sp():
