@@ -5,6 +5,8 @@ Layout under `run.output_dir/checkpoints/`:
     step-00000040/            a committed checkpoint: DeepSpeed's files, rng/, COMMITTED.json
     tmp-step-00000060/        being written (or orphaned by a crash: removed on the next start)
     latest                    the newest committed tag, replaced atomically
+    universal/step-00000040/  its DeepSpeed universal form, made once when a ZeRO run resumes at
+                              another world size (i2v.reshard), committed the same way
 
 A save writes under a temporary tag, every rank adds its RNG state, rank 0 records the size
 and sha256 of every file in COMMITTED.json, renames the directory to its final tag (the commit)
@@ -26,7 +28,7 @@ import torch
 from i2v.distributed import DistEnv, barrier
 from i2v.errors import CheckpointError, ConfigError
 from i2v.faults import maybe_fault
-from i2v.fsutil import sha256_file, write_text_atomic
+from i2v.fsutil import fsync_dir, sha256_file, write_text_atomic
 
 MARKER = "COMMITTED.json"
 TAG_RE = re.compile(r"^step-(\d{8})$")
@@ -34,14 +36,6 @@ TAG_RE = re.compile(r"^step-(\d{8})$")
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -74,6 +68,38 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+# --------------------------------------------------------------------------- commit markers
+
+
+def write_marker(directory: str, **record) -> None:
+    """Write `directory`/COMMITTED.json: `record` plus the size and sha256 of every file under it."""
+    files = {}
+    for dirpath, _, names in os.walk(directory):
+        for n in sorted(names):
+            p = os.path.join(dirpath, n)
+            files[os.path.relpath(p, directory)] = {"size": os.path.getsize(p), "sha256": sha256_file(p)}
+    write_text_atomic(os.path.join(directory, MARKER), json.dumps({**record, "files": files}, indent=1, sort_keys=True))
+
+
+def verify_marker(directory: str) -> dict:
+    """The commit record of `directory`; CheckpointError if a recorded file is missing, truncated or altered."""
+    try:
+        with open(os.path.join(directory, MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {directory}: unreadable commit marker {MARKER}: {e}") from None
+    for rel, rec in marker["files"].items():
+        p = os.path.join(directory, rel)
+        if not os.path.isfile(p):
+            raise CheckpointError(f"checkpoint {directory}: file {rel} is missing")
+        size = os.path.getsize(p)
+        if size != rec["size"]:
+            raise CheckpointError(f"checkpoint {directory}: file {rel} is {size} bytes, expected {rec['size']} (truncated?)")
+        if sha256_file(p) != rec["sha256"]:
+            raise CheckpointError(f"checkpoint {directory}: file {rel} does not match its recorded sha256 (corrupt)")
+    return marker
+
+
 # --------------------------------------------------------------------------- checkpointer
 
 
@@ -97,13 +123,15 @@ class Checkpointer:
     def clean_orphans(self) -> list[str]:
         """Remove directories a crashed save left behind (rank 0 only)."""
         removed = []
-        if self.env.is_main and os.path.isdir(self.root):
-            for name in os.listdir(self.root):
-                path = os.path.join(self.root, name)
+        for parent in (self.root, os.path.join(self.root, "universal")):
+            if not (self.env.is_main and os.path.isdir(parent)):
+                continue
+            for name in os.listdir(parent):
+                path = os.path.join(parent, name)
                 uncommitted = TAG_RE.match(name) and not os.path.isfile(os.path.join(path, MARKER))
                 if os.path.isdir(path) and (name.startswith("tmp-") or uncommitted):
                     shutil.rmtree(path, ignore_errors=True)
-                    removed.append(name)
+                    removed.append(os.path.relpath(path, self.root))
         barrier()
         return removed
 
@@ -122,18 +150,12 @@ class Checkpointer:
         maybe_fault("mid_checkpoint", self.env.rank, step)
         barrier()
         if self.env.is_main:
-            files = {}
-            for dirpath, _, names in os.walk(tmp_dir):
-                for n in sorted(names):
-                    p = os.path.join(dirpath, n)
-                    files[os.path.relpath(p, tmp_dir)] = {"size": os.path.getsize(p), "sha256": sha256_file(p)}
-            marker = {"step": step, "world_size": self.env.world_size, "files": files}
-            write_text_atomic(os.path.join(tmp_dir, MARKER), json.dumps(marker, indent=1, sort_keys=True))
+            write_marker(tmp_dir, step=step, world_size=self.env.world_size)
             final = os.path.join(self.root, tag)
             if os.path.exists(final):  # a stale copy of the same step from an earlier attempt
                 shutil.rmtree(final)
             os.rename(tmp_dir, final)  # the commit
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             write_text_atomic(os.path.join(self.root, "latest"), tag)
             self._prune()
         barrier()
@@ -141,28 +163,17 @@ class Checkpointer:
 
     def _prune(self) -> None:
         # Never deletes the newest committed checkpoint: keep_last >= 1 is enforced by the config.
+        from i2v.reshard import universal_path
+
         for tag in self.committed_tags()[self.keep_last :]:
             shutil.rmtree(os.path.join(self.root, tag), ignore_errors=True)
+            shutil.rmtree(universal_path(self.root, tag), ignore_errors=True)  # its resharded form, if any
 
     # -- loading ----------------------------------------------------------------
 
     def verify(self, tag: str) -> None:
         """Raise CheckpointError if a file of `tag` is missing, truncated or altered."""
-        path = os.path.join(self.root, tag)
-        try:
-            with open(os.path.join(path, MARKER)) as f:
-                marker = json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path}: unreadable commit marker {MARKER}: {e}") from None
-        for rel, rec in marker["files"].items():
-            p = os.path.join(path, rel)
-            if not os.path.isfile(p):
-                raise CheckpointError(f"checkpoint {path}: file {rel} is missing")
-            size = os.path.getsize(p)
-            if size != rec["size"]:
-                raise CheckpointError(f"checkpoint {path}: file {rel} is {size} bytes, expected {rec['size']} (truncated?)")
-            if sha256_file(p) != rec["sha256"]:
-                raise CheckpointError(f"checkpoint {path}: file {rel} does not match its recorded sha256 (corrupt)")
+        verify_marker(os.path.join(self.root, tag))
 
     def choose(self, fallback: bool) -> tuple[str | None, list[str]]:
         """The newest committed tag that verifies; corrupt ones are reported (and skipped if allowed)."""
@@ -181,6 +192,7 @@ class Checkpointer:
         """Load `tag` into the engine (and `ema`); returns its client state. RNG states are restored last.
 
         `reshard_blocker` names what prevents loading at another world size (None: nothing does).
+        ZeRO-1/2/3 state written at another world size goes through its universal form (i2v.reshard).
         """
         path = os.path.join(self.root, tag)
         with open(os.path.join(path, MARKER)) as f:
@@ -192,9 +204,15 @@ class Checkpointer:
                 f"{reshard_blocker} cannot be resharded here; relaunch with {marker['world_size']} ranks, "
                 "or export the weights and start a new run"
             )
-        load_path, client_state = engine.load_checkpoint(self.root, tag=tag, load_optimizer_states=True,
-                                                         load_lr_scheduler_states=True,
-                                                         load_module_strict=not self.trainable_only)
+        if resharding and engine.zero_optimization_stage() > 0:
+            from i2v.reshard import load_resharded
+
+            load_path, client_state = load_resharded(engine, self.root, tag, self.env,
+                                                     strict=not self.trainable_only)
+        else:
+            load_path, client_state = engine.load_checkpoint(self.root, tag=tag, load_optimizer_states=True,
+                                                             load_lr_scheduler_states=True,
+                                                             load_module_strict=not self.trainable_only)
         if load_path is None:
             raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
         if ema is not None and not ema.load(path):

@@ -15,6 +15,15 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write to a temporary name, flush to disk, then rename: readers see the old file or the whole new one."""
     tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"

@@ -135,18 +135,19 @@ class Trainer:
         self.log(f"resumed from {tag}: step {self.step}, {self.position} global micro-batches consumed")
 
     def _reshard_blocker(self) -> str | None:
-        """What, if anything, stops a resume at another world size."""
-        stage = self.cfg.deepspeed.zero_stage
-        if stage > 0:
-            return f"the ZeRO-{stage} optimizer partitions (DeepSpeed loads them only at the world size that wrote them)"
+        """What, if anything, stops a resume at another world size (ZeRO state is resharded: i2v.reshard)."""
         if resolve_order(self.cfg.data.order, self.shard_urls) == "stream":
             return "the per-rank data streams (data.order=stream)"
         return None
 
     def _client_state(self) -> dict:
+        # `param_groups`: each group's hyperparameters, set again after a resharded load (i2v.reshard);
+        # `universal_checkpoint_info`: DeepSpeed's universal converter requires the entry, empty is enough.
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
         return {"step": self.step, "position": self.position, "skipped": self.skipped,
                 "samples_seen": self.position * self.cfg.train.micro_batch_size,
-                "world_size": self.env.world_size, "config": to_dict(self.cfg), "base": self.base}
+                "world_size": self.env.world_size, "config": to_dict(self.cfg), "base": self.base,
+                "param_groups": groups, "universal_checkpoint_info": {}}
 
     def save(self) -> str:
         return self.checkpointer.save(self.engine, self.step, self._client_state(), self.ema)
