@@ -9,6 +9,10 @@ on which rank ran a shard, or on how often the job was restarted.
 Image conditioning: K draws per clip of `vae.encode(frame0 + sigma * eps)`, log sigma ~
 N(image_log_sigma_mean, image_log_sigma_std): the first frame plus noise, never noise alone.
 
+Decoding runs in `data.num_workers` DataLoader workers (a background thread with 0), each
+reading whole shards; the bad-sample counts of a shard come back from its worker with the
+shard's end, so records, manifest and log lines count every worker's rejects.
+
 Resume: a shard is finished when both `latents-N.tar` and its record `latents-N.json` exist
 (the tar is renamed into place first, so a record never describes a missing tar). Anything else
 is redone; stale temporary files of a killed run are removed. The rank that completes the last
@@ -315,43 +319,136 @@ def _expected_samples(url: str) -> int | None:
         return None
 
 
-def run_shard(job: Precompute, url: str, out_dir: str, name: str, progress=None, rank: int = 0) -> dict:
-    """Encode one input shard into `out_dir/name` and write its record; returns the record."""
-    _remove_stale(out_dir, name)
-    shard = os.path.basename(url)
-    # Rejected samples are listed, not fatal: the manifest reports them and the trainer's own limit applies.
-    bad = BadSamples(max_fraction=1.0, min_samples=1, keep_keys=10**9)
-    shapes: dict[str, int] = {}
-    started = time.time()
-    with LatentShardWriter(os.path.join(out_dir, name)) as writer:
-        clips = prefetched(iter_shard_clips(url, job.cfg.data.video, train=False, seed=job.cfg.run.seed, bad=bad))
-        for batch in batches(clips, job.pre.batch_size):
-            for s in job.encode(shard, batch):
-                writer.write(s["key"], s["video_latents"], s["image_latents"], s["prompt_embeds"], s["meta"])
-                shape = json.dumps([list(s[t].shape) for t in ("video_latents", "image_latents", "prompt_embeds")])
-                shapes[shape] = shapes.get(shape, 0) + 1
+class ShardClips(torch.utils.data.IterableDataset):
+    """This rank's unfinished input shards, decoded in `data.num_workers` DataLoader workers.
+
+    Each shard is read whole, in stored order, by one worker (shard j goes to worker j % workers),
+    so its output bytes are the same at any worker count. A worker's `BadSamples` lives in the
+    worker's process, where the main process never sees it: after a shard's last clip the worker
+    yields that shard's counts, and the shard's record is written from them.
+
+    Items: {"shard": j, "clip": clip} per good clip, then {"shard": j, "bad": BadSamples.summary()}.
+    """
+
+    def __init__(self, urls: list[str], cfg: Config):
+        self.urls, self.video, self.seed = urls, cfg.data.video, cfg.run.seed
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for j in range(worker, len(self.urls), workers):
+            # Rejected samples are listed, not fatal: the manifest reports them and the trainer's own limit applies.
+            bad = BadSamples(max_fraction=1.0, min_samples=1, keep_keys=10**9)
+            for clip in iter_shard_clips(self.urls[j], self.video, train=False, seed=self.seed, bad=bad):
+                yield {"shard": j, "clip": clip}
+            yield {"shard": j, "bad": bad.summary()}
+
+
+def decoded_shards(cfg: Config, urls: list[str]) -> Iterator[dict]:
+    """`ShardClips` items of `urls`: from DataLoader workers, or from one decoding thread with none."""
+    dataset = ShardClips(urls, cfg)
+    workers = min(cfg.data.num_workers, len(urls))
+    if workers == 0:
+        return prefetched(iter(dataset))
+    # The default two clips ahead per worker: a 49 x 480 x 720 clip is 200 MB of shared memory.
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers))
+
+
+class ShardOutput:
+    """One output shard being written: same-shape clips are encoded `batch_size` at a time."""
+
+    def __init__(self, job: Precompute, url: str, out_dir: str, name: str, rank: int):
+        _remove_stale(out_dir, name)
+        self.job, self.url, self.out_dir, self.name, self.rank = job, url, out_dir, name, rank
+        self.shard = os.path.basename(url)
+        self.shapes: dict[str, int] = {}
+        self.pending: list[dict] = []
+        self.started = time.time()
+        self.writer = LatentShardWriter(os.path.join(out_dir, name))
+
+    def add(self, clip: dict) -> int:
+        """Queue a clip; returns how many clips were encoded and written by this call."""
+        first = self.pending[0]["video"].shape if self.pending else None
+        written = 0
+        if first is not None and (len(self.pending) == self.job.pre.batch_size or clip["video"].shape != first):
+            written = self._flush()
+        self.pending.append(clip)
+        return written
+
+    def _flush(self) -> int:
+        batch, self.pending = self.pending, []
+        if not batch:
+            return 0
+        for s in self.job.encode(self.shard, batch):
+            self.writer.write(s["key"], s["video_latents"], s["image_latents"], s["prompt_embeds"], s["meta"])
+            shape = json.dumps([list(s[t].shape) for t in ("video_latents", "image_latents", "prompt_embeds")])
+            self.shapes[shape] = self.shapes.get(shape, 0) + 1
+        return len(batch)
+
+    def finish(self, bad: dict) -> tuple[dict, int]:
+        """Write the last batch, rename the shard into place and write its record from `bad`
+        (the reading worker's `BadSamples.summary()`); returns (record, clips written now)."""
+        written = self._flush()
+        count = self.writer.count
+        self.writer.close()
+        tar = os.path.join(self.out_dir, self.name)
+        record = {
+            "name": self.name,
+            "source": self.url,
+            "samples": count,
+            "empty": count == 0,
+            "bytes": os.path.getsize(tar),
+            "sha256": sha256_file(tar),
+            "shapes": self.shapes,
+            "rejected": bad["bad"],
+            "rejected_by_reason": dict(bad["by_reason"]),
+            "rejects": [{"shard": self.shard, **e} for e in bad["examples"]],
+            "seconds": round(time.time() - self.started, 3),
+            "fingerprint": self.job.fingerprint,
+            "settings": self.job.portable,
+            "rank": self.rank,
+        }
+        write_json_atomic(record_path(self.out_dir, self.name), record)
+        return record, written
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def run_shards(job: Precompute, todo: list[tuple[str, str]], out_dir: str, progress=None, rank: int = 0) -> list[dict]:
+    """Encode `todo` [(input url, output name)] and write each shard's record as it completes.
+
+    With several workers, up to that many shards are open at once, each filled in its own order.
+    """
+    records: list[dict] = []
+    open_: dict[int, ShardOutput] = {}
+    try:
+        for item in decoded_shards(job.cfg, [u for u, _ in todo]):
+            j = item["shard"]
+            if j not in open_:
+                open_[j] = ShardOutput(job, todo[j][0], out_dir, todo[j][1], rank)
+            if "clip" in item:
+                written = open_[j].add(item["clip"])
+            else:
+                record, written = open_.pop(j).finish(item["bad"])
+                records.append(record)
             if progress is not None:
-                progress.update(len(batch))
-        count = writer.count
-    tar = os.path.join(out_dir, name)
-    record = {
-        "name": name,
-        "source": url,
-        "samples": count,
-        "empty": count == 0,
-        "bytes": os.path.getsize(tar),
-        "sha256": sha256_file(tar),
-        "shapes": shapes,
-        "rejected": bad.bad,
-        "rejected_by_reason": dict(bad.by_reason),
-        "rejects": [{"shard": shard, "key": k, "reason": r, "detail": d} for k, r, d in bad.examples],
-        "seconds": round(time.time() - started, 3),
-        "fingerprint": job.fingerprint,
-        "settings": job.portable,
-        "rank": rank,
-    }
-    write_json_atomic(record_path(out_dir, name), record)
-    return record
+                progress.update(written)
+                if "bad" in item:
+                    progress.set_postfix(shards=f"{len(records)}/{len(todo)}")
+    finally:
+        for out in open_.values():
+            out.abort()
+    return records
+
+
+def sum_reasons(counts: list[dict]) -> dict[str, int]:
+    """Bad-sample counts by reason added up over shards (or ranks, or workers)."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for reason, n in c.items():
+            total[reason] = total.get(reason, 0) + n
+    return dict(sorted(total.items()))
 
 
 def write_dataset_manifest(job: Precompute, urls: list[str], out_dir: str) -> dict | None:
@@ -364,12 +461,10 @@ def write_dataset_manifest(job: Precompute, urls: list[str], out_dir: str) -> di
         with open(record_path(out_dir, n)) as f:
             records.append(json.load(f))
     shapes: dict[str, int] = {}
-    by_reason: dict[str, int] = {}
     for r in records:
         for s, c in r["shapes"].items():
             shapes[s] = shapes.get(s, 0) + c
-        for reason, c in r["rejected_by_reason"].items():
-            by_reason[reason] = by_reason.get(reason, 0) + c
+    by_reason = sum_reasons([r["rejected_by_reason"] for r in records])
     rejects = os.path.join(out_dir, REJECTS_FILE)
     tmp = f"{rejects}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -395,6 +490,23 @@ def write_dataset_manifest(job: Precompute, urls: list[str], out_dir: str) -> di
     return manifest
 
 
+def _reasons(by_reason: dict[str, int]) -> str:
+    return f" ({', '.join(f'{r}: {n}' for r, n in sorted(by_reason.items()))})" if by_reason else ""
+
+
+def summary_lines(s: dict) -> list[str]:
+    """What the launcher prints: this rank's shards, then the whole dataset's totals once complete."""
+    lines = [f"[rank {s['rank']}/{s['world']}] {s['written']} shard(s) written ({s['samples']} clips, "
+             f"{s['rejected']} rejected{_reasons(s['rejected_by_reason'])}), {s['skipped']} already finished "
+             f"-> {s['output']}"]
+    m = s["manifest"]
+    if m is not None:
+        empty = f", {len(m['empty_shards'])} empty shard(s)" if m["empty_shards"] else ""
+        lines.append(f"dataset complete: {m['samples']} clips in {len(m['shards'])} shard(s), {m['rejected']} rejected"
+                     f"{_reasons(m['rejected_by_reason'])}{empty}; see {s['output']}/manifest.json and rejects.jsonl")
+    return lines
+
+
 def run(cfg: Config, rank: int = 0, world: int = 1, device: str | None = None, progress: bool = True) -> dict:
     """The whole job for one rank. Returns a summary (with the manifest if this rank wrote it)."""
     if not cfg.data.video_shards:
@@ -418,10 +530,7 @@ def run(cfg: Config, rank: int = 0, world: int = 1, device: str | None = None, p
     total = sum(expected) if all(e is not None for e in expected) else None
     bar = tqdm(total=total, unit="clip", desc=f"precompute rank {rank}", disable=not progress or rank != 0,
                dynamic_ncols=True, file=sys.stderr)
-    done = []
-    for url, name in todo:
-        done.append(run_shard(job, url, out_dir, name, bar, rank))
-        bar.set_postfix(shards=f"{len(done)}/{len(todo)}")
+    done = run_shards(job, todo, out_dir, bar, rank)
     bar.close()
     manifest = write_dataset_manifest(job, urls, out_dir)
     return {
@@ -432,6 +541,7 @@ def run(cfg: Config, rank: int = 0, world: int = 1, device: str | None = None, p
         "written": len(done),
         "samples": sum(r["samples"] for r in done),
         "rejected": sum(r["rejected"] for r in done),
+        "rejected_by_reason": sum_reasons([r["rejected_by_reason"] for r in done]),
         "manifest": manifest,
         "output": out_dir,
     }

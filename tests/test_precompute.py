@@ -23,7 +23,7 @@ from i2v.config import load_config
 from i2v.data.latents import LatentDataset, load_empty_prompt
 from i2v.data.videos import iter_shard_clips
 from i2v.data_prep import encoders
-from i2v.data_prep.precompute import assignment, output_name, run
+from i2v.data_prep.precompute import assignment, output_name, run, summary_lines
 from i2v.data_prep.make_shards import make_shards
 from i2v.data_prep.synthetic import random_spec, render, write_mp4
 from i2v.errors import ConfigError, DataError
@@ -285,6 +285,63 @@ def test_rejects_are_listed_and_an_all_bad_shard_is_empty_and_valid(shards, tmp_
     record_file.write_text(json.dumps(record))
     with pytest.raises(DataError, match='condition_noise: "triton-cuda" there, "torch-cpu" here'):
         run(cfg_for(str(videos), str(out)), progress=False)
+
+
+def _tar(path, members: list[tuple[str, bytes]]):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def known_bad(shards, tmp_path_factory):
+    """3 video shards holding 3 good clips and 6 bad samples of 5 reasons, some after a shard's last good clip."""
+    root = tmp_path_factory.mktemp("known_bad")
+    with tarfile.open(os.path.join(shards, "shard-000000.tar")) as tar:
+        good = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".mp4"))).read()
+    _tar(root / "shard-000000.tar", [("a0.mp4", good), ("a0.txt", b"good"),
+                                     ("a1.mp4", os.urandom(3000)), ("a1.txt", b"corrupt"),
+                                     ("a2.mp4", b""), ("a2.txt", b"empty")])
+    _tar(root / "shard-000001.tar", [("b0.mp4", good[: len(good) // 2]), ("b0.txt", b"truncated"),
+                                     ("b1.txt", b"the video member is missing"),
+                                     ("b2.mp4", good), ("b2.txt", b"good")])
+    _tar(root / "shard-000002.tar", [("c0.mp4", good), ("c0.json", b"{not json"), ("c0.txt", b"bad metadata"),
+                                     ("c1.mp4", good), ("c1.txt", b"good"),
+                                     ("c2.mp4", b""), ("c2.txt", b"empty")])
+    truth = {"shard-000000.tar": {"a1": "undecodable", "a2": "empty"},
+             "shard-000001.tar": {"b0": "truncated", "b1": "no video file in sample"},
+             "shard-000002.tar": {"c0": "bad metadata", "c2": "empty"}}
+    return str(root), truth
+
+
+@pytest.mark.parametrize("workers,world", [(2, 1), (2, 2)])
+def test_rejects_from_every_worker_and_rank_reach_manifest_and_log(known_bad, tmp_path, workers, world):
+    videos, truth = known_bad
+    by_reason = {"bad metadata": 1, "empty": 2, "no video file in sample": 1, "truncated": 1, "undecodable": 1}
+    reasons = "(bad metadata: 1, empty: 2, no video file in sample: 1, truncated: 1, undecodable: 1)"
+
+    def job(out, n, rank=0, world=1):
+        return run(cfg_for(videos, str(out), f"data.num_workers={n}"), rank, world, progress=False)
+
+    serial = job(tmp_path / "w0", 0)
+    summaries = [job(tmp_path / "wn", workers, r, world) for r in range(world)]
+    for out, last in ((tmp_path / "w0", serial), (tmp_path / "wn", summaries[-1])):
+        m = json.load(open(out / "manifest.json"))
+        assert m["samples"] == 3 and m["rejected"] == 6 and m["rejected_by_reason"] == by_reason
+        got: dict = {}
+        for line in open(out / "rejects.jsonl"):
+            r = json.loads(line)
+            got.setdefault(r["shard"], {})[r["key"].rsplit(":", 1)[1]] = r["reason"]
+        assert got == truth
+        assert f"6 rejected {reasons}" in summary_lines(last)[-1]
+    assert tars(tmp_path / "wn") == tars(tmp_path / "w0")
+    # Each rank's own line counts the rejects of its shards, whichever worker read them.
+    per_rank = [sum(len(truth[f"shard-00000{i}.tar"]) for i in range(r, 3, world)) for r in range(world)]
+    assert [s["rejected"] for s in summaries] == per_rank
+    assert [f"{n} rejected" in summary_lines(s)[0] for s, n in zip(summaries, per_rank)] == [True] * world
+    assert f"6 rejected {reasons}" in summary_lines(serial)[0]
 
 
 def test_assignment_and_names():

@@ -11,7 +11,7 @@ import torch
 import clips
 from i2v.config import VideoConfig, from_dict
 from i2v.data.shards import BadSamples
-from i2v.data.videos import build_video_dataset, collate_clips, iter_shard_clips
+from i2v.data.videos import build_video_dataset, collate_clips, iter_shard_clips, with_worker_counts
 from i2v.data_prep.make_shards import make_shards
 from i2v.errors import DataError
 
@@ -178,6 +178,55 @@ def test_max_bad_fraction_stops_with_keys_named(tmp_path):
     bad = BadSamples(max_fraction=0.2, min_samples=4)
     with pytest.raises(DataError, match=r"max_bad_fraction.*b_(truncated|random|empty|audio)"):
         list(iter_shard_clips(str(tmp_path / "bad.tar"), VideoConfig(frames=5, height=16, width=16), bad=bad))
+
+
+@pytest.fixture(scope="module")
+def known_bad(tmp_path_factory):
+    """2 shards: `_bad_shard`'s 5 good and 6 bad files (the bad ones last), and a sample without a video
+    file, a good clip and one with broken metadata. Returns (directory, {key: reason}, good clips)."""
+    tmp = tmp_path_factory.mktemp("known_bad")
+    good, truth = _bad_shard(tmp / "shard-000000.tar", tmp)
+    clip = open(clips.encode(tmp / "one.mp4"), "rb").read()
+    with tarfile.open(tmp / "shard-000001.tar", "w") as t:
+        for name, data in (("k1.txt", b"no video"), ("k0.mp4", clip), ("k2.mp4", clip), ("k2.json", b"[not json")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    truth.update({"k1": "no video file in sample", "k2": "bad metadata"})
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        (tmp / "shards").mkdir(exist_ok=True)
+        (tmp / name).rename(tmp / "shards" / name)
+    return tmp / "shards", truth, len(good) + 1
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_bad_counts_of_every_worker_reach_the_main_process(known_bad, batch):
+    shards, truth, n_good = known_bad
+    cfg = config(shards, data={"max_bad_fraction": 1.0})
+    counted = {}
+    for workers in (0, 2):
+        ds = build_video_dataset(cfg, 0, 1, train=False)
+        collate = collate_clips if batch else None
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate)
+        got = list(with_worker_counts(loader, ds.bad))
+        assert all("bad" not in b for b in got)
+        keys = [k for b in got for k in (b["__key__"] if batch else [b["__key__"]])]
+        assert len(keys) == ds.bad.good == n_good
+        counted[workers] = (dict(ds.bad.by_reason), {k.rsplit(":", 1)[1]: r for k, r, _ in ds.bad.examples})
+    by_reason = {}
+    for r in truth.values():
+        by_reason[r] = by_reason.get(r, 0) + 1
+    assert counted[2] == counted[0] == (by_reason, truth)
+
+
+def test_max_bad_fraction_judges_the_total_of_all_workers(known_bad):
+    shards, _, _ = known_bad
+    # 8 of 14 samples are bad; no worker reads 14, so only the total in the main process can stop the run.
+    ds = build_video_dataset(config(shards, data={"max_bad_fraction": 0.5, "min_samples_for_bad_check": 14}), 0, 1,
+                             train=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    with pytest.raises(DataError, match=r"^8 of 14 samples were bad .*b_(truncated|random|empty|audio)"):
+        list(with_worker_counts(loader, ds.bad))
 
 
 def _epoch(cfg, rank, world, workers):

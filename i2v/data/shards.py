@@ -99,6 +99,7 @@ class BadSamples:
         self.by_reason: collections.Counter = collections.Counter()
         self.examples: list[tuple[str, str, str]] = []  # (key, reason, detail)
         self._lock = threading.Lock()
+        self._sent = (0, collections.Counter(), 0)  # good, by_reason, examples already in a report
 
     @property
     def bad(self) -> int:
@@ -126,6 +127,25 @@ class BadSamples:
                 f"{self.bad} of {self.seen} samples were bad ({self.bad / self.seen:.1%} > max_bad_fraction "
                 f"{self.max_fraction:.1%}); by reason: {dict(self.by_reason)}; first: {shown}"
             )
+
+    def take_report(self) -> dict:
+        """The counts added since the previous report: what a DataLoader worker, whose counts live
+        in its own process, hands to the main process with a sample (see `add_report`)."""
+        with self._lock:
+            good, by_reason, n = self._sent
+            report = {"good": self.good - good, "by_reason": dict(self.by_reason - by_reason),
+                      "examples": [list(e) for e in self.examples[n:]]}
+            self._sent = (self.good, collections.Counter(self.by_reason), len(self.examples))
+        return report
+
+    def add_report(self, report: dict) -> None:
+        """Add a worker's `take_report()` into these counts, then judge the limit on the totals."""
+        with self._lock:
+            self.good += report["good"]
+            self.by_reason.update(report["by_reason"])
+            room = max(self.keep_keys - len(self.examples), 0)
+            self.examples.extend(tuple(e) for e in report["examples"][:room])
+        self.check()
 
     def summary(self) -> dict:
         return {"good": self.good, "bad": self.bad, "by_reason": dict(self.by_reason),

@@ -16,6 +16,9 @@ Decoding is PyAV from bytes in memory with one thread per worker. Frames are pic
 timestamp (variable frame rate safe), after seeking near the clip start, so a short clip from
 a long video decodes only a keyframe interval's worth of extra frames. Bad samples are
 skipped, counted by reason and named by key through `BadSamples`; too many stop the run.
+A DataLoader worker's counts travel to the main process with its clips (`clip["bad"]`), and
+`with_worker_counts` adds them into the dataset's `bad` there, which judges the limit on the
+totals over all workers.
 """
 
 from __future__ import annotations
@@ -444,6 +447,43 @@ def decoded(samples: Iterable[dict], video: VideoConfig, bad: BadSamples, train:
         yield clip
 
 
+def reported(clips: Iterable[dict], bad: BadSamples) -> Iterator[dict]:
+    """Worker side: each clip carries `bad.take_report()` as `clip["bad"]`, the counts since the previous clip.
+
+    One clip is held back until the next arrives (or the stream ends), so the last clip also
+    carries the bad samples read after it. A worker that yields no clip at all reports nothing.
+    """
+    held = None
+    for clip in clips:
+        if held is not None:
+            held["bad"] = bad.take_report()
+            yield held
+        held = clip
+    if held is not None:
+        held["bad"] = bad.take_report()
+        yield held
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """Several `BadSamples.take_report()`s as one (the clips of a batch)."""
+    by_reason: dict[str, int] = {}
+    for r in reports:
+        for reason, n in r["by_reason"].items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+    return {"good": sum(r["good"] for r in reports), "by_reason": by_reason,
+            "examples": [e for r in reports for e in r["examples"]]}
+
+
+def with_worker_counts(batches: Iterable[dict], bad: BadSamples) -> Iterator[dict]:
+    """Main side: batches (or clips) of a DataLoader over `VideoClips`, each one's worker report
+    removed and added into `bad` (the dataset's), which then stops the run on the totals."""
+    for b in batches:
+        report = b.pop("bad", None)
+        if report is not None:
+            bad.add_report(report)
+        yield b
+
+
 def shuffle_buffer(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
     """Seeded reservoir shuffle: emit a random element of a buffer of `size` samples."""
     if size <= 1:
@@ -480,9 +520,12 @@ def collate_clips(batch: list[dict]) -> dict:
         keys = [c["__key__"] for c in batch]
         raise DataError(f"clips of different shapes {sorted(shapes)} in one batch ({keys}); "
                         "use data.video.buckets with a DataLoader batch_size of train.micro_batch_size")
-    return {"video": torch.stack([c["video"] for c in batch]), "image": torch.stack([c["image"] for c in batch]),
-            "caption": [c["caption"] for c in batch], "__key__": [c["__key__"] for c in batch],
-            "meta": [c["meta"] for c in batch]}
+    out = {"video": torch.stack([c["video"] for c in batch]), "image": torch.stack([c["image"] for c in batch]),
+           "caption": [c["caption"] for c in batch], "__key__": [c["__key__"] for c in batch],
+           "meta": [c["meta"] for c in batch]}
+    if any("bad" in c for c in batch):
+        out["bad"] = merge_reports([c["bad"] for c in batch if "bad" in c])
+    return out
 
 
 def check_video_config(video: VideoConfig) -> None:
@@ -523,7 +566,9 @@ class VideoClips(torch.utils.data.IterableDataset):
 
     Finite mode: each (rank, worker) slot reads a disjoint, seeded-shuffled subset of shards
     once per epoch (`set_epoch` changes the order). Resampled mode: each slot draws from its
-    own subset with replacement, forever. Counts of bad samples live in `self.bad` (per process).
+    own subset with replacement, forever. Bad samples are counted in `self.bad`; in a DataLoader
+    worker they are counted apart and sent with the clips (`clip["bad"]`): read the loader through
+    `with_worker_counts(loader, ds.bad)` and `self.bad` holds, and judges, the totals of all workers.
     """
 
     def __init__(self, urls: list[str], video: VideoConfig, *, rank: int, world_size: int, seed: int,
@@ -539,6 +584,12 @@ class VideoClips(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         return (0, 1) if info is None else (info.id, info.num_workers)
 
+    def _counter(self) -> BadSamples:
+        if torch.utils.data.get_worker_info() is None:
+            return self.bad
+        # A worker's own counter never stops the run: the main process judges the totals.
+        return BadSamples(max_fraction=1.0, min_samples=1, keep_keys=self.bad.keep_keys)
+
     def _shard_stream(self, mine: list[str], slot_seed: int) -> Iterator[str]:
         if not self.resampled:
             yield from (shuffled(mine, slot_seed) if self.train else mine)
@@ -551,14 +602,17 @@ class VideoClips(torch.utils.data.IterableDataset):
         worker, workers = self._slot()
         mine = split_for(self.urls, self.rank, self.world_size, worker, workers)
         slot_seed = sample_rng(self.seed, f"slot:{self.rank}:{worker}", self.epoch).getrandbits(32)
-        stream: Iterable[dict] = raw_samples(self._shard_stream(mine, slot_seed), self.bad)
+        bad = self._counter()
+        stream: Iterable[dict] = raw_samples(self._shard_stream(mine, slot_seed), bad)
         # Resampled streams revisit keys, so each visit draws its own start and crop.
         salt = random.Random(slot_seed + 2) if self.resampled else self.epoch
-        stream = decoded(stream, self.video, self.bad, self.train, self.seed, salt=salt)
+        stream = decoded(stream, self.video, bad, self.train, self.seed, salt=salt)
         if self.train:
             stream = shuffle_buffer(stream, self.buffer, random.Random(slot_seed + 1))
         if self.batch_group > 1:
             stream = grouped_by_bucket(stream, self.batch_group)
+        if bad is not self.bad:
+            stream = reported(stream, bad)
         return iter(stream)
 
 
@@ -567,8 +621,8 @@ def build_video_dataset(cfg: Config, rank: int | None, world_size: int | None, t
 
     rank/world_size None: taken from torch.distributed when initialised, else RANK/WORLD_SIZE.
 
-    Use it with `DataLoader(ds, batch_size=cfg.train.micro_batch_size, num_workers=cfg.data.num_workers,
-    collate_fn=collate_clips)`;
+    Use it with `with_worker_counts(DataLoader(ds, batch_size=cfg.train.micro_batch_size,
+    num_workers=cfg.data.num_workers, collate_fn=collate_clips), ds.bad)`;
     with `data.video.buckets` set, consecutive micro-batches are reordered to share a bucket.
     Evaluation (train=False) reads each shard once, in order, centred and centre-cropped.
     """
