@@ -86,7 +86,7 @@ class StepLogger:
         tokens_per_s = tokens * dp_size / window["time"] if window["time"] > 0 else float("nan")
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
                   "step_time_s": step_time, "data_wait_frac": wait_frac, "tflops": tflops,
-                  "tokens_per_s": tokens_per_s, **counters}
+                  "tokens_per_s": tokens_per_s, "world_size": env.world_size, **counters}
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                    "perf/samples_per_s": samples_per_s, "perf/step_time_s": step_time,
                    "perf/data_wait_frac": wait_frac, "perf/tflops_per_s": tflops, "perf/tokens_per_s": tokens_per_s,

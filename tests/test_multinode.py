@@ -27,9 +27,9 @@ from latent_shards import make_latent_shards
 from test_resume import _free_port
 from test_train import ENV, losses
 
-# Resharding ZeRO-1/2/3 state at another world size is being added separately (DeepSpeed's universal
-# checkpoint); once it lands this switches to 2 and the kill test resumes ZeRO-2 state on one rank.
-KILL_STAGE = 0
+# The kill test's ZeRO-2 state, written by 2 ranks, is resharded for the 1-rank resume (i2v.reshard);
+# the global batch keeps 8 samples an optimizer step on either (micro-batch 2: accumulation 2, then 4).
+KILL_RUN = ("deepspeed.zero_stage=2", "train.global_batch_size=8", "checkpoint.every_steps=2")
 
 NODE_ENV = {**ENV, "PYTHONPATH": str(REPO)}  # the workers import this checkout, whatever the venv points at
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
@@ -243,7 +243,7 @@ def test_killed_node_stops_the_survivor_and_one_rank_resumes(tmp_path, data):
     """SIGKILL node 1 (agent and worker) after a commit: node 0 must stop with an error rather than
     wait in a collective, and a plain one-process run continues from the last committed step."""
     out = tmp_path / "run"
-    common = (f"deepspeed.zero_stage={KILL_STAGE}", "checkpoint.every_steps=2")
+    common = KILL_RUN
     port = _free_port()
     procs = start_nodes([static_node(n, port) + train_args(out, data["shards"], "train.max_steps=1000", *common)
                          for n in (0, 1)], tmp_path)
@@ -272,9 +272,11 @@ def test_killed_node_stops_the_survivor_and_one_rank_resumes(tmp_path, data):
     r = subprocess.run([sys.executable, *train_args(out, data["shards"], f"train.max_steps={step + 2}", *common)],
                        cwd=REPO, env=NODE_ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"resumed from step-{step:08d}: step {step}, {2 * step} global micro-batches consumed" in r.stdout
+    assert f"converting {out / 'checkpoints' / f'step-{step:08d}'} (written by 2 rank(s))" in r.stdout
+    assert f"resumed from step-{step:08d}: step {step}, {4 * step} global micro-batches consumed" in r.stdout
     assert "1 rank(s)" in r.stdout
     assert latest_step(out) == step + 2 and committed(out, step + 2)["world_size"] == 1
     _, records = losses(out)
-    # one rank now draws one global micro-batch a step, continuing where the two stopped
-    assert [records[s]["position"] for s in (step + 1, step + 2)] == [2 * step + 1, 2 * step + 2]
+    # one rank now draws all 4 global micro-batches of a step, continuing where the two stopped
+    assert [records[s]["position"] for s in (step + 1, step + 2)] == [4 * step + 4, 4 * step + 8]
+    assert records[step]["world_size"] == 2 and records[step + 1]["world_size"] == 1
