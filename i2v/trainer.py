@@ -8,8 +8,9 @@ One optimizer step:
   3. rank 0 logs; a checkpoint is committed every `checkpoint.every_steps`; a preemption signal
      saves and exits with 143 at the step boundary.
 
-All training randomness (timesteps, dropout, noise) is a function of (seed, batch counter, DP rank),
-not of global RNG state, so a resumed run reproduces an uninterrupted one step for step.
+All training randomness (timesteps, dropout, noise) is a function of (seed, global micro-batch index),
+not of global RNG state or the rank, so a resumed run reproduces an uninterrupted one step for step,
+at the same world size or, resharded (i2v.reshard) with train.global_batch_size fixed, at another.
 """
 
 from __future__ import annotations
