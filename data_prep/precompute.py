@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from i2v.config import Config
 from i2v.data.latents import LatentShardWriter, save_empty_prompt, write_manifest
-from i2v.data.shards import BadSamples, expand_shards
+from i2v.data.shards import BadSamples, expand_shards, sum_by_reason
 from i2v.data.videos import iter_shard_clips
 from i2v.data_prep import encoders
 from i2v.fsutil import sha256_file, write_json_atomic
@@ -442,15 +442,6 @@ def run_shards(job: Precompute, todo: list[tuple[str, str]], out_dir: str, progr
     return records
 
 
-def sum_reasons(counts: list[dict]) -> dict[str, int]:
-    """Bad-sample counts by reason added up over shards (or ranks, or workers)."""
-    total: dict[str, int] = {}
-    for c in counts:
-        for reason, n in c.items():
-            total[reason] = total.get(reason, 0) + n
-    return dict(sorted(total.items()))
-
-
 def write_dataset_manifest(job: Precompute, urls: list[str], out_dir: str) -> dict | None:
     """Merge the shard records into manifest.json + rejects.jsonl once every shard is finished."""
     names = [output_name(u) for u in urls]
@@ -464,7 +455,7 @@ def write_dataset_manifest(job: Precompute, urls: list[str], out_dir: str) -> di
     for r in records:
         for s, c in r["shapes"].items():
             shapes[s] = shapes.get(s, 0) + c
-    by_reason = sum_reasons([r["rejected_by_reason"] for r in records])
+    by_reason = sum_by_reason(r["rejected_by_reason"] for r in records)
     rejects = os.path.join(out_dir, REJECTS_FILE)
     tmp = f"{rejects}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -541,7 +532,7 @@ def run(cfg: Config, rank: int = 0, world: int = 1, device: str | None = None, p
         "written": len(done),
         "samples": sum(r["samples"] for r in done),
         "rejected": sum(r["rejected"] for r in done),
-        "rejected_by_reason": sum_reasons([r["rejected_by_reason"] for r in done]),
+        "rejected_by_reason": sum_by_reason(r["rejected_by_reason"] for r in done),
         "manifest": manifest,
         "output": out_dir,
     }

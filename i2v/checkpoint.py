@@ -32,10 +32,15 @@ from i2v.fsutil import fsync_dir, sha256_file, write_text_atomic
 
 MARKER = "COMMITTED.json"
 TAG_RE = re.compile(r"^step-(\d{8})$")
+UNIVERSAL = "universal"  # checkpoints/universal/<tag>: a tag's resharded form (i2v.reshard)
 
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def universal_path(root: str, tag: str) -> str:
+    return os.path.join(root, UNIVERSAL, tag)
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -123,7 +128,7 @@ class Checkpointer:
     def clean_orphans(self) -> list[str]:
         """Remove directories a crashed save left behind (rank 0 only)."""
         removed = []
-        for parent in (self.root, os.path.join(self.root, "universal")):
+        for parent in (self.root, os.path.join(self.root, UNIVERSAL)):
             if not (self.env.is_main and os.path.isdir(parent)):
                 continue
             for name in os.listdir(parent):
@@ -163,8 +168,6 @@ class Checkpointer:
 
     def _prune(self) -> None:
         # Never deletes the newest committed checkpoint: keep_last >= 1 is enforced by the config.
-        from i2v.reshard import universal_path
-
         for tag in self.committed_tags()[self.keep_last :]:
             shutil.rmtree(os.path.join(self.root, tag), ignore_errors=True)
             shutil.rmtree(universal_path(self.root, tag), ignore_errors=True)  # its resharded form, if any

@@ -243,8 +243,10 @@ class PrecomputeConfig:
     samples_per_shard: int = doc(0, "Unused when 0: output shards mirror input shards one to one.")
 
 
-def accumulation_steps(t: "TrainConfig", dp_size: int, world_size: int, sp: int = 1) -> int:
-    """train.grad_accum_steps at this data-parallel size: as given, or derived from train.global_batch_size."""
+def accumulation_steps(t: "TrainConfig", world_size: int, sp: int = 1) -> int:
+    """train.grad_accum_steps at this world size (data-parallel size world / sp): as given, or derived
+    from train.global_batch_size."""
+    dp_size = world_size // sp
     what = f"data-parallel size (world {world_size} / sequence parallel {sp})" if sp > 1 else "world size"
     if t.grad_accum_steps is None:
         if t.global_batch_size is None:
@@ -301,7 +303,7 @@ class Config:
 
             check_sequence_parallel(sp, world_size)
         if world_size is not None:
-            t.grad_accum_steps = accumulation_steps(t, world_size // sp, world_size, sp)
+            t.grad_accum_steps = accumulation_steps(t, world_size, sp)
         elif t.grad_accum_steps is None and t.global_batch_size is None:
             t.grad_accum_steps = 1
         m = self.model

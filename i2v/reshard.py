@@ -29,22 +29,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import shutil
 import time
 
 import torch
 
-from i2v.checkpoint import MARKER, verify_marker, write_marker
+from i2v.checkpoint import MARKER, UNIVERSAL, universal_path, verify_marker, write_marker
 from i2v.distributed import DistEnv, all_ranks_agree
 from i2v.errors import CheckpointError
 from i2v.fsutil import fsync_dir, sha256_file
-
-UNIVERSAL = "universal"
-
-
-def universal_path(root: str, tag: str) -> str:
-    return os.path.join(root, UNIVERSAL, tag)
 
 
 def _source_id(source: str) -> str:
@@ -54,8 +49,6 @@ def _source_id(source: str) -> str:
 def converted(root: str, tag: str) -> str | None:
     """The committed universal form of `tag`, if one verifies and was made from the current `tag`."""
     path = universal_path(root, tag)
-    if not os.path.isfile(os.path.join(path, MARKER)):
-        return None
     try:
         marker = verify_marker(path)
     except CheckpointError:
@@ -63,10 +56,17 @@ def converted(root: str, tag: str) -> str | None:
     return path if marker.get("source_marker_sha256") == _source_id(os.path.join(root, tag)) else None
 
 
-def convert(root: str, tag: str, workers: int = 1, log=print) -> str:
-    """Convert the committed checkpoint `root/tag` into its universal form (once); returns its path."""
+def convert(root: str, tag: str, workers: int = 1, log=print, verify_source: bool = True) -> str:
+    """Convert the committed checkpoint `root/tag` into its universal form (once); returns its path.
+
+    `verify_source=False`: the caller has just verified `root/tag` (the trainer's resume has).
+    """
     source = os.path.join(root, tag)
-    marker = verify_marker(source)
+    if verify_source:
+        marker = verify_marker(source)
+    else:
+        with open(os.path.join(source, MARKER)) as f:
+            marker = json.load(f)
     done = converted(root, tag)
     if done:
         log(f"universal form of {tag} already committed: {done}")
@@ -143,11 +143,13 @@ def load_resharded(engine, root: str, tag: str, env: DistEnv, strict: bool = Tru
                               f"({', '.join(buffers[:3])}); resume at the world size that wrote it")
     log = (lambda m: print(f"[i2v] {m}", flush=True)) if env.is_main else (lambda m: None)
     with all_ranks_agree(env, "universal conversion"):  # also the barrier: no rank reads before the commit
-        if env.is_main:
-            convert(root, tag, log=log)
-    path = converted(root, tag)
-    if path is None:
-        raise CheckpointError(f"{universal_path(root, tag)}: no committed universal form of {tag} to load")
+        if env.is_main:  # the resume verified the source; convert verifies a conversion it reuses
+            convert(root, tag, log=log, verify_source=False)
+    # Rank 0 verified (or wrote) it; the other ranks need only see its commit on the shared filesystem.
+    path = universal_path(root, tag)
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        raise CheckpointError(f"{path}: no committed universal form of {tag} to load (is checkpoints/ on a "
+                              "filesystem every node sees?)")
     config = engine._config
     config.load_universal_checkpoint = True  # DeepSpeed reads the flag only inside load_checkpoint
     try:

@@ -84,6 +84,14 @@ def shuffled(items: list, seed: int | str) -> list:
     return out
 
 
+def sum_by_reason(counts) -> dict[str, int]:
+    """Bad-sample counts by reason ({reason: n} each) added up over shards, workers or ranks."""
+    total: collections.Counter = collections.Counter()
+    for c in counts:
+        total.update(c)
+    return dict(sorted(total.items()))
+
+
 class BadSamples:
     """Counts samples that could not be used, by reason, and keeps their keys.
 

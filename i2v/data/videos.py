@@ -39,7 +39,7 @@ from av.video.reformatter import VideoReformatter
 from webdataset import tariterators
 
 from i2v.config import Config, VideoConfig
-from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for
+from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for, sum_by_reason
 from i2v.errors import ConfigError, DataError
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "ogv", "wmv", "gif")
@@ -466,11 +466,7 @@ def reported(clips: Iterable[dict], bad: BadSamples) -> Iterator[dict]:
 
 def merge_reports(reports: list[dict]) -> dict:
     """Several `BadSamples.take_report()`s as one (the clips of a batch)."""
-    by_reason: dict[str, int] = {}
-    for r in reports:
-        for reason, n in r["by_reason"].items():
-            by_reason[reason] = by_reason.get(reason, 0) + n
-    return {"good": sum(r["good"] for r in reports), "by_reason": by_reason,
+    return {"good": sum(r["good"] for r in reports), "by_reason": sum_by_reason(r["by_reason"] for r in reports),
             "examples": [e for r in reports for e in r["examples"]]}
 
 
