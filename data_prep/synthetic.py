@@ -121,21 +121,32 @@ SPECS_FILE = "specs.json"
 
 
 def make_clips(output: str, clips: int, *, seed: int = 0, frames: int = 12, width: int = 64, height: int = 64,
-               fps: int = 8) -> list[ClipSpec]:
+               fps: int = 8, directions_per_frame: int = 1) -> list[ClipSpec]:
     """Write `clips` clips as clip-NNNNN.mp4 + .txt into `output`; returns their specs.
+
+    With `directions_per_frame` 2, every drawn first frame is written twice, moving the drawn way
+    and the opposite way: two clips that differ only in their caption's direction, so that only
+    the caption can tell a model which way to move (the first frame alone cannot).
 
     `specs.json` (the settings and every clip's spec, so its true trajectory) is written last:
     a folder that has one for the same settings is complete, and is kept as it is.
     """
-    settings = {"seed": seed, "clips": clips, "frames": frames, "width": width, "height": height, "fps": fps}
+    if directions_per_frame not in (1, 2):
+        raise ValueError(f"--directions-per-frame: is {directions_per_frame}, expected 1 or 2")
+    settings = {"seed": seed, "clips": clips, "frames": frames, "width": width, "height": height, "fps": fps,
+                "directions_per_frame": directions_per_frame}
     kept = _finished(output, settings)
     if kept is not None:
         return kept
     os.makedirs(output, exist_ok=True)
     rng = random.Random(f"synthetic-{seed}")
     specs = []
+    spec = None
     for i in range(clips):
-        spec = random_spec(rng, width, height, frames)
+        if i % directions_per_frame == 0:
+            spec = random_spec(rng, width, height, frames)
+        else:
+            spec = spec.reversed()
         base = os.path.join(output, f"clip-{i:05d}")
         write_mp4(base + ".mp4", [render(spec, t, width, height) for t in range(frames)], fps)
         with open(base + ".txt", "w") as f:
@@ -187,10 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--directions-per-frame", type=int, default=1, choices=(1, 2),
+                   help="2: each first frame moving both ways along its axis, as two clips")
     p.add_argument("--heldout", default=None, help="also write heldout.png / .txt / .mp4 into this folder")
     a = p.parse_args(argv)
     geometry = dict(frames=a.frames, width=a.width, height=a.height, fps=a.fps)
-    make_clips(a.output, a.clips, seed=a.seed, **geometry)
+    make_clips(a.output, a.clips, seed=a.seed, directions_per_frame=a.directions_per_frame, **geometry)
     print(f"{a.clips} clips in {a.output} ({SPECS_FILE}: their specs and true trajectories)")
     if a.heldout:
         png, caption = make_heldout(a.heldout, seed=a.seed, **geometry)

@@ -4,7 +4,8 @@
 # Everything lands in $DEMO_DIR (default runs/demo). Smaller settings for CI through the environment:
 #   DEMO_DIR, DEMO_CLIPS (192), DEMO_PER_SHARD (48), DEMO_VAE_STEPS (700; 0 keeps the random-init VAE),
 #   DEMO_TRAIN_STEPS (4000), DEMO_SAMPLE_STEPS (validation.num_inference_steps), DEMO_EVAL_PAIRS (16),
-#   DEMO_SEED (0: run.seed and the synthetic clips' seed),
+#   DEMO_SEED (0: run.seed and the synthetic clips' seed), DEMO_DIRECTIONS (2: each drawn first frame
+#   moving both ways, so that only the caption tells which; 1: one direction per first frame),
 #   DEMO_QUALITY_JSON (bench/results/demo-quality.json; empty: not written),
 #   DEMO_LAUNCHER (deepspeed | python; default deepspeed when its launcher is installed), PYTHON.
 # Rerunning resumes: finished stages are kept (clips with the same settings, shards, the fitted VAE,
@@ -21,6 +22,7 @@ VAE_STEPS=${DEMO_VAE_STEPS:-700}
 TRAIN_STEPS=${DEMO_TRAIN_STEPS:-4000}
 EVAL_PAIRS=${DEMO_EVAL_PAIRS:-16}
 SEED=${DEMO_SEED:-0}
+DIRECTIONS=${DEMO_DIRECTIONS:-2}
 QUALITY_JSON=${DEMO_QUALITY_JSON-bench/results/demo-quality.json}
 CONFIG=configs/tiny.yaml
 # The tiny models' ops are too small to gain from a second thread, and a second thread stalls
@@ -67,7 +69,7 @@ LATEST="$DIR/checkpoints/latest"
 FINAL=$(printf 'step-%08d' "$TRAIN_STEPS")
 
 step "1/7 synthetic clips -> $DIR/clips (held-out first frame in $DIR/heldout)"
-"$PY" -m i2v.data_prep.synthetic --output "$DIR/clips" --clips "$CLIPS" --seed "$SEED" --frames "$FRAMES" --height "$HEIGHT" \
+"$PY" -m i2v.data_prep.synthetic --output "$DIR/clips" --clips "$CLIPS" --directions-per-frame "$DIRECTIONS" --seed "$SEED" --frames "$FRAMES" --height "$HEIGHT" \
   --width "$WIDTH" --heldout "$DIR/heldout"
 done_stage clips ran
 
