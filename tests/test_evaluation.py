@@ -95,3 +95,18 @@ def test_picture_has_one_row_per_pair_with_pass_marks(clips):
     x = mark + 4
     assert np.array_equal(image[:H, x:x + W], clips[0][1][0])
     assert np.array_equal(image[H + 4:, x + W + 4 + (FRAMES - 1) * W:x + W + 4 + FRAMES * W], still[-1])
+
+
+
+def test_colour_of_a_blurred_object_comes_from_its_core(clips, monkeypatch):
+    """A decoder's blur blends an object's edge with the background; the colour must still be the object's."""
+    from scipy import ndimage
+
+    import i2v.evaluation
+
+    blurred = [(spec, ndimage.gaussian_filter(frames[0].astype(np.float32), sigma=(2, 2, 0)).round().astype(np.uint8))
+               for spec, frames in clips]
+    assert all(track(f).colour == spec.colour for spec, f in blurred)
+    # The whole region's median (the core taken as wide as the region) misreads some of them.
+    monkeypatch.setattr(i2v.evaluation, "CORE_FRACTION", 0.5)
+    assert sum(track(f).colour != spec.colour for spec, f in blurred) > 0
