@@ -86,7 +86,8 @@ elif [ -f "$DIR/vae/config.json" ]; then
   done_stage fit_vae kept
 else
   step "3/7 fit the tiny VAE, $VAE_STEPS steps -> $DIR/vae"
-  "$PY" -m i2v.data_prep.fit_vae --config "$CONFIG" --clips "$DIR/shards" --out "$DIR/vae" --steps "$VAE_STEPS"
+  "$PY" -m i2v.data_prep.fit_vae --config "$CONFIG" --clips "$DIR/shards" --out "$DIR/vae" --steps "$VAE_STEPS" \
+    --image-batch-size 8
   done_stage fit_vae ran
 fi
 

@@ -176,8 +176,9 @@ def test_export_refuses_mismatched_config_and_foreign_output(runs, tmp_path):
     run = runs[2]
     config = os.path.join(run, "config.yaml")
     ckpt = _checkpoint(run)
-    cfg = load_config(config, ["model.arch.num_layers=3"])
-    mismatch = r"model\.arch: checkpoint has .*'num_layers': 2.*config has .*'num_layers': 3"
+    layers = load_config(config).model.arch["num_layers"]
+    cfg = load_config(config, [f"model.arch.num_layers={layers + 1}"])
+    mismatch = rf"model\.arch: checkpoint has .*'num_layers': {layers}.*config has .*'num_layers': {layers + 1}"
     with pytest.raises(ConfigError, match=mismatch):
         export_pipeline(cfg, ckpt, str(tmp_path / "a"))
     cfg = load_config(config, ["diffusion.snr_shift_scale=1.0"])

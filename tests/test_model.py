@@ -78,8 +78,9 @@ def test_arch_file_builds_the_inline_model_and_guards_pretrained_weights(tmp_pat
     assert all(torch.equal(p, q) for p, q in zip(from_file.parameters(), inline.parameters()))
     inline.save_pretrained(tmp_path / "transformer")
     build_transformer(ModelConfig(pretrained=str(tmp_path / "transformer"), arch_file=str(path)))  # they agree
-    path.write_text(json.dumps({**TINY.model.arch, "num_layers": 3}))
-    with pytest.raises(ConfigError, match=r"model.arch_file: .* differs from .*config.json in num_layers \(2 there, 3 here\)"):
+    layers = TINY.model.arch["num_layers"]
+    path.write_text(json.dumps({**TINY.model.arch, "num_layers": layers + 1}))
+    with pytest.raises(ConfigError, match=rf"model.arch_file: .* differs from .*config.json in num_layers \({layers} there, {layers + 1} here\)"):
         build_transformer(ModelConfig(pretrained=str(tmp_path / "transformer"), arch_file=str(path)))
     with pytest.raises(ConfigError, match="model.arch_file: file not found"):
         build_transformer(ModelConfig(arch_file=str(tmp_path / "nope.json")))
