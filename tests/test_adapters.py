@@ -43,9 +43,11 @@ def _forward(model):
 def test_lora_trains_adapters_and_extra_modules_and_starts_as_the_base():
     cfg, model = _lora_model("model.init_std=0.2")
     names = trainable_names(model)
-    assert len(names) == 18 and [n for n in names if "lora_" not in n] == ["proj_out.weight", "proj_out.bias"]
+    # A and B of to_q, to_k, to_v and to_out.0 in every block, and the unfrozen proj_out.
+    expected = 8 * model.config.num_layers + 2
+    assert len(names) == expected and [n for n in names if "lora_" not in n] == ["proj_out.weight", "proj_out.bias"]
     assert all(".attn1.to_" in n for n in names if "lora_" in n)
-    assert len(trainable_parameters(model)) == 18
+    assert len(trainable_parameters(model)) == expected
     frozen = [p for n, p in model.named_parameters() if n not in names]
     assert frozen and all(p.dtype == torch.float32 for p in model.parameters())
     base = build_transformer(cfg.model, seed=0)
