@@ -141,12 +141,8 @@ def make_clips(output: str, clips: int, *, seed: int = 0, frames: int = 12, widt
     os.makedirs(output, exist_ok=True)
     rng = random.Random(f"synthetic-{seed}")
     specs = []
-    spec = None
     for i in range(clips):
-        if i % directions_per_frame == 0:
-            spec = random_spec(rng, width, height, frames)
-        else:
-            spec = spec.reversed()
+        spec = random_spec(rng, width, height, frames) if i % directions_per_frame == 0 else spec.reversed()
         base = os.path.join(output, f"clip-{i:05d}")
         write_mp4(base + ".mp4", [render(spec, t, width, height) for t in range(frames)], fps)
         with open(base + ".txt", "w") as f:
