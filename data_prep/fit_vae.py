@@ -88,9 +88,31 @@ def latent_std(vae, clips: torch.Tensor, batch_size: int = 8) -> float:
     return means.std().item()
 
 
+def content_crops(x: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tensor:
+    """A `crop` x `crop` window of each sample of [B, C, F, H, W], centred near its most salient pixel.
+
+    Salience is the distance from the sample's median colour, summed over its frames: in a clip of
+    a few objects on a plain background that is where the objects are, and where a small VAE's
+    colour errors are. The centre is jittered by up to a quarter of the crop, so that objects are
+    also seen near the window's edges.
+    """
+    b, _, _, height, width = x.shape
+    median = x.flatten(2).median(dim=2).values[:, :, None, None, None]
+    salience = (x - median).norm(dim=1).sum(dim=1).flatten(1)  # [B, H*W]
+    peak = salience.argmax(dim=1)
+    jitter = torch.randint(-(crop // 4), crop // 4 + 1, (b, 2), generator=gen)
+    out = []
+    for i in range(b):
+        cy, cx = int(peak[i]) // width + int(jitter[i, 0]), int(peak[i]) % width + int(jitter[i, 1])
+        top = min(max(cy - crop // 2, 0), height - crop)
+        left = min(max(cx - crop // 2, 0), width - crop)
+        out.append(x[i, :, :, top:top + crop, left:left + crop])
+    return torch.stack(out)
+
+
 def fit(vae, clips: torch.Tensor, *, steps: int, batch_size: int = 2, image_batch_size: int = 16,
-        image_fraction: float = 0.8, crop: int = 32, chroma_weight: float = 4.0, lr: float = 3e-3,
-        kl_weight: float = 1e-4, seed: int = 0, progress: bool = True) -> list[float]:
+        image_fraction: float = 0.8, crop: int = 32, crop_at: str = "random", chroma_weight: float = 4.0,
+        lr: float = 3e-3, kl_weight: float = 1e-4, seed: int = 0, progress: bool = True) -> list[float]:
     """AdamW on MSE(decode(sample), x) + chroma_weight * MSE of the error's chroma
     + kl_weight * KL(posterior || N(0, 1)); returns the plain MSE per step.
 
@@ -111,6 +133,8 @@ def fit(vae, clips: torch.Tensor, *, steps: int, batch_size: int = 2, image_batc
     if not 0.0 <= image_fraction <= 1.0:
         raise ConfigError(f"--image-fraction: is {image_fraction}, expected 0..1")
     n, frames, height, width = len(clips), clips.shape[2], clips.shape[3], clips.shape[4]
+    if crop_at not in ("random", "content"):
+        raise ConfigError(f"--crop-at: is {crop_at!r}, expected random or content")
     if crop < 0 or crop > min(height, width):
         raise ConfigError(f"--crop: is {crop}, expected 0 (whole frames) up to the frame size {min(height, width)}")
     params = [p for p in vae.parameters() if p.requires_grad]
@@ -135,7 +159,9 @@ def fit(vae, clips: torch.Tensor, *, steps: int, batch_size: int = 2, image_batc
             x = clips[idx, :, t].unsqueeze(2)  # [B, 3, 1, H, W]
         else:
             x = clips[torch.randperm(n, generator=gen)[:batch_size]]
-        if crop:
+        if crop and crop_at == "content":
+            x = content_crops(x, crop, gen)
+        elif crop:
             top = int(torch.randint(height - crop + 1, (1,), generator=gen))
             left = int(torch.randint(width - crop + 1, (1,), generator=gen))
             x = x[..., top:top + crop, left:left + crop]
@@ -193,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=2, help="clips per clip step")
     p.add_argument("--image-batch-size", type=int, default=16, help="single frames per frame step")
     p.add_argument("--crop", type=int, default=32, help="frame steps train on random crops this size (0: whole frames)")
+    p.add_argument("--crop-at", choices=("random", "content"), default="random",
+                   help="where the crops lie: anywhere, or around each sample's most salient pixel")
     p.add_argument("--chroma-weight", type=float, default=4.0, help="extra weight of the error's chroma (0: plain MSE)")
     p.add_argument("--image-fraction", type=float, default=0.8, help="share of the steps trained on single frames")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -212,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fit_vae: {len(clips)} clips {tuple(clips.shape[1:])}, {a.steps} steps; "
           f"reconstruction MSE before: {before:.4f}", flush=True)
     fit(vae, clips, steps=a.steps, batch_size=a.batch_size, image_batch_size=a.image_batch_size,
-        image_fraction=a.image_fraction, crop=a.crop, chroma_weight=a.chroma_weight, lr=a.lr, kl_weight=a.kl_weight,
+        image_fraction=a.image_fraction, crop=a.crop, crop_at=a.crop_at, chroma_weight=a.chroma_weight, lr=a.lr, kl_weight=a.kl_weight,
         seed=stable_seed(cfg.run.seed, "fit_vae"))
     after = reconstruction_error(vae, measured)
     std = latent_std(vae, measured)
@@ -222,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         "clips": len(clips), "measured_on_clips": len(measured), "source": os.path.abspath(clips_path),
         "seed": cfg.run.seed, "steps": a.steps,
         "batch_size": a.batch_size, "image_batch_size": a.image_batch_size, "image_fraction": a.image_fraction,
-        "crop": a.crop, "chroma_weight": a.chroma_weight,
+        "crop": a.crop, "crop_at": a.crop_at, "chroma_weight": a.chroma_weight,
         "lr": a.lr, "kl_weight": a.kl_weight, "mse_before": before, "mse_after": after, "latent_std": std,
         "scaling_factor": 1.0 / std,
     })

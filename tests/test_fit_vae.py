@@ -45,3 +45,19 @@ def test_fit_lowers_reconstruction_error_and_saves_a_loadable_vae(tmp_path):
     assert abs(written * latent_std(vae, clips) - 1.0) < 1e-3
     assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
     assert torch.isfinite(torch.tensor(written)) and written != 1.0
+
+
+def test_content_crops_hold_the_object_wherever_it_is():
+    """`--crop-at content` windows lie inside the frame and hold the one bright object, even in a corner."""
+    from i2v.data_prep.fit_vae import content_crops
+
+    x = torch.full((3, 3, 2, 64, 64), -0.6)  # [B, C, F, H, W]: a flat background
+    corners = [(2, 2), (30, 40), (60, 61)]  # object top-left per sample: near a corner, inside, at the far edge
+    for i, (y, xx) in enumerate(corners):
+        x[i, :, :, y:y + 3, xx:xx + 3] = torch.tensor([1.0, -1.0, 0.5])[:, None, None, None]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):  # the jitter differs per draw: every draw must still hold the whole object
+        crops = content_crops(x, 16, gen)
+        assert crops.shape == (3, 3, 2, 16, 16)
+        object_pixels = (crops[:, 0] > 0.9).flatten(1).sum(dim=1)
+        assert object_pixels.tolist() == [3 * 3 * 2] * 3
