@@ -42,6 +42,8 @@ DEFAULT_STEPS = 500
 # The error before and after, and the latent spread the scaling factor undoes, are measured on
 # this many clips: a full encode + decode of every clip would cost as much as the fit itself.
 MEASURE_CLIPS = 16
+# Where frame-step crops lie (`--crop-at`): anywhere, or around each sample's most salient pixel.
+CROP_PLACES = ("random", "content")
 
 
 def load_clips(cfg: Config, clips: str) -> torch.Tensor:
@@ -117,8 +119,9 @@ def fit(vae, clips: torch.Tensor, *, steps: int, batch_size: int = 2, image_batc
     + kl_weight * KL(posterior || N(0, 1)); returns the plain MSE per step.
 
     The first `image_fraction` of the steps train on single frames drawn from anywhere in the
-    clips (`image_batch_size` of them), cropped to `crop` x `crop` pixels at a random place (0:
-    whole frames); the rest on whole clips (`batch_size`). The VAE is convolutional, so what it
+    clips (`image_batch_size` of them), cropped to `crop` x `crop` pixels (0: whole frames) at a
+    random place, or around the object with `crop_at="content"` (`content_crops`); the rest on whole
+    clips (`batch_size`). The VAE is convolutional, so what it
     learns on small single frames holds on whole ones, at a fraction of the cost: a 32 x 32 crop
     of a one-frame input costs about a thirtieth of a 9-frame 64 x 64 clip. The clip steps then
     teach the temporal compression. The chroma term (the error minus its mean over the three
@@ -133,8 +136,8 @@ def fit(vae, clips: torch.Tensor, *, steps: int, batch_size: int = 2, image_batc
     if not 0.0 <= image_fraction <= 1.0:
         raise ConfigError(f"--image-fraction: is {image_fraction}, expected 0..1")
     n, frames, height, width = len(clips), clips.shape[2], clips.shape[3], clips.shape[4]
-    if crop_at not in ("random", "content"):
-        raise ConfigError(f"--crop-at: is {crop_at!r}, expected random or content")
+    if crop_at not in CROP_PLACES:
+        raise ConfigError(f"--crop-at: is {crop_at!r}, expected one of {', '.join(CROP_PLACES)}")
     if crop < 0 or crop > min(height, width):
         raise ConfigError(f"--crop: is {crop}, expected 0 (whole frames) up to the frame size {min(height, width)}")
     params = [p for p in vae.parameters() if p.requires_grad]
@@ -218,8 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--batch-size", type=int, default=2, help="clips per clip step")
     p.add_argument("--image-batch-size", type=int, default=16, help="single frames per frame step")
-    p.add_argument("--crop", type=int, default=32, help="frame steps train on random crops this size (0: whole frames)")
-    p.add_argument("--crop-at", choices=("random", "content"), default="random",
+    p.add_argument("--crop", type=int, default=32, help="steps train on crops this size (0: whole frames)")
+    p.add_argument("--crop-at", choices=CROP_PLACES, default="random",
                    help="where the crops lie: anywhere, or around each sample's most salient pixel")
     p.add_argument("--chroma-weight", type=float, default=4.0, help="extra weight of the error's chroma (0: plain MSE)")
     p.add_argument("--image-fraction", type=float, default=0.8, help="share of the steps trained on single frames")
@@ -240,8 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fit_vae: {len(clips)} clips {tuple(clips.shape[1:])}, {a.steps} steps; "
           f"reconstruction MSE before: {before:.4f}", flush=True)
     fit(vae, clips, steps=a.steps, batch_size=a.batch_size, image_batch_size=a.image_batch_size,
-        image_fraction=a.image_fraction, crop=a.crop, crop_at=a.crop_at, chroma_weight=a.chroma_weight, lr=a.lr, kl_weight=a.kl_weight,
-        seed=stable_seed(cfg.run.seed, "fit_vae"))
+        image_fraction=a.image_fraction, crop=a.crop, crop_at=a.crop_at, chroma_weight=a.chroma_weight, lr=a.lr,
+        kl_weight=a.kl_weight, seed=stable_seed(cfg.run.seed, "fit_vae"))
     after = reconstruction_error(vae, measured)
     std = latent_std(vae, measured)
     vae.register_to_config(scaling_factor=1.0 / std)
