@@ -19,7 +19,7 @@ $(STAMP): requirements-dev.txt setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 demo: $(STAMP)
 	bash launcher/demo.sh

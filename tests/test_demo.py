@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import REPO
 from i2v.evaluation import ABLATIONS, PAIR_FIELDS, REPORT_FIELDS, SUMMARY_FIELDS
 
+SIZE = 48  # the demo's frame size (launcher/demo.sh DEMO_SIZE)
 STAGES = ["clips", "shards", "fit_vae", "precompute", "train", "sample", "evaluate"]
 
 
@@ -52,7 +53,7 @@ def test_demo_script_runs_end_to_end_and_resumes(tmp_path):
     assert (out / "checkpoints" / latest).is_dir() and latest.endswith("4")
 
     with Image.open(out / "samples" / "heldout.gif") as gif:
-        assert gif.n_frames == 9 and gif.size == (64, 64)
+        assert gif.n_frames == 9 and gif.size == (SIZE, SIZE)
     with av.open(str(out / "samples" / "heldout.mp4")) as mp4:
         assert sum(1 for _ in mp4.decode(video=0)) == 9
     assert f"--logdir {out}/tensorboard" in proc.stdout
@@ -69,7 +70,7 @@ def test_demo_script_runs_end_to_end_and_resumes(tmp_path):
     swapped = report["ablations"]["swap_caption"]["per_pair"]
     assert [r["direction"] for r in swapped] != [r["direction"] for r in report["per_pair"]]
     with Image.open(out / "eval.png") as png:
-        assert png.size[1] == 2 * 64 + 4 and png.size[0] > 2 * 9 * 64
+        assert png.size[1] == 2 * SIZE + 4 and png.size[0] > 2 * 9 * SIZE
     assert all((out / f"eval-{a}.png").is_file() for a in ABLATIONS)
     acc.Reload()
     assert {"evaluation/pairs", *(f"evaluation/{a}" for a in ABLATIONS)} <= set(acc.Tags()["images"])
