@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The whole pipeline on synthetic data, on a CPU, in a few minutes (`make demo`):
+# The whole pipeline on synthetic data, on a CPU, in about 15 minutes on 2 cores (`make demo`):
 #   1 synthetic clips -> 2 video shards -> 3 fit the tiny VAE -> 4 latent shards -> 5 train -> 6 sample -> 7 evaluate
 # Everything lands in $DEMO_DIR (default runs/demo). Smaller settings for CI through the environment:
 #   DEMO_DIR, DEMO_CLIPS (192), DEMO_PER_SHARD (48), DEMO_VAE_STEPS (700; 0 keeps the random-init VAE),
-#   DEMO_FRAMES (9), DEMO_SIZE (48: frame height and width), DEMO_TRAIN_STEPS (1000), DEMO_MICRO_BATCH (16),
+#   DEMO_FRAMES (9), DEMO_SIZE (64: frame height and width), DEMO_TRAIN_STEPS (4000), DEMO_MICRO_BATCH (4),
+#   DEMO_LR (5e-3), DEMO_GUIDANCE (validation.guidance_scale), DEMO_VAE_CROP_AT (random | content),
 #   DEMO_SAMPLE_STEPS (validation.num_inference_steps), DEMO_EVAL_PAIRS (16),
 #   DEMO_SEED (0: run.seed and the synthetic clips' seed), DEMO_DIRECTIONS (2: each drawn first frame
 #   moving both ways, so that only the caption tells which; 1: one direction per first frame),
@@ -20,28 +21,31 @@ DIR=${DEMO_DIR:-runs/demo}
 CLIPS=${DEMO_CLIPS:-192}
 PER_SHARD=${DEMO_PER_SHARD:-48}
 VAE_STEPS=${DEMO_VAE_STEPS:-700}
-TRAIN_STEPS=${DEMO_TRAIN_STEPS:-1000}
-MICRO_BATCH=${DEMO_MICRO_BATCH:-16}
+TRAIN_STEPS=${DEMO_TRAIN_STEPS:-4000}
+MICRO_BATCH=${DEMO_MICRO_BATCH:-4}
 EVAL_PAIRS=${DEMO_EVAL_PAIRS:-16}
 SEED=${DEMO_SEED:-0}
 DIRECTIONS=${DEMO_DIRECTIONS:-2}
 QUALITY_JSON=${DEMO_QUALITY_JSON-bench/results/demo-quality.json}
 CONFIG=configs/tiny.yaml
-# The tiny models' ops are too small to gain from a second thread (76 against 73 samples/s in
-# training), and a second thread stalls whenever another process takes a core: one thread each.
+# The tiny models' ops are too small to gain from a second thread (76 against 73 samples/s, 48 x 48
+# clips at micro-batch 8), and a second thread stalls whenever another process takes a core.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) < 2 ? 1 : 2 ))} TOKENIZERS_PARALLELISM=false
 # DeepSpeed's CPU op, built with the venv (see the Makefile), is looked up where it was built.
 VENV_DIR=$(cd "$(dirname "$PY")/.." && pwd)
 [ -f "$VENV_DIR/bin/activate" ] && export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV_DIR/torch_extensions}
 
 DEEPSPEED="$(dirname "$PY")/deepspeed"
 LAUNCHER=${DEMO_LAUNCHER:-$([ -x "$DEEPSPEED" ] && echo deepspeed || echo python)}
-# The demo's clips: 9 frames of 48 x 48 (DEMO_FRAMES, DEMO_SIZE). The 4x VAE makes 3 x 12 x 12 latents,
-# 108 tokens a clip against 192 at the config's 64 x 64, with the same travel over the clip (a fifth
-# to a third of the frame) and the same 8 pixels a token. Every stage sees the same sizes. (Frames
-# must be 4k + 1 with an odd latent count: the VAE decodes 2 latent frames to 8 frames, not 5.)
-FRAMES=${DEMO_FRAMES:-9} SIZE=${DEMO_SIZE:-48}
+# The clips' length and size (DEMO_FRAMES, DEMO_SIZE); every stage sees the same. The 4x VAE makes
+# 3 x 16 x 16 latents of 9 x 64 x 64 clips (192 tokens, 8 pixels a token); at 48 x 48, 3 x 12 x 12
+# (108 tokens, the same 8 pixels), with the same travel over the clip. Frames must be 8k + 1, an
+# odd latent count: the VAE decodes 2 latent frames to 8 frames, not 5.
+FRAMES=${DEMO_FRAMES:-9} SIZE=${DEMO_SIZE:-64}
+if (( FRAMES % 8 != 1 || SIZE % 8 != 0 )); then
+  echo "demo: DEMO_FRAMES=$FRAMES DEMO_SIZE=$SIZE: frames must be 8k + 1 (1, 9, 17, ...) and the size a multiple of 8" >&2
+  exit 2
+fi
 LATENT=$(( SIZE / 4 ))
 SHAPE=(
   "data.video.frames=$FRAMES" "data.video.height=$SIZE" "data.video.width=$SIZE"
@@ -56,22 +60,18 @@ OVERRIDES=(
   "data.video_shards=$DIR/shards"
   "data.latent_shards=$DIR/latents"
   "train.max_steps=$TRAIN_STEPS"
-  # Micro-batch 16 x 1000 steps: a tiny step is mostly fixed cost, so 16 samples cost 1.4x what 8 do
-  # (117 against 73 samples/s); 16000 samples, as 8 x 2000, in 30% less time, at a higher lr.
   "train.micro_batch_size=$MICRO_BATCH"
-  "train.lr=8e-3"
+  "train.lr=${DEMO_LR:-5e-3}"
   "train.warmup_steps=$(( TRAIN_STEPS / 8 ))"
   # One CPU rank: ZeRO-2's gradient partitioning buys nothing there and costs a third of each tiny
   # step (86 vs 126 samples/s at micro-batch 4); ZeRO-1 keeps the partitioned optimizer state.
   "deepspeed.zero_stage=1"
   # Four DiT blocks: with two, held-out clips followed their caption in 25% of pairs, with four in 88% (seed 0).
   "model.arch.num_layers=4"
-  # Guidance 3, not 6, for validation, sample and evaluation alike: on held-out pairs 94% first-frame
-  # fidelity and 88% caption motion, against 88% and 94% at 6; stronger guidance shifts the hues.
-  "validation.guidance_scale=3.0"
   "checkpoint.every_steps=$(( TRAIN_STEPS / 2 > 0 ? TRAIN_STEPS / 2 : 1 ))"
 )
 [ -n "${DEMO_SAMPLE_STEPS:-}" ] && OVERRIDES+=("validation.num_inference_steps=$DEMO_SAMPLE_STEPS")
+[ -n "${DEMO_GUIDANCE:-}" ] && OVERRIDES+=("validation.guidance_scale=$DEMO_GUIDANCE")
 # A random-init VAE decodes everything to texture noise; the fitted one (step 3) makes the
 # latents, and so every video below, show the shapes. Every stage after it must load it.
 if [ "$VAE_STEPS" -gt 0 ]; then
@@ -109,7 +109,7 @@ elif [ -f "$DIR/vae/config.json" ]; then
 else
   step "3/7 fit the tiny VAE, $VAE_STEPS steps -> $DIR/vae"
   "$PY" -m i2v.data_prep.fit_vae --config "$CONFIG" --clips "$DIR/shards" --out "$DIR/vae" --steps "$VAE_STEPS" \
-    --image-batch-size 8 --crop-at content "${SHAPE[@]}"
+    --image-batch-size 8 --crop-at "${DEMO_VAE_CROP_AT:-random}" "${SHAPE[@]}"
   done_stage fit_vae ran
 fi
 

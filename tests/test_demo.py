@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import REPO
 from i2v.evaluation import ABLATIONS, PAIR_FIELDS, REPORT_FIELDS, SUMMARY_FIELDS
 
-SIZE = 48  # the demo's frame size (launcher/demo.sh DEMO_SIZE)
+SIZE = 64  # the demo's frame size (launcher/demo.sh DEMO_SIZE)
 STAGES = ["clips", "shards", "fit_vae", "precompute", "train", "sample", "evaluate"]
 
 
