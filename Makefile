@@ -19,7 +19,8 @@ $(STAMP): requirements-dev.txt setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	# Two workers, a test file each at a time (a file's fixtures are built once): 845 s on 2 cores, 1121 s serially.
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
 	bash launcher/demo.sh
