@@ -119,10 +119,10 @@ def fit(vae, clips: torch.Tensor, *, steps: int, batch_size: int = 2, image_batc
     + kl_weight * KL(posterior || N(0, 1)); returns the plain MSE per step.
 
     The first `image_fraction` of the steps train on single frames drawn from anywhere in the
-    clips (`image_batch_size` of them), cropped to `crop` x `crop` pixels (0: whole frames) at a
-    random place, or around the object with `crop_at="content"` (`content_crops`); the rest on whole
-    clips (`batch_size`). The VAE is convolutional, so what it
-    learns on small single frames holds on whole ones, at a fraction of the cost: a 32 x 32 crop
+    clips (`image_batch_size` of them), the rest on whole clips (`batch_size`). Both are cropped to
+    `crop` x `crop` pixels (0: uncropped) at a random place, or around the object with
+    `crop_at="content"` (`content_crops`). The VAE is convolutional, so what it learns on small
+    single frames holds on whole ones, at a fraction of the cost: a 32 x 32 crop
     of a one-frame input costs about a thirtieth of a 9-frame 64 x 64 clip. The clip steps then
     teach the temporal compression. The chroma term (the error minus its mean over the three
     channels) speeds up what plain MSE learns last: a tiny VAE fits brightness and places within

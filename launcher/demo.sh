@@ -3,8 +3,9 @@
 #   1 synthetic clips -> 2 video shards -> 3 fit the tiny VAE -> 4 latent shards -> 5 train -> 6 sample -> 7 evaluate
 # Everything lands in $DEMO_DIR (default runs/demo). Smaller settings for CI through the environment:
 #   DEMO_DIR, DEMO_CLIPS (192), DEMO_PER_SHARD (48), DEMO_VAE_STEPS (700; 0 keeps the random-init VAE),
-#   DEMO_FRAMES (9), DEMO_SIZE (64: frame height and width), DEMO_TRAIN_STEPS (4000), DEMO_MICRO_BATCH (4),
-#   DEMO_LR (5e-3), DEMO_GUIDANCE (validation.guidance_scale), DEMO_VAE_CROP_AT (random | content),
+#   DEMO_FRAMES (data.video.frames), DEMO_SIZE (frame height and width; data.video's), DEMO_TRAIN_STEPS (4000),
+#   DEMO_MICRO_BATCH (train.micro_batch_size), DEMO_LR (train.lr), DEMO_GUIDANCE (validation.guidance_scale),
+#   DEMO_VAE_CROP_AT (random | content),
 #   DEMO_SAMPLE_STEPS (validation.num_inference_steps), DEMO_EVAL_PAIRS (16),
 #   DEMO_SEED (0: run.seed and the synthetic clips' seed), DEMO_DIRECTIONS (2: each drawn first frame
 #   moving both ways, so that only the caption tells which; 1: one direction per first frame),
@@ -22,7 +23,6 @@ CLIPS=${DEMO_CLIPS:-192}
 PER_SHARD=${DEMO_PER_SHARD:-48}
 VAE_STEPS=${DEMO_VAE_STEPS:-700}
 TRAIN_STEPS=${DEMO_TRAIN_STEPS:-4000}
-MICRO_BATCH=${DEMO_MICRO_BATCH:-4}
 EVAL_PAIRS=${DEMO_EVAL_PAIRS:-16}
 SEED=${DEMO_SEED:-0}
 DIRECTIONS=${DEMO_DIRECTIONS:-2}
@@ -37,20 +37,23 @@ VENV_DIR=$(cd "$(dirname "$PY")/.." && pwd)
 
 DEEPSPEED="$(dirname "$PY")/deepspeed"
 LAUNCHER=${DEMO_LAUNCHER:-$([ -x "$DEEPSPEED" ] && echo deepspeed || echo python)}
-# The clips' length and size (DEMO_FRAMES, DEMO_SIZE); every stage sees the same. The 4x VAE makes
-# 3 x 16 x 16 latents of 9 x 64 x 64 clips (192 tokens, 8 pixels a token); at 48 x 48, 3 x 12 x 12
-# (108 tokens, the same 8 pixels), with the same travel over the clip. Frames must be 8k + 1, an
-# odd latent count: the VAE decodes 2 latent frames to 8 frames, not 5.
-FRAMES=${DEMO_FRAMES:-9} SIZE=${DEMO_SIZE:-64}
-if (( FRAMES % 8 != 1 || SIZE % 8 != 0 )); then
-  echo "demo: DEMO_FRAMES=$FRAMES DEMO_SIZE=$SIZE: frames must be 8k + 1 (1, 9, 17, ...) and the size a multiple of 8" >&2
+# The clips are drawn at the size and length the model trains on, so each is one whole trajectory:
+# the config's (9 x 64 x 64: 3 x 16 x 16 latents, 192 tokens, 8 pixels a token), or DEMO_FRAMES and
+# DEMO_SIZE (at 48 x 48: 3 x 12 x 12, 108 tokens, the same 8 pixels and the same travel over the
+# clip). SHAPE hands the sizes to every stage; the VAE's spatial compression is the config's ratio of
+# frame to latent size. With the VAE's 4x temporal compression, frames must be 8k + 1, an odd latent
+# count: it decodes 2 latent frames to 8 frames, not 5.
+read -r FRAMES HEIGHT WIDTH SPATIAL < <("$PY" -c "from i2v.config import load_config; c = load_config('$CONFIG'); v = c.data.video; print(v.frames, v.height, v.width, v.height // c.model.arch['sample_height'])")
+FRAMES=${DEMO_FRAMES:-$FRAMES} HEIGHT=${DEMO_SIZE:-$HEIGHT} WIDTH=${DEMO_SIZE:-$WIDTH}
+if (( FRAMES % 8 != 1 || HEIGHT % (2 * SPATIAL) || WIDTH % (2 * SPATIAL) )); then
+  echo "demo: DEMO_FRAMES=$FRAMES DEMO_SIZE=$HEIGHT: frames must be 8k + 1 (1, 9, 17, ...) and the size a multiple of $(( 2 * SPATIAL ))" >&2
   exit 2
 fi
-LATENT=$(( SIZE / 4 ))
 SHAPE=(
-  "data.video.frames=$FRAMES" "data.video.height=$SIZE" "data.video.width=$SIZE"
-  "model.arch.sample_frames=$FRAMES" "model.arch.sample_height=$LATENT" "model.arch.sample_width=$LATENT"
-  "precompute.vae.arch.sample_height=$SIZE" "precompute.vae.arch.sample_width=$SIZE"
+  "data.video.frames=$FRAMES" "data.video.height=$HEIGHT" "data.video.width=$WIDTH"
+  "model.arch.sample_frames=$FRAMES" "model.arch.sample_height=$(( HEIGHT / SPATIAL ))"
+  "model.arch.sample_width=$(( WIDTH / SPATIAL ))"
+  "precompute.vae.arch.sample_height=$HEIGHT" "precompute.vae.arch.sample_width=$WIDTH"
 )
 
 OVERRIDES=(
@@ -60,8 +63,6 @@ OVERRIDES=(
   "data.video_shards=$DIR/shards"
   "data.latent_shards=$DIR/latents"
   "train.max_steps=$TRAIN_STEPS"
-  "train.micro_batch_size=$MICRO_BATCH"
-  "train.lr=${DEMO_LR:-5e-3}"
   "train.warmup_steps=$(( TRAIN_STEPS / 8 ))"
   # One CPU rank: ZeRO-2's gradient partitioning buys nothing there and costs a third of each tiny
   # step (86 vs 126 samples/s at micro-batch 4); ZeRO-1 keeps the partitioned optimizer state.
@@ -72,6 +73,8 @@ OVERRIDES=(
 )
 [ -n "${DEMO_SAMPLE_STEPS:-}" ] && OVERRIDES+=("validation.num_inference_steps=$DEMO_SAMPLE_STEPS")
 [ -n "${DEMO_GUIDANCE:-}" ] && OVERRIDES+=("validation.guidance_scale=$DEMO_GUIDANCE")
+[ -n "${DEMO_MICRO_BATCH:-}" ] && OVERRIDES+=("train.micro_batch_size=$DEMO_MICRO_BATCH")
+[ -n "${DEMO_LR:-}" ] && OVERRIDES+=("train.lr=$DEMO_LR")
 # A random-init VAE decodes everything to texture noise; the fitted one (step 3) makes the
 # latents, and so every video below, show the shapes. Every stage after it must load it.
 if [ "$VAE_STEPS" -gt 0 ]; then
@@ -91,8 +94,8 @@ LATEST="$DIR/checkpoints/latest"
 FINAL=$(printf 'step-%08d' "$TRAIN_STEPS")
 
 step "1/7 synthetic clips -> $DIR/clips (held-out first frame in $DIR/heldout)"
-"$PY" -m i2v.data_prep.synthetic --output "$DIR/clips" --clips "$CLIPS" --directions-per-frame "$DIRECTIONS" --seed "$SEED" --frames "$FRAMES" --height "$SIZE" \
-  --width "$SIZE" --heldout "$DIR/heldout"
+"$PY" -m i2v.data_prep.synthetic --output "$DIR/clips" --clips "$CLIPS" --directions-per-frame "$DIRECTIONS" --seed "$SEED" --frames "$FRAMES" --height "$HEIGHT" \
+  --width "$WIDTH" --heldout "$DIR/heldout"
 done_stage clips ran
 
 step "2/7 video shards -> $DIR/shards"

@@ -12,9 +12,11 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO
+from i2v.config import load_config
 from i2v.evaluation import ABLATIONS, PAIR_FIELDS, REPORT_FIELDS, SUMMARY_FIELDS
 
-SIZE = 64  # the demo's frame size (launcher/demo.sh DEMO_SIZE)
+SIZE = load_config(str(REPO / "configs" / "tiny.yaml")).data.video.width  # the demo's frames (DEMO_SIZE unset)
+
 STAGES = ["clips", "shards", "fit_vae", "precompute", "train", "sample", "evaluate"]
 
 
