@@ -1,6 +1,7 @@
-"""One distribution, `i2v`. `kernels/` and `data_prep/` install as `i2v.kernels` and
-`i2v.data_prep`: a top-level `kernels` module would shadow the Hugging Face package of
-that name, which transformers and diffusers probe for."""
+"""One distribution, `i2v`. `data_prep/` installs as `i2v.data_prep`. The Triton kernels live
+inside the package, in `i2v/kernels/`: a top-level `kernels/` folder would shadow the Hugging Face
+package of that name wherever the checkout's root is on sys.path (`python -m pytest`, `python -c`,
+pip's own build of this file), and transformers >= 5.25 imports that package."""
 
 from setuptools import setup
 
@@ -10,7 +11,7 @@ setup(
     description="Training system for CogVideoX-style image-to-video diffusion transformers",
     python_requires=">=3.10",
     packages=["i2v", "i2v.data", "i2v.kernels", "i2v.data_prep"],
-    package_dir={"i2v": "i2v", "i2v.kernels": "kernels", "i2v.data_prep": "data_prep"},
+    package_dir={"i2v": "i2v", "i2v.data_prep": "data_prep"},
     # Loose on purpose: users bring their own CUDA torch and triton. The exact CPU
     # environment used by `make test` is pinned in requirements-dev.txt.
     install_requires=[

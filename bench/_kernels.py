@@ -26,12 +26,12 @@ if not CUDA:
 
 
 def load_kernel(name: str):
-    """`i2v.kernels.<name>` if installed, else kernels/<name>.py itself."""
+    """`i2v.kernels.<name>` if installed, else i2v/kernels/<name>.py itself."""
     sys.path.insert(0, str(REPO))  # a kernel file may import i2v.diffusion
     try:
         return importlib.import_module(f"i2v.kernels.{name}")
     except ImportError:
-        spec = importlib.util.spec_from_file_location(f"_{name}_kernel", REPO / "kernels" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"_{name}_kernel", REPO / "i2v" / "kernels" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

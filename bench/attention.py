@@ -146,7 +146,7 @@ def _best_configs():
 
 
 def _commit_string():
-    head, dirty = git_commit("kernels/attention.py", "bench/attention.py")
+    head, dirty = git_commit("i2v/kernels/attention.py", "bench/attention.py")
     return f"{head}{'-dirty' if dirty else ''}" if head else None
 
 

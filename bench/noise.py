@@ -220,7 +220,7 @@ def main(argv=None):
     shapes = SMOKE_SHAPES if smoke else GPU_SHAPES
     use_compile = not args.no_compile
     gpu = "cpu" if smoke else _device_name()
-    commit, dirty = git_commit("kernels/noise.py", "bench/noise.py")
+    commit, dirty = git_commit("i2v/kernels/noise.py", "bench/noise.py")
     commit = commit or "unknown"
     record = {
         "gpu": gpu,

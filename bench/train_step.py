@@ -218,7 +218,7 @@ def shape_benchmark(args) -> dict:
     ours = side([r["step_time_s"] for r in records], ours_mem)
     ours["telemetry_mfu"] = statistics.median(r["mfu"] for r in records[args.warmup:]) if peak and not smoke else None
     stock = side(stock_times, stock_mem)
-    commit, dirty = git_commit("i2v", "kernels", "bench", "configs")
+    commit, dirty = git_commit("i2v", "bench", "configs")
     measured = ours["peak_mem_gb"]
     return {
         "mode": "cpu-smoke" if smoke else "gpu", "device": name, "torch": torch.__version__,
