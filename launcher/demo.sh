@@ -10,7 +10,8 @@
 #   DEMO_SEED (0: run.seed and the synthetic clips' seed), DEMO_DIRECTIONS (2: each drawn first frame
 #   moving both ways, so that only the caption tells which; 1: one direction per first frame),
 #   DEMO_QUALITY_JSON (bench/results/demo-quality.json; empty: not written),
-#   DEMO_LAUNCHER (deepspeed | python; default deepspeed when its launcher is installed), PYTHON.
+#   DEMO_LAUNCHER (deepspeed | python; default deepspeed when its launcher is installed), PYTHON,
+#   MASTER_PORT (the training's rendezvous port; default a free one).
 # Rerunning resumes: finished stages are kept (clips with the same settings, shards, the fitted VAE,
 # latent shards, a finished training run, its sample and its evaluation) and the rest is redone.
 set -euo pipefail
@@ -132,7 +133,9 @@ else
     "validation.pairs=[{image: \"$DIR/heldout/heldout.png\", prompt: \"$PROMPT\"}]"
   )
   if [ "$LAUNCHER" = deepspeed ]; then
-    "$DEEPSPEED" --num_gpus 1 launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}" "${VALIDATION[@]}"
+    # A free port, not the launcher's fixed 29500: a demo must not collide with a job already on the box.
+    PORT=${MASTER_PORT:-$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
+    "$DEEPSPEED" --num_gpus 1 --master_port "$PORT" launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}" "${VALIDATION[@]}"
   else
     "$PY" launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}" "${VALIDATION[@]}"
   fi
