@@ -2,14 +2,13 @@
 
 Without CUDA the kernels run under the Triton interpreter, which must be switched on before any
 kernel is defined; and a benchmark must also run from a bare checkout on a GPU machine where the
-project is not installed, so the kernel module is loaded from its file when `i2v.kernels` is absent.
+project is not installed, so the checkout's root goes on sys.path.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import importlib.util
 import os
 import pathlib
 import re
@@ -26,15 +25,9 @@ if not CUDA:
 
 
 def load_kernel(name: str):
-    """`i2v.kernels.<name>` if installed, else i2v/kernels/<name>.py itself."""
-    sys.path.insert(0, str(REPO))  # a kernel file may import i2v.diffusion
-    try:
-        return importlib.import_module(f"i2v.kernels.{name}")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(f"_{name}_kernel", REPO / "i2v" / "kernels" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    """`i2v.kernels.<name>`, from the checkout when the project is not installed."""
+    sys.path.insert(0, str(REPO))
+    return importlib.import_module(f"i2v.kernels.{name}")
 
 
 def git_commit(*paths: str) -> tuple[str | None, bool]:

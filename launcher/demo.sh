@@ -134,7 +134,7 @@ else
   )
   if [ "$LAUNCHER" = deepspeed ]; then
     # A free port, not the launcher's fixed 29500: a demo must not collide with a job already on the box.
-    PORT=${MASTER_PORT:-$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
+    PORT=${MASTER_PORT:-$("$PY" -c "from i2v.distributed import free_port; print(free_port())")}
     "$DEEPSPEED" --num_gpus 1 --master_port "$PORT" launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}" "${VALIDATION[@]}"
   else
     "$PY" launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}" "${VALIDATION[@]}"

@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
+from i2v.distributed import free_port
 from latent_shards import make_latent_shards
-from test_resume import _free_port
 from test_train import ENV, losses
 
 # The kill test's ZeRO-2 state, written by 2 ranks, is resharded for the 1-rank resume (i2v.reshard);
@@ -147,7 +147,7 @@ def data(tmp_path_factory):
 def test_two_torchrun_nodes_train_commit_and_validate(tmp_path, data):
     """Static rendezvous: node 1's agent runs global rank 1; validation runs inside the same job."""
     out = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     args = train_args(out, data["shards"], "train.max_steps=3", "checkpoint.every_steps=3",
                       "validation.every_steps=3", "validation.num_inference_steps=2",
                       f"validation.pairs=[{{image: '{data['image']}', prompt: 'a white box'}}]")
@@ -176,7 +176,7 @@ def test_two_deepspeed_launchers_with_a_hostfile_train_and_commit(tmp_path, data
     hosts = tmp_path / "hosts"
     hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     out = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     args = train_args(out, data["shards"], "train.max_steps=2", "checkpoint.every_steps=2")
     procs = start_nodes([[DEEPSPEED, "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(n),
                           "--master_addr", "127.0.0.1", "--master_port", str(port), *args] for n in (0, 1)], tmp_path)
@@ -215,7 +215,7 @@ def test_precompute_across_two_c10d_nodes_covers_every_sample_once(tmp_path, vid
     out = tmp_path / "latents"
     args = ["launcher/precompute.py", "--config", "configs/tiny.yaml", f"data.video_shards={video_shards}",
             f"data.latent_shards={out}", "data.video.height=32", "data.video.width=32"]
-    port = _free_port()
+    port = free_port()
     procs = start_nodes([c10d_node(port, "precompute") + args for _ in (0, 1)], tmp_path)
     assert wait_nodes(procs, tmp_path) == [0, 0], logs(tmp_path)
 
@@ -244,7 +244,7 @@ def test_killed_node_stops_the_survivor_and_one_rank_resumes(tmp_path, data):
     wait in a collective, and a plain one-process run continues from the last committed step."""
     out = tmp_path / "run"
     common = KILL_RUN
-    port = _free_port()
+    port = free_port()
     procs = start_nodes([static_node(n, port) + train_args(out, data["shards"], "train.max_steps=1000", *common)
                          for n in (0, 1)], tmp_path)
     try:

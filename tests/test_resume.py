@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import time
 import pytest
 
 from conftest import REPO
+from i2v.distributed import free_port
 from latent_shards import make_latent_shards
 from lora_runs import RUN_A, step_dir
 from test_train import ENV, TORCHRUN, losses, train
@@ -116,18 +116,12 @@ def test_world_size_change_continues_the_global_sample_order_at_zero0(tmp_path, 
     assert [records[s]["position"] for s in range(1, 6)] == [2, 4, 6, 7, 8]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn_ranks(args, world=2, env=None, cwds=None, logs=None):
     """`world` processes of `args` with the rendezvous variables set; `cwds[r]` is rank r's directory.
 
     `logs[r]`: a file for rank r's stdout and stderr, for chatty runs (two ranks writing to pipes that
     are drained one after the other can fill one and block it)."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(world):
         e = {**(env or ENV), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),

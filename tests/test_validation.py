@@ -12,7 +12,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -39,12 +38,6 @@ def _env():
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _images(directory, n):
@@ -231,7 +224,7 @@ def test_two_process_zero3_three_pairs_finishes(data):
     """Rank 0 samples pairs 0 and 2, rank 1 only pair 1: the uneven split must not hang under ZeRO-3."""
     root, shards, images = data
     out = str(root / "zero3_2proc")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(REPO, "launcher", "train.py"), "--config", TINY,
            *_overrides(out, shards, images, "deepspeed.zero_stage=3", "validation.every_steps=2")]
     rc, log = _wait(_start(cmd))
