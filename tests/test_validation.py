@@ -25,6 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from latent_shards import make_latent_shards
 
 from i2v.config import load_config
+from i2v.distributed import free_port
 from i2v.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
