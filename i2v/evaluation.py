@@ -242,21 +242,24 @@ class RunSampler:
         return {"scheduler": "ddim", "steps": self.steps, "guidance": self.guidance,
                 "image_latents": self.cfg.precompute.latents}
 
-    def __call__(self, index: int, first_frame: np.ndarray, caption: str, zero_image: bool = False) -> np.ndarray:
-        """Sampled uint8 frames [F, H, W, 3]; the noise depends on (run.seed, index) only."""
+    def __call__(self, indices: list[int], first_frames: np.ndarray, captions: list[str],
+                 zero_image: bool = False) -> np.ndarray:
+        """Sampled uint8 frames [N, F, H, W, 3] of N pairs in one batch; pair i's noise depends on
+        (run.seed, indices[i]) only, so a pair samples the same in any batch."""
         import torch
 
         from i2v.data_prep.encoders import stable_seed
-        from i2v.sampling import sample_video, to_uint8
+        from i2v.sampling import sample_videos, to_uint8
 
-        image = torch.from_numpy(first_frame).permute(2, 0, 1).float() / 127.5 - 1.0
-        frames = sample_video(
-            self.transformer, self.vae, self.scheduler, image, self.text([caption])[0], self.negative,
+        images = torch.from_numpy(first_frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        generators = [torch.Generator().manual_seed(stable_seed(self.cfg.run.seed, "evaluation", i)) for i in indices]
+        frames = sample_videos(
+            self.transformer, self.vae, self.scheduler, images, self.text(captions), self.negative,
             num_frames=self.frames, num_inference_steps=self.steps, guidance_scale=self.guidance,
-            generator=torch.Generator().manual_seed(stable_seed(self.cfg.run.seed, "evaluation", index)),
-            image_latents_mode=self.cfg.precompute.latents, zero_image=zero_image, ofs=self.ofs,
+            generators=generators, image_latents_mode=self.cfg.precompute.latents, zero_image=zero_image,
+            ofs=self.ofs,
         )
-        return to_uint8(frames)
+        return np.stack([to_uint8(f) for f in frames])
 
 
 def pair_specs(cfg, pairs: int) -> list[ClipSpec]:
@@ -265,20 +268,23 @@ def pair_specs(cfg, pairs: int) -> list[ClipSpec]:
     return heldout_specs(pairs, seed=cfg.run.seed, frames=frames, width=v.width, height=v.height)
 
 
-def run_variant(specs: list[ClipSpec], sample, ablation: str | None = None, progress=None):
-    """Sample and score every pair under one variant; returns (records, picture rows)."""
+def run_variant(specs: list[ClipSpec], sample, ablation: str | None = None, progress=None, batch_size: int = 16):
+    """Sample and score every pair under one variant, `batch_size` pairs a batch; returns (records, picture rows)."""
+    n = sample.frames
+    height, width = sample.cfg.data.video.height, sample.cfg.data.video.width
     records, rows = [], []
-    for i, spec in enumerate(specs):
-        asked = spec.reversed() if ablation == "swap_caption" else spec
-        n = sample.frames
-        height, width = sample.cfg.data.video.height, sample.cfg.data.video.width
-        true = np.stack([render(spec, t, width, height) for t in range(n)])
-        sampled = sample(i, true[0], asked.caption, zero_image=ablation == "zero_image")
-        record = score_pair(i, spec, asked.direction, sampled)
-        records.append(record)
-        rows.append((sampled, true, record))
+    for start in range(0, len(specs), batch_size):
+        batch = specs[start:start + batch_size]
+        asked = [spec.reversed() if ablation == "swap_caption" else spec for spec in batch]
+        true = [np.stack([render(spec, t, width, height) for t in range(n)]) for spec in batch]
+        sampled = sample(list(range(start, start + len(batch))), np.stack([t[0] for t in true]),
+                         [a.caption for a in asked], zero_image=ablation == "zero_image")
+        for i, spec in enumerate(batch):
+            record = score_pair(start + i, spec, asked[i].direction, sampled[i])
+            records.append(record)
+            rows.append((sampled[i], true[i], record))
         if progress is not None:
-            progress.update(1)
+            progress.update(len(batch))
     return records, rows
 
 

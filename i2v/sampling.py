@@ -66,25 +66,40 @@ def encode_image(vae, image: torch.Tensor, generator=None, mode: str = "sample",
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """[1, f, C, h, w] scaled latents -> frames [F, 3, H, W] in [-1, 1]."""
+    """[N, f, C, h, w] scaled latents -> frames [N, F, 3, H, W] in [-1, 1]."""
     dtype = next(vae.parameters()).dtype
     lat = latents.permute(0, 2, 1, 3, 4) / float(vae.config.scaling_factor)
-    video = vae.decode(lat.to(dtype)).sample  # [1, 3, F, H, W]
-    return video[0].permute(1, 0, 2, 3).float().clamp(-1.0, 1.0)
+    video = vae.decode(lat.to(dtype)).sample  # [N, 3, F, H, W]
+    return video.permute(0, 2, 1, 3, 4).float().clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
-def sample_video(
+def sample_video(transformer, vae, scheduler, image: torch.Tensor, prompt_embeds: torch.Tensor,
+                 negative_prompt_embeds: torch.Tensor, num_frames: int, num_inference_steps: int,
+                 guidance_scale: float, generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+    """Sample one clip conditioned on `image` [3, H, W] in [-1, 1] and a prompt embedding [L, D].
+
+    Returns frames [F, 3, H, W] in [-1, 1] (or the final latents [1, f, C, h, w] with
+    output="latents"); `sample_videos` with a batch of one, which documents the keyword arguments.
+    """
+    out = sample_videos(transformer, vae, scheduler, image[None], prompt_embeds[None], negative_prompt_embeds,
+                        num_frames, num_inference_steps, guidance_scale,
+                        None if generator is None else [generator], **kwargs)
+    return out if kwargs.get("output") == "latents" else out[0]
+
+
+@torch.no_grad()
+def sample_videos(
     transformer,
     vae,
     scheduler,
-    image: torch.Tensor,
+    images: torch.Tensor,
     prompt_embeds: torch.Tensor,
     negative_prompt_embeds: torch.Tensor,
     num_frames: int,
     num_inference_steps: int,
     guidance_scale: float,
-    generator: torch.Generator | None = None,
+    generators: list[torch.Generator] | None = None,
     *,
     image_latents_mode: str = "sample",
     zero_image: bool = False,
@@ -92,21 +107,28 @@ def sample_video(
     output: str = "frames",
     progress=None,
 ) -> torch.Tensor:
-    """Sample one clip conditioned on `image` [3, H, W] in [-1, 1] and a prompt embedding [L, D].
+    """Sample N clips at once, each conditioned on its image [N, 3, H, W] in [-1, 1] and prompt [N, L, D].
 
-    Returns frames [F, 3, H, W] in [-1, 1] (or the final latents [1, f, C, h, w] with
-    output="latents"). `image_latents_mode` "mode" encodes the image with the posterior mode, as a
-    precompute job with `precompute.latents: mode` did for training. `zero_image` replaces the
-    image latents by zeros (the image-dropped condition of training) after drawing them, so the
-    noise is the same as without it: an ablation that shows what the image condition carries.
+    Returns frames [N, F, 3, H, W] in [-1, 1] (or the final latents [N, f, C, h, w] with
+    output="latents"). Clip i draws its randomness from `generators[i]` alone, in the pipeline's
+    order (its image latent, then its initial noise), so it comes out as it would sampled by
+    itself: a batch only shares the transformer's and the VAE's calls. `image_latents_mode` "mode"
+    encodes the image with the posterior mode, as a precompute job with `precompute.latents: mode`
+    did for training. `zero_image` replaces the image latents by zeros (the image-dropped
+    condition of training) after drawing them, so the noise is the same as without it: an
+    ablation that shows what the image condition carries.
     """
     device = next(transformer.parameters()).device
     dtype = prompt_embeds.dtype
     conf = transformer.config
+    n = images.shape[0]
+    if generators is not None and len(generators) != n:
+        raise ValueError(f"sample_videos: {n} images but {len(generators)} generators")
+    gens = generators if generators is not None else [None] * n
     guided = guidance_scale > 1.0
-    prompt = prompt_embeds.to(device)[None]
+    prompt = prompt_embeds.to(device)
     if guided:
-        prompt = torch.cat([negative_prompt_embeds.to(device)[None], prompt])
+        prompt = torch.cat([negative_prompt_embeds.to(device)[None].expand(n, -1, -1), prompt])
 
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
@@ -119,23 +141,26 @@ def sample_video(
         extra = conf.patch_size_t - latent_frames % conf.patch_size_t
         latent_frames += extra
     channels = conf.in_channels // 2
-    h, w = image.shape[-2] // spatial, image.shape[-1] // spatial
+    h, w = images.shape[-2] // spatial, images.shape[-1] // spatial
 
-    image_latents = encode_image(vae, image, generator, image_latents_mode, dtype).to(device)
+    image_latents, latents = [], []
+    for image, gen in zip(images, gens):
+        image_latents.append(encode_image(vae, image, gen, image_latents_mode, dtype).to(device))
+        gen_device = gen.device if gen is not None else torch.device("cpu")
+        latents.append(torch.randn((1, latent_frames, channels, h, w), generator=gen, device=gen_device, dtype=dtype))
+    image_latents = torch.cat(image_latents)
+    latents = torch.cat(latents).to(device) * scheduler.init_noise_sigma
     if zero_image:
         image_latents = torch.zeros_like(image_latents)
-    pad = torch.zeros(1, latent_frames - 1, channels, h, w, device=device, dtype=dtype)
+    pad = torch.zeros(n, latent_frames - 1, channels, h, w, device=device, dtype=dtype)
     image_latents = torch.cat([image_latents, pad], dim=1)
     if conf.patch_size_t is not None:
         image_latents = torch.cat([image_latents[:, : image_latents.size(1) % conf.patch_size_t], image_latents], dim=1)
 
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    latents = torch.randn((1, latent_frames, channels, h, w), generator=generator, device=gen_device, dtype=dtype)
-    latents = latents.to(device) * scheduler.init_noise_sigma
-
     rotary = rotary_embeddings(conf, latents.size(1), h, w, device)
     use_ofs = ofs if getattr(conf, "ofs_embed_dim", None) is not None else None
     dpm = isinstance(scheduler, CogVideoXDPMScheduler)
+    step_generator = generators[0] if generators is not None and n == 1 else generators
     old_x0 = None
     image_input = torch.cat([image_latents] * 2) if guided else image_latents
     for i, t in enumerate(timesteps):
@@ -148,9 +173,10 @@ def sample_video(
             v = uncond + guidance_scale * (cond - uncond)
         if dpm:
             prev = timesteps[i - 1] if i > 0 else None
-            latents, old_x0 = scheduler.step(v, old_x0, t, prev, latents, eta=0.0, generator=generator, return_dict=False)
+            latents, old_x0 = scheduler.step(v, old_x0, t, prev, latents, eta=0.0, generator=step_generator,
+                                             return_dict=False)
         else:
-            latents = scheduler.step(v, t, latents, eta=0.0, generator=generator, return_dict=False)[0]
+            latents = scheduler.step(v, t, latents, eta=0.0, generator=step_generator, return_dict=False)[0]
         latents = latents.to(dtype)
         if progress is not None:
             progress.update(1)
@@ -158,7 +184,7 @@ def sample_video(
     latents = latents[:, extra:]
     if output == "latents":
         return latents
-    return decode_latents(vae, latents)[:num_frames]
+    return decode_latents(vae, latents)[:, :num_frames]
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:

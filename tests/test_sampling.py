@@ -18,7 +18,7 @@ from i2v.config import load_config
 from i2v.data_prep import encoders
 from i2v.diffusion import alphas_cumprod
 from i2v.model import build_transformer
-from i2v.sampling import build_scheduler, sample_video, save_video
+from i2v.sampling import build_scheduler, sample_video, sample_videos, save_video
 
 from conftest import REPO
 
@@ -81,6 +81,26 @@ def test_zero_image_removes_the_image_condition_only(parts):
     zeroed = latents(image, zero_image=True)
     torch.testing.assert_close(zeroed, latents(other, zero_image=True), atol=0, rtol=0)
     assert not torch.allclose(zeroed, latents(image))
+
+
+@pytest.mark.parametrize("kind", ["ddim", "dpm"])
+def test_a_batch_samples_each_clip_as_it_samples_alone(parts, kind):
+    """The evaluation samples its pairs in batches: clip i of a batch is the clip sampled by itself with
+    generators[i], whatever else is in the batch (dpm draws step noise per clip too)."""
+    cfg, transformer, text, prompt, negative, image = parts
+    vae = encoders.build_vae(cfg)
+    images = torch.stack([image, -image, image.flip(-1)])
+    prompts = text(["a red square moving left", "a blue circle moving up", "a red square moving left"])
+    seeds = [11, 12, 13]
+    run = dict(num_frames=9, num_inference_steps=3, guidance_scale=6.0)
+    batch = sample_videos(transformer, vae, build_scheduler(cfg.diffusion, kind), images, prompts, negative,
+                          generators=[torch.Generator().manual_seed(s) for s in seeds], **run)
+    assert batch.shape == (3, 9, 3, 64, 64)
+    for i, s in enumerate(seeds):
+        alone = sample_video(transformer, vae, build_scheduler(cfg.diffusion, kind), images[i], prompts[i], negative,
+                             generator=torch.Generator().manual_seed(s), **run)
+        torch.testing.assert_close(batch[i], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batch[0], batch[2])  # same image and prompt, other seed: another clip
 
 
 def test_decoded_frames_match_the_pipeline(parts):
