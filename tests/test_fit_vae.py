@@ -37,6 +37,7 @@ def test_fit_lowers_reconstruction_error_and_saves_a_loadable_vae(tmp_path):
     info = json.loads((out / "fit.json").read_text())
     assert abs(info["mse_before"] - random_err) < 1e-4  # the fit started from build_vae's seeded init
     assert abs(info["mse_after"] - fitted_err) < 1e-4  # and what was saved is what was fitted
+    assert info["latent"] == "mode"  # the decoder was fitted on the latent precompute and sampling use
     assert fitted_err < 0.3 * random_err, (random_err, fitted_err)
 
     # The scaling factor written is 1 / std of this VAE's posterior means: scaled latents have unit std.
