@@ -1,7 +1,7 @@
 """Record what `make demo` showed: its evaluation figures, the commit, and the time of every stage.
 
     python bench/demo_quality.py --eval runs/demo/eval.json --total 312 \
-        --stage "fit_vae 95 ran" --stage "train 80 ran" ... [--out bench/results/demo-quality.json]
+        --stage "vae 0 kept" --stage "train 80 ran" ... [--out bench/results/demo-quality.json]
 
 `launcher/demo.sh` calls it last. Each `--stage` is "NAME SECONDS ran|kept" ("kept": finished in an
 earlier run and reused, so its time is not a measurement). The load average at the end is recorded

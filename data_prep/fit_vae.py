@@ -42,8 +42,8 @@ DEFAULT_STEPS = 500
 # The error before and after, and the latent spread the scaling factor undoes, are measured on
 # this many clips: a full encode + decode of every clip would cost as much as the fit itself.
 MEASURE_CLIPS = 16
-# Where frame-step crops lie (`--crop-at`): anywhere, or around each sample's most salient pixel.
-CROP_PLACES = ("random", "content")
+# Where the crops lie (`--crop-at`): anywhere, around each sample's most salient pixel, or half and half.
+CROP_PLACES = ("random", "content", "mixed")
 # What the decoder is fitted on: the posterior's mode or a sample of it (`fit`'s docstring says why mode).
 LATENTS = ("mode", "sample")
 
@@ -130,8 +130,12 @@ def fit(vae, clips: torch.Tensor, *, steps: int, batch_size: int = 2, image_batc
 
     The first `image_fraction` of the steps train on single frames drawn from anywhere in the
     clips (`image_batch_size` of them), the rest on whole clips (`batch_size`). Both are cropped to
-    `crop` x `crop` pixels (0: uncropped) at a random place, or around the object with
-    `crop_at="content"` (`content_crops`). The VAE is convolutional, so what it learns on small
+    `crop` x `crop` pixels (0: uncropped) at a random place, around the object with
+    `crop_at="content"` (`content_crops`), or half of each batch each way with `"mixed"`. Crops
+    around the object teach hues fast, but the VAE's GroupNorm then sees the object fill far more
+    of its input than in a whole frame: a content-crop fit that kept the colour of 63 of 64 held-out
+    objects in such crops kept 54 of 64 in whole frames. Random crops see the frame's proportions.
+    The VAE is convolutional, so what it learns on small
     single frames holds on whole ones, at a fraction of the cost: a 32 x 32 crop
     of a one-frame input costs about a thirtieth of a 9-frame 64 x 64 clip. The clip steps then
     teach the temporal compression. The chroma term (the error minus its mean over the three
@@ -174,12 +178,15 @@ def fit(vae, clips: torch.Tensor, *, steps: int, batch_size: int = 2, image_batc
             x = clips[idx, :, t].unsqueeze(2)  # [B, 3, 1, H, W]
         else:
             x = clips[torch.randperm(n, generator=gen)[:batch_size]]
-        if crop and crop_at == "content":
-            x = content_crops(x, crop, gen)
-        elif crop:
-            top = int(torch.randint(height - crop + 1, (1,), generator=gen))
-            left = int(torch.randint(width - crop + 1, (1,), generator=gen))
-            x = x[..., top:top + crop, left:left + crop]
+        if crop:
+            # The first `around` of the batch are cropped around their object, the rest share one random window.
+            around = {"content": len(x), "random": 0, "mixed": len(x) // 2}[crop_at]
+            parts = [content_crops(x[:around], crop, gen)] if around else []
+            if around < len(x):
+                top = int(torch.randint(height - crop + 1, (1,), generator=gen))
+                left = int(torch.randint(width - crop + 1, (1,), generator=gen))
+                parts.append(x[around:, ..., top:top + crop, left:left + crop])
+            x = torch.cat(parts)
         dist = vae.encode(x).latent_dist
         y = vae.decode(dist.mode() if latent == "mode" else dist.sample(generator=gen)).sample
         err = y - x
@@ -235,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-batch-size", type=int, default=16, help="single frames per frame step")
     p.add_argument("--crop", type=int, default=32, help="steps train on crops this size (0: whole frames)")
     p.add_argument("--crop-at", choices=CROP_PLACES, default="random",
-                   help="where the crops lie: anywhere, or around each sample's most salient pixel")
+                   help="where the crops lie: anywhere, around each sample's most salient pixel, or half of "
+                        "each batch so and half anywhere")
     p.add_argument("--chroma-weight", type=float, default=4.0, help="extra weight of the error's chroma (0: plain MSE)")
     p.add_argument("--image-fraction", type=float, default=0.8, help="share of the steps trained on single frames")
     p.add_argument("--lr", type=float, default=3e-3)

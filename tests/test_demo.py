@@ -17,13 +17,13 @@ from i2v.evaluation import ABLATIONS, PAIR_FIELDS, REPORT_FIELDS, SUMMARY_FIELDS
 
 SIZE = load_config(str(REPO / "configs" / "tiny.yaml")).data.video.width  # the demo's frames (DEMO_SIZE unset)
 
-STAGES = ["clips", "shards", "fit_vae", "precompute", "train", "sample", "evaluate"]
+STAGES = ["clips", "shards", "vae", "precompute", "train", "sample", "evaluate"]
 
 
 def test_demo_script_runs_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "demo"
     quality = tmp_path / "demo-quality.json"
-    env = {**os.environ, "DEMO_DIR": str(out), "DEMO_CLIPS": "8", "DEMO_PER_SHARD": "4", "DEMO_VAE_STEPS": "5",
+    env = {**os.environ, "DEMO_DIR": str(out), "DEMO_CLIPS": "8", "DEMO_PER_SHARD": "4", "DEMO_VAE": "fit", "DEMO_VAE_STEPS": "5",
            "DEMO_TRAIN_STEPS": "4", "DEMO_SAMPLE_STEPS": "2", "DEMO_EVAL_PAIRS": "2",
            "DEMO_QUALITY_JSON": str(quality), "OMP_NUM_THREADS": "1"}
 
@@ -90,4 +90,4 @@ def test_demo_script_runs_end_to_end_and_resumes(tmp_path):
     demo()
     assert {p: p.stat().st_mtime_ns for p in before} == before
     kept = {name for name, s in json.loads(quality.read_text())["stages"].items() if s["kept"]}
-    assert kept == {"fit_vae", "train", "sample", "evaluate"}
+    assert kept == {"vae", "train", "sample", "evaluate"}
