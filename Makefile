@@ -26,13 +26,13 @@ demo: $(STAMP)
 	bash launcher/demo.sh
 
 # The demo's pretrained tiny VAE, committed as configs/tiny-vae: fitted on 768 clips drawn with seed 1000,
-# which no demo run draws (DEMO_SEED picks the demo's), about 4 minutes on one core. `make demo` only loads it.
+# which no demo run draws (DEMO_SEED picks the demo's), about 8 minutes on one core. `make demo` only loads it.
 TINY_VAE_RUN := runs/tiny-vae
 tiny-vae: $(STAMP)
 	$(PY) -m i2v.data_prep.synthetic --output $(TINY_VAE_RUN)/clips --clips 768 --seed 1000 --frames 9 --height 64 --width 64
 	$(PY) launcher/make_shards.py --input $(TINY_VAE_RUN)/clips --output $(TINY_VAE_RUN)/shards --samples-per-shard 96
 	OMP_NUM_THREADS=1 $(PY) -m i2v.data_prep.fit_vae --config configs/tiny.yaml --clips $(TINY_VAE_RUN)/shards \
-	  --out configs/tiny-vae --steps 2500 --image-batch-size 8 --crop-at mixed run.seed=1000 \
+	  --out configs/tiny-vae --steps 5000 --image-batch-size 8 --crop-at mixed run.seed=1000 \
 	  "precompute.vae.arch.block_out_channels=[8,16,32]"
 
 clean-demo:
