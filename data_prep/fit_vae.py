@@ -1,19 +1,20 @@
 """Fit the tiny video VAE on a handful of clips, so that its latents (and the demo's videos) mean something.
 
-A random-init `AutoencoderKLCogVideoX` decodes anything to texture noise. About a minute and a half
-of reconstruction training on the synthetic clips (2 CPU cores) is enough for it to encode and decode
-the shapes as blurry blobs in the right places and roughly the right colours, which is what the demo
-needs to show a DiT learning first-frame-conditioned video.
+A random-init `AutoencoderKLCogVideoX` decodes anything to texture noise. A few minutes of
+reconstruction training on synthetic clips (one CPU core) teach it to encode and decode the shapes
+as soft blobs in the right places and the right palette colours, which is what the demo needs to
+show a DiT learning first-frame-conditioned video. `make tiny-vae` fits the demo's committed VAE,
+`configs/tiny-vae`, this way (5000 steps, `--crop-at mixed`).
 
     python -m i2v.data_prep.fit_vae --config configs/tiny.yaml --clips runs/demo/shards --out runs/demo/vae \
-        [--steps 500] [key=value overrides]
+        [--steps 500] [--crop-at random|content|mixed] [--latent mode|sample] [key=value overrides]
 
 `--clips` takes video shards (a directory, .tar path or pattern, as `make_shards` writes them) and
 reads them with the training loader, `iter_shard_clips`: the VAE is fitted on exactly the frames,
 size and value range that the precompute job will later encode, and corrupt samples are counted
 and skipped the same way. The VAE starts from `build_vae` (the seeded `precompute.vae.arch`, or
 `precompute.vae.pretrained` to fine-tune one). The loss is pixel MSE plus a small KL on the
-posterior, which keeps its variance from collapsing and its means at a sane scale; afterwards
+posterior, which keeps its means at a sane scale; afterwards
 `scaling_factor` is set to 1 / std of the posterior means over the clips, so that scaled latents
 have unit variance as the diffusion objective assumes. The result is written with
 `save_pretrained` to a temporary directory and renamed into place; load it with
