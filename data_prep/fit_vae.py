@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--crop", type=int, default=32, help="steps train on crops this size (0: whole frames)")
     p.add_argument("--crop-at", choices=CROP_PLACES, default="random",
                    help="where the crops lie: anywhere, around each sample's most salient pixel, or half of "
-                        "each batch so and half anywhere")
+                        "each batch around it and half anywhere")
     p.add_argument("--chroma-weight", type=float, default=4.0, help="extra weight of the error's chroma (0: plain MSE)")
     p.add_argument("--image-fraction", type=float, default=0.8, help="share of the steps trained on single frames")
     p.add_argument("--lr", type=float, default=3e-3)

@@ -259,7 +259,7 @@ class RunSampler:
             generators=generators, image_latents_mode=self.cfg.precompute.latents, zero_image=zero_image,
             ofs=self.ofs,
         )
-        return np.stack([to_uint8(f) for f in frames])
+        return to_uint8(frames)
 
 
 def pair_specs(cfg, pairs: int) -> list[ClipSpec]:

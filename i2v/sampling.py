@@ -188,9 +188,9 @@ def sample_videos(
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """[F, 3, H, W] in [-1, 1] -> uint8 [F, H, W, 3]."""
+    """[..., 3, H, W] in [-1, 1] (a clip [F, 3, H, W], or a batch of them) -> uint8 [..., H, W, 3]."""
     x = ((frames.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return x.movedim(-3, -1).numpy()
 
 
 def save_video(frames: torch.Tensor, path: str, fps: int = 8) -> str:
