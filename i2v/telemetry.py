@@ -11,6 +11,10 @@ Throughput: `tflops` is model FLOPs (forward + backward, no recompute) per secon
 divides it by `train.peak_tflops` (default from the device name) and `hfu` adds the gradient-
 checkpointing recompute; both are left out where no peak is known. `tokens_per_s` and
 `samples_per_s` are of the whole run.
+
+metrics.jsonl holds each logged step once, in step order: when the loop starts at step N (a resume),
+rank 0 rewrites the file with the records of steps up to N only, since a killed run may have logged
+steps after its last checkpoint that the resumed run trains and logs again.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from i2v.config import Config
 from i2v.distributed import DistEnv, all_mean
 from i2v.flops import default_peak_tflops, training_flops
+from i2v.fsutil import fsync_dir, write_text_atomic
 
 
 class StepLogger:
@@ -39,10 +44,27 @@ class StepLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(cfg.run.output_dir, "tensorboard"))
-        self.start(0)
+        self.metrics_path = os.path.join(cfg.run.output_dir, "metrics.jsonl")
+        # Not `start(0)`: the trainer builds this after a resume, and only `start` knows the step.
+        self._begin(0)
 
     def start(self, step: int) -> None:
-        """The loop begins (or resumes) at `step`: the ETA counts from here."""
+        """The loop begins (or resumes) at `step`: the ETA counts from here, and metrics.jsonl drops
+        the records of later steps (they are trained and logged again)."""
+        if self.env.is_main:
+            later, duplicate, unreadable = trim_metrics(self.metrics_path, step)
+            dropped = []
+            if later:
+                dropped.append(f"{later} record(s) of steps after {step} (they are trained and logged again)")
+            if duplicate:
+                dropped.append(f"{duplicate} repeated record(s) of earlier steps (the last of each is kept)")
+            if unreadable:
+                dropped.append(f"{unreadable} unreadable line{'s' if unreadable > 1 else ''} (a write cut short)")
+            if dropped:
+                print(f"[i2v] metrics.jsonl: dropped {' and '.join(dropped)}", flush=True)
+        self._begin(step)
+
+    def _begin(self, step: int) -> None:
         self.run_start, self.start_step = time.perf_counter(), step
         self._reset()
 
@@ -103,7 +125,7 @@ class StepLogger:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
-        with open(os.path.join(cfg.run.output_dir, "metrics.jsonl"), "a") as f:
+        with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         done = step - self.start_step
         elapsed = time.perf_counter() - self.run_start
@@ -116,6 +138,44 @@ class StepLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def trim_metrics(path: str, step: int) -> tuple[int, int, int]:
+    """Rewrite metrics.jsonl with one record per step up to `step`, in step order, kept verbatim.
+
+    Returns the numbers of records dropped for a later step, of repeated records of a step (files
+    written before this trimming existed; the last one is kept, as it belongs to the run that went
+    on) and of unreadable lines (a process killed in the middle of a write leaves part of a line).
+    The file is replaced atomically, and left untouched when nothing changes.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0, 0, 0
+    kept: dict[int, str] = {}
+    later = duplicate = unreadable = 0
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+            s = json.loads(text)["step"]
+            if type(s) is not int:
+                raise TypeError(f"step is {s!r}")
+        except (ValueError, KeyError, TypeError):  # includes UnicodeDecodeError and JSONDecodeError
+            unreadable += 1
+            continue
+        if s > step:
+            later += 1
+        else:
+            duplicate += s in kept
+            kept[s] = text
+    new = "".join(kept[s] + "\n" for s in sorted(kept))
+    if new.encode("utf-8") != data:
+        write_text_atomic(path, new)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return later, duplicate, unreadable
 
 
 def hms(seconds: float) -> str:
