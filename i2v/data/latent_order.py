@@ -60,24 +60,71 @@ def _safetensors_shapes(f, offset: int, size: int) -> tuple | None:
         return None
 
 
-def index_shards(urls: list[str]) -> list[Entry]:
-    """One entry per sample key, shards in the given order, members in stored order."""
+TRUNCATED = "truncated shard"
+UNREADABLE = "unreadable shard"
+
+
+def scan_tar(path: str) -> tuple[list[tarfile.TarInfo], tuple[str, str] | None]:
+    """The complete file members of a local tar, from its headers alone, and what is wrong with it:
+    None, or (reason, detail) with reason TRUNCATED (the file stops before its end-of-archive
+    marker: a copy or write cut short) or UNREADABLE (not a tar, or a damaged header).
+
+    tarfile raises for a cut inside a member but stops quietly at a cut between members, or at a
+    damaged header after the first, as if the archive ended there: the end marker (a zero block,
+    which every tar writer puts after the last member) tells those apart from a complete file.
+    """
+    size = os.path.getsize(path)
+    members: list[tarfile.TarInfo] = []
+    problem = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            try:
+                for m in tar:  # headers only: tarfile seeks past the data of each member
+                    members.append(m)
+                end = tar.offset
+            except tarfile.ReadError as e:
+                end, problem = None, (TRUNCATED if "unexpected end" in str(e) else UNREADABLE, str(e))
+    except (tarfile.ReadError, OSError) as e:
+        return [], (UNREADABLE, f"not a readable tar file: {e}")
+    if problem is None:
+        with open(path, "rb") as f:
+            f.seek(end)
+            block = f.read(tarfile.BLOCKSIZE)
+        if len(block) < tarfile.BLOCKSIZE:
+            problem = (TRUNCATED, f"the file ends at byte {size} with no end-of-archive marker")
+        elif block.count(0) != len(block):
+            problem = (UNREADABLE, f"damaged member header at byte {end}")
+    complete = [m for m in members if m.offset_data + m.size <= size]
+    if problem and problem[0] == TRUNCATED and len(complete) < len(members):
+        problem = (TRUNCATED, f"the file ends at byte {size}, inside {members[-1].name}")
+    if problem:
+        samples = len({os.path.basename(m.name).partition(".")[0] for m in complete if m.isfile()})
+        problem = (problem[0], problem[1] + f"; the {samples} sample(s) before it are used")
+    return complete, problem
+
+
+def index_shards(urls: list[str]) -> tuple[list[Entry], list[tuple[str, str, str]]]:
+    """One entry per sample key, shards in the given order, members in stored order; and the shards
+    that could not be read to their end, as (path, reason, detail)."""
     entries: list[Entry] = []
+    bad: list[tuple[str, str, str]] = []
     for url in urls:
+        found, problem = scan_tar(url)
+        if problem:
+            bad.append((url, *problem))
         members: dict[str, dict] = {}
-        with tarfile.open(url, "r:") as tar:
-            for m in tar:  # headers only: tarfile seeks past the data of each member
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                key, _, ext = base.partition(".")
-                members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+        for m in found:
+            if not m.isfile():
+                continue
+            base = os.path.basename(m.name)
+            key, _, ext = base.partition(".")
+            members.setdefault(key, {})[ext] = (m.offset_data, m.size)
         with open(url, "rb") as f:
             for key, parts in members.items():
                 lat = parts.get("latents.safetensors")
                 shape = _safetensors_shapes(f, *lat) if lat else None
                 entries.append(Entry(url, key, lat, parts.get("json"), shape))
-    return entries
+    return entries, bad
 
 
 def _generator(seed: int, epoch: int) -> torch.Generator:

@@ -15,7 +15,8 @@ classifier-free-guidance dropout) and `manifest.json` describes the dataset. Not
 
 The reader is a list of small generator stages: shard list -> per-(rank, worker) split ->
 tar members -> decode + validate -> seeded shuffle buffer -> pick one image draw ->
-same-shape batches. Bad samples are counted by reason and named by `__key__`.
+same-shape batches. Bad samples are counted by reason and named by `__key__`; a shard that is not
+a tar or was cut short is counted too, named by its path, and its complete samples are still read.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import io
 import json
 import os
 import random
+import sys
 import tarfile
 import time
 from typing import Iterator
@@ -174,6 +176,14 @@ def decode_sample(sample: dict, expect: dict | None = None) -> dict:
     return {"__key__": key, "__url__": sample.get("__url__", ""), **tensors, "meta": meta}
 
 
+def _shard_problem(exn: BaseException) -> tuple[str, str]:
+    """(reason, detail) of a shard that failed while webdataset streamed it."""
+    # webdataset appends " @ <file object>" and the url to the message; the url is named by the caller.
+    message = str(exn.args[0]).split(" @ ")[0] if exn.args else str(exn)
+    cut = isinstance(exn, EOFError) or "unexpected end" in message or "truncated" in message
+    return (latent_order.TRUNCATED if cut else latent_order.UNREADABLE), f"{type(exn).__name__}: {message}"[:200]
+
+
 class LatentDataset(torch.utils.data.IterableDataset):
     """Same-shape batches of latent samples for one rank, in one of two orders.
 
@@ -219,12 +229,18 @@ class LatentDataset(torch.utils.data.IterableDataset):
         self.expect = expect
         self.start_batch = start_batch
         self.num_workers = num_workers
+        self.bad_shards: list[tuple[str, str, str]] = []  # (path, reason, detail) found by the index
         if order == "global":
-            self.index = latent_order.index_shards(self.urls)
+            self.index, self.bad_shards = latent_order.index_shards(self.urls)
             self.batches_per_epoch = len(latent_order.epoch_batches(self.index, batch_size, seed, 0))
+            named = "; ".join(f"{p}: {r} ({d})" for p, r, d in self.bad_shards)
             if self.batches_per_epoch == 0:
                 raise DataError(f"{key}: {len(self.index)} sample(s) cannot make one micro-batch of {batch_size} "
-                                "same-shape samples")
+                                "same-shape samples" + (f"; bad shards: {named}" if named else ""))
+            if self.bad_shards and rank == 0:
+                # Said once at startup; the counts and the max_bad_fraction stop follow as the shards are read.
+                print(f"warning: {key}: {len(self.bad_shards)} bad shard(s), each counted as one bad sample "
+                      f"per epoch: {named}", file=sys.stderr, flush=True)
         else:
             # Fail now, in the main process, if some reader slot would get no shard.
             split_for(self.urls, rank, world_size, 0, num_workers)
@@ -243,9 +259,21 @@ class LatentDataset(torch.utils.data.IterableDataset):
             epoch += 1
 
     def _samples(self, shard_stream, bad: BadSamples) -> Iterator[dict]:
+        scanned: dict[str, tuple[str, str] | None] = {}  # local shard -> what is wrong with it, looked at once
         for epoch, url in shard_stream:
-            def handler(exn, url=url):
-                bad.add_bad(os.path.basename(url), "unreadable shard", str(exn)[:200])
+            # tarfile ends a local shard cut between members quietly; its headers tell (see scan_tar).
+            if url not in scanned and os.path.isfile(url):
+                scanned[url] = latent_order.scan_tar(url)[1]
+            problem = scanned.get(url)
+            if problem is not None:
+                bad.add_bad(url, *problem)
+            # webdataset reports one failure at several stages: a shard counts once per read.
+            counted = [problem is not None]
+
+            def handler(exn, url=url, counted=counted):
+                if not counted[0]:
+                    counted[0] = True
+                    bad.add_bad(url, *_shard_problem(exn))
                 return True  # skip the rest of this shard, keep training
 
             raw = wds.tarfile_to_samples(handler=handler)([{"url": url}])
@@ -305,11 +333,19 @@ class LatentDataset(torch.utils.data.IterableDataset):
             if epoch not in cache:
                 cache.clear()
                 cache[epoch] = latent_order.epoch_batches(self.index, self.batch_size, self.seed, epoch)
+            if j == 0:
+                # A bad shard counts once an epoch, like the samples it held would have been read; the
+                # reader of the epoch's first micro-batch counts it, so it counts once across all readers.
+                for path, reason, detail in self.bad_shards:
+                    bad.add_bad(path, reason, detail)
             samples = []
             for i in cache[epoch][j]:
                 entry = self.index[i]
                 try:
                     s = decode_sample(latent_order.read_member(entry), self.expect)
+                except OSError as e:  # the shard went away or broke after it was indexed
+                    bad.add_bad(f"{entry.shard}:{entry.key}", latent_order.UNREADABLE, str(e)[:200])
+                    continue
                 except _Bad as b:
                     bad.add_bad(f"{os.path.basename(entry.shard)}:{entry.key}", b.reason, b.detail)
                     continue

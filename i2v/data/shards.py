@@ -4,8 +4,8 @@
   with clear errors naming the config key; `pipe:` URLs only when explicitly allowed.
 - `split_for(rank, world, worker, workers)`: the shards of one (rank, worker) slot, disjoint
   across all slots, so no sample is read twice in an epoch.
-- `BadSamples`: counts bad samples by reason, names them by `__key__`, and stops the run when
-  the bad fraction passes a limit.
+- `BadSamples`: counts bad samples (and unreadable shards) by reason, names each by `__key__` or
+  path once, and stops the run when the bad fraction passes a limit.
 """
 
 from __future__ import annotations
@@ -93,7 +93,15 @@ def sum_by_reason(counts) -> dict[str, int]:
 
 
 class BadSamples:
-    """Counts samples that could not be used, by reason, and keeps their keys.
+    """Counts samples that could not be used, by reason, and names each bad item once.
+
+    What the numbers mean: `good`, `by_reason` and so `seen` count *reads*. A stream revisits its
+    shards every epoch (or draws them again, resampled), so a sample read in three epochs counts
+    three times, good or bad, and the bad fraction is bad reads over all reads: the share of
+    training input lost. A shard that cannot be read (or only up to a cut) counts as one bad read
+    each time it is read, since how many samples it lost is unknown. `examples` names each bad key
+    (a shard:sample or a shard path) once, at its first sighting, so that a message lists distinct
+    items rather than one item once per epoch.
 
     `check()` raises `DataError` once more than `max_fraction` of the samples seen were bad
     (judged after `min_samples` samples, so one early bad sample does not stop a run).
@@ -105,7 +113,8 @@ class BadSamples:
         self.keep_keys = keep_keys
         self.good = 0
         self.by_reason: collections.Counter = collections.Counter()
-        self.examples: list[tuple[str, str, str]] = []  # (key, reason, detail)
+        self.examples: list[tuple[str, str, str]] = []  # (key, reason, detail), distinct keys
+        self._named: set[str] = set()  # the keys in `examples`
         self._lock = threading.Lock()
         self._sent = (0, collections.Counter(), 0)  # good, by_reason, examples already in a report
 
@@ -119,21 +128,31 @@ class BadSamples:
 
     def add_good(self, n: int = 1) -> None:
         with self._lock:
+            before = self.seen
             self.good += n
+        # Bad items read before `min_samples` are judged as soon as that many samples were seen.
+        if before < self.min_samples <= self.seen:
+            self.check()
 
     def add_bad(self, key: str, reason: str, detail: str = "") -> None:
         with self._lock:
             self.by_reason[reason] += 1
-            if len(self.examples) < self.keep_keys:
-                self.examples.append((key, reason, detail))
+            self._name(key, reason, detail)
         self.check()
+
+    def _name(self, key: str, reason: str, detail: str) -> None:
+        if key not in self._named and len(self.examples) < self.keep_keys:
+            self._named.add(key)
+            self.examples.append((key, reason, detail))
 
     def check(self) -> None:
         if self.seen >= self.min_samples and self.bad > self.max_fraction * self.seen:
             shown = "; ".join(f"{k}: {r}" + (f" ({d})" if d else "") for k, r, d in self.examples[:5])
+            more = f" and {len(self.examples) - 5} more" if len(self.examples) > 5 else ""
             raise DataError(
-                f"{self.bad} of {self.seen} samples were bad ({self.bad / self.seen:.1%} > max_bad_fraction "
-                f"{self.max_fraction:.1%}); by reason: {dict(self.by_reason)}; first: {shown}"
+                f"{self.bad} of {self.seen} samples read were bad ({self.bad / self.seen:.1%} > data.max_bad_fraction "
+                f"{self.max_fraction:.1%}); by reason: {dict(self.by_reason)}; bad: {shown}{more}. "
+                "Rewrite or remove the bad shards, or raise data.max_bad_fraction"
             )
 
     def take_report(self) -> dict:
@@ -151,8 +170,8 @@ class BadSamples:
         with self._lock:
             self.good += report["good"]
             self.by_reason.update(report["by_reason"])
-            room = max(self.keep_keys - len(self.examples), 0)
-            self.examples.extend(tuple(e) for e in report["examples"][:room])
+            for key, reason, detail in report["examples"]:
+                self._name(key, reason, detail)
         self.check()
 
     def summary(self) -> dict:
