@@ -18,7 +18,8 @@ posterior, which keeps its means at a sane scale; afterwards
 `scaling_factor` is set to 1 / std of the posterior means over the clips, so that scaled latents
 have unit variance as the diffusion objective assumes. The result is written with
 `save_pretrained` to a temporary directory and renamed into place; load it with
-`precompute.vae.pretrained=OUT precompute.vae.arch={}`.
+`precompute.vae.pretrained=OUT`. Last, the posterior's std is set to `--posterior-std` (1e-3)
+everywhere, means untouched (`tighten_posterior` says why), and fit.json records it before and after.
 """
 
 from __future__ import annotations
@@ -91,6 +92,30 @@ def latent_std(vae, clips: torch.Tensor, batch_size: int = 8) -> float:
                        for i in range(0, len(clips), batch_size)])
     vae.train(was_training)
     return means.std().item()
+
+
+def posterior_std(vae, clips: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean std of the posterior over all clips and positions: how far a sample strays from the mode."""
+    with torch.no_grad():
+        stds = torch.cat([vae.encode(clips[i:i + batch_size]).latent_dist.std.flatten()
+                          for i in range(0, len(clips), batch_size)])
+    return stds.mean().item()
+
+
+@torch.no_grad()
+def tighten_posterior(vae, std: float) -> None:
+    """Give the encoder a posterior of constant std `std`, its means untouched.
+
+    diffusers' I2V pipeline encodes the first frame with a *sample* of the posterior, and i2v's sampler
+    does the same. A real VAE's posterior is tight, so that sample is the image; a fit whose KL pulls
+    the log-variance to 0 leaves std ~1 against means spread ~0.26, and sampling buries the image in
+    noise. The log-variance is the second half of the encoder's output channels: its weights go to
+    zero and its bias to log(std^2). The mode, and so every latent the demo trains on, stays bit for bit.
+    """
+    conv = vae.encoder.conv_out.conv
+    half = conv.out_channels // 2
+    conv.weight[half:].zero_()
+    conv.bias[half:].fill_(2.0 * math.log(std))
 
 
 def content_crops(x: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tensor:
@@ -251,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the per-element KL against the pixel MSE")
     p.add_argument("--latent", choices=LATENTS, default="mode",
                    help="decode the posterior's mode (what precompute and sampling use) or a sample of it")
+    p.add_argument("--posterior-std", type=float, default=1e-3,
+                   help="after fitting, set the posterior's std to this everywhere (a real VAE's posterior is "
+                        "tight; the pipeline encodes first frames with a sample of it); 0 keeps the fitted one")
     p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     a = p.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
@@ -272,13 +300,16 @@ def main(argv: list[str] | None = None) -> None:
     std = latent_std(vae, measured)
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.requires_grad_(False).eval()
+    fitted_std = posterior_std(vae, measured)
+    if a.posterior_std > 0:
+        tighten_posterior(vae, a.posterior_std)
     save_atomic(vae, a.out, {
         "clips": len(clips), "measured_on_clips": len(measured), "source": clips_path,
         "seed": cfg.run.seed, "steps": a.steps,
         "batch_size": a.batch_size, "image_batch_size": a.image_batch_size, "image_fraction": a.image_fraction,
         "crop": a.crop, "crop_at": a.crop_at, "chroma_weight": a.chroma_weight,
         "lr": a.lr, "kl_weight": a.kl_weight, "latent": a.latent, "mse_before": before, "mse_after": after, "latent_std": std,
-        "scaling_factor": 1.0 / std,
+        "scaling_factor": 1.0 / std, "fitted_posterior_std": fitted_std, "posterior_std": posterior_std(vae, measured),
     })
     print(f"fit_vae: reconstruction MSE {before:.4f} -> {after:.4f} (PSNR {_psnr(after):.1f} dB) in "
           f"{time.time() - start:.0f} s; scaling_factor {1.0 / std:.4f}; wrote {a.out}", flush=True)
