@@ -1,7 +1,7 @@
 """The frozen encoders of the precompute job and the sampler: the video VAE and the T5 text encoder.
 
 - VAE: diffusers `AutoencoderKLCogVideoX`, from a diffusers directory (`precompute.vae.pretrained`)
-  or an inline constructor (`precompute.vae.arch`, random init seeded from `run.seed`).
+  or an inline constructor (`precompute.vae.arch`, random init seeded from its `seed`, else `run.seed`).
 - Text: transformers `T5EncoderModel` and its tokenizer from a directory
   (`precompute.text_encoder.pretrained`), or a tiny inline `T5Config` with a tokenizer built in
   code over a fixed vocabulary, so the CPU default never downloads anything.
@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
+from i2v import lineage
 from i2v.config import Config
 from i2v.errors import ConfigError
 from i2v.model import DTYPES, check_arch_keys, check_pretrained_dir, transformer_arch
@@ -127,7 +128,7 @@ def build_vae(cfg: Config) -> AutoencoderKLCogVideoX:
             raise ConfigError(f"precompute.vae.pretrained: cannot load {v.pretrained}: {e}") from None
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stable_seed(cfg.run.seed, "vae"))
+            torch.manual_seed(stable_seed(init_seed(cfg, v), "vae"))
             vae = AutoencoderKLCogVideoX(**v.arch)
         if DTYPES[v.dtype] != torch.float32:
             vae = vae.to(DTYPES[v.dtype])
@@ -155,8 +156,15 @@ def vae_identity(cfg: Config, vae: AutoencoderKLCogVideoX) -> dict:
         ident.update(source="pretrained", path=os.path.abspath(v.pretrained),
                      config_sha256=_config_sha256(os.path.join(v.pretrained, "config.json")))
     else:
-        ident.update(source="arch", seed=cfg.run.seed, weights_sha256=weights_sha256(vae))
+        ident.update(source="arch", seed=init_seed(cfg, v), weights_sha256=weights_sha256(vae))
+    # Who it is (what training, sampling and export compare and rebuild from): i2v.lineage.
+    ident.update(lineage.identity(cfg, "vae"))
     return ident
+
+
+def init_seed(cfg: Config, section) -> int:
+    """The init seed of a random-init (arch) encoder: its own `seed`, else run.seed."""
+    return cfg.run.seed if section.seed is None else section.seed
 
 
 def spatial_compression(vae) -> int:
@@ -263,11 +271,12 @@ def build_text_encoder(cfg: Config) -> TextEncoder:
                 f"needs at least {len(TINY_VOCAB)}"
             )
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stable_seed(cfg.run.seed, "text_encoder"))
+            torch.manual_seed(stable_seed(init_seed(cfg, t), "text_encoder"))
             model = T5EncoderModel(conf)
         model = model.to(DTYPES[t.dtype])
-        identity = {"source": "arch", "seed": cfg.run.seed, "tokenizer": TINY_TOKENIZER_VERSION,
+        identity = {"source": "arch", "seed": init_seed(cfg, t), "tokenizer": TINY_TOKENIZER_VERSION,
                     "weights_sha256": weights_sha256(model)}
     model.requires_grad_(False)
     identity.update(**{"class": type(model).__name__, "dtype": t.dtype, "d_model": d_model, "max_length": t.max_length})
+    identity.update(lineage.identity(cfg, "text_encoder"))
     return TextEncoder(tokenizer, model.eval(), t.max_length, identity)

@@ -231,6 +231,9 @@ class RunSampler:
         self.steps = steps or cfg.validation.num_inference_steps
         self.guidance = cfg.validation.guidance_scale if guidance is None else guidance
         self.frames = cfg.validation.num_frames or cfg.data.video.frames
+        from i2v.lineage import adopt_checkpoint
+
+        adopt_checkpoint(cfg, checkpoint)  # the VAE and T5 the checkpoint trained with, or an error
         self.transformer = load_trained_transformer(cfg, checkpoint)
         self.vae = build_vae(cfg)
         self.text = build_text_encoder(cfg)
@@ -240,7 +243,7 @@ class RunSampler:
 
     def settings(self) -> dict:
         return {"scheduler": "ddim", "steps": self.steps, "guidance": self.guidance,
-                "image_latents": self.cfg.precompute.latents}
+                "image_latents": "sample"}  # as the diffusers pipeline encodes first frames
 
     def __call__(self, indices: list[int], first_frames: np.ndarray, captions: list[str],
                  zero_image: bool = False) -> np.ndarray:
@@ -256,7 +259,7 @@ class RunSampler:
         frames = sample_videos(
             self.transformer, self.vae, self.scheduler, images, self.text(captions), self.negative,
             num_frames=self.frames, num_inference_steps=self.steps, guidance_scale=self.guidance,
-            generators=generators, image_latents_mode=self.cfg.precompute.latents, zero_image=zero_image,
+            generators=generators, zero_image=zero_image,
             ofs=self.ofs,
         )
         return to_uint8(frames)

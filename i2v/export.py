@@ -104,12 +104,16 @@ def trained_config(checkpoint_dir: str) -> tuple[dict | None, int]:
     return state.get("config"), int(state.get("step", -1))
 
 
-def check_config(cfg: Config, recorded: dict | None, checkpoint_dir: str) -> None:
-    """Refuse to export under a config whose model, schedule or encoders differ from the run's."""
+def check_config(cfg: Config, recorded: dict | None, checkpoint_dir: str, encoders_recorded: bool = False) -> None:
+    """Refuse to export under a config whose model, schedule or encoders differ from the run's.
+
+    With `encoders_recorded` the checkpoint's encoder identities were already adopted (i2v.lineage,
+    which compares contents, so a moved model directory is still the same); older checkpoints are
+    compared key by key."""
     if recorded is None:
         return
-    keys = list(MODEL_KEYS + SCHEDULE_KEYS + ENCODER_KEYS)
-    if cfg.precompute.vae.arch or cfg.precompute.text_encoder.arch:
+    keys = list(MODEL_KEYS + SCHEDULE_KEYS + (() if encoders_recorded else ENCODER_KEYS))
+    if not encoders_recorded and (cfg.precompute.vae.arch or cfg.precompute.text_encoder.arch):
         keys.append("run.seed")  # inline encoders are random-init from the run's seed
     mine = to_dict(cfg)
     diffs = [(k, _dotted(recorded, k), _dotted(mine, k)) for k in keys
@@ -158,6 +162,56 @@ def build_pipeline(cfg: Config, transformer):
     )
 
 
+def pipeline_call(cfg: Config) -> dict:
+    """The pipeline arguments that make diffusers sample as i2v does: the trained geometry and prompt length
+    (diffusers pads prompts to 226 tokens unless told), the run's validation steps and guidance."""
+    v = cfg.validation
+    return {"height": cfg.data.video.height, "width": cfg.data.video.width,
+            "num_frames": v.num_frames or cfg.data.video.frames,
+            "max_sequence_length": cfg.precompute.text_encoder.max_length,
+            "num_inference_steps": v.num_inference_steps, "guidance_scale": v.guidance_scale}
+
+
+def usage_lines(cfg: Config, out: str, lora: bool) -> list[str]:
+    """The diffusers lines that reproduce `launcher/sample.py` (same seed, same frames)."""
+    call = pipeline_call(cfg)
+    args = ", ".join(f"{k}={v}" for k, v in call.items())
+    lines = ["import torch",
+             "from diffusers import CogVideoXImageToVideoPipeline",
+             "from diffusers.utils import export_to_video, load_image",
+             "",
+             f'pipe = CogVideoXImageToVideoPipeline.from_pretrained("{out}")']
+    if lora:
+        lines.append(f'pipe.load_lora_weights("{out}")')
+    lines += [f'image = load_image("first_frame.png")  # {call["width"]}x{call["height"]}, as i2v crops it',
+              f'video = pipe(image=image, prompt="...", {args},',
+              f"             use_dynamic_cfg=False, generator=torch.Generator().manual_seed(0)).frames[0]",
+              f'export_to_video(video, "clip.mp4", fps={int(cfg.data.video.fps or 8)})']
+    return lines
+
+
+def export_readme(cfg: Config, checkpoint: str, step: int, weights: str, lora: bool, out: str) -> str:
+    call = pipeline_call(cfg)
+    sample = (f"python launcher/sample.py --config {os.path.join(cfg.run.output_dir, 'config.yaml')} "
+              f"--checkpoint {checkpoint} --image first_frame.png --prompt \"...\" --seed 0 "
+              f"--steps {call['num_inference_steps']} --guidance {call['guidance_scale']} "
+              f"--frames {call['num_frames']} --weights {weights} --out clip.mp4")
+    return "\n".join([
+        "# An i2v export", "",
+        f"Run `{cfg.run.output_dir}`, checkpoint `{checkpoint}` (step {step}), {weights} weights"
+        f"{', LoRA adapters in ' + LORA_FILE if lora else ''}. Provenance and conventions: `i2v_export.json`.", "",
+        "## Sampling it with diffusers", "",
+        "These lines draw the frames that i2v's own sampler draws for the same first frame, prompt and seed:", "",
+        "```python", *usage_lines(cfg, out, lora), "```", "",
+        f"- `max_sequence_length={call['max_sequence_length']}`: the prompt length the model was trained on; "
+        "the pipeline's default, 226, feeds it padding it never saw.",
+        f"- `height`, `width`, `num_frames`: the trained geometry. The pipeline resizes the image to "
+        f"{call['width']}x{call['height']} without cropping: give it a frame of that size (i2v's sampler "
+        "resizes the short side and centre-crops).",
+        "- The pipeline encodes the first frame with a sample of the VAE posterior, as i2v's sampler does.", "",
+        "The same clip from the checkpoint with i2v:", "", "```bash", sample, "```", ""])
+
+
 def write_lora_weights(directory: str, lora: dict, cfg: Config) -> str:
     """`pytorch_lora_weights.safetensors` as `save_lora_weights` writes it: keys, format and rank/alpha metadata."""
     from safetensors.torch import save_file
@@ -180,9 +234,12 @@ def export_pipeline(cfg: Config, checkpoint_dir: str, out_dir: str, weights: str
     """
     if merge_lora and not cfg.model.lora.rank:
         raise ConfigError("--merge-lora: the run has no LoRA adapters (model.lora.rank is 0)")
+    from i2v.lineage import adopt_checkpoint
+
     ckpt = resolve_checkpoint(checkpoint_dir)
     recorded, step = trained_config(ckpt)
-    check_config(cfg, recorded, ckpt)
+    adopted = adopt_checkpoint(cfg, ckpt)  # the VAE and T5 it trained with, or an error naming both
+    check_config(cfg, recorded, ckpt, encoders_recorded=bool(adopted))
     out = os.path.abspath(out_dir.rstrip("/"))
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, "model_index.json")):
         raise CheckpointError(f"--out: {out} exists and is not an exported pipeline; refusing to replace it")
@@ -211,6 +268,8 @@ def export_pipeline(cfg: Config, checkpoint_dir: str, out_dir: str, weights: str
     }
     with open(os.path.join(tmp, "i2v_export.json"), "w") as f:
         json.dump(info, f, indent=1)
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(export_readme(cfg, ckpt, step, weights, lora is not None, out))
     if os.path.exists(out):
         os.rename(out, old)
     os.rename(tmp, out)  # the commit

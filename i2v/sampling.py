@@ -4,7 +4,8 @@ The loop follows diffusers' `CogVideoXImageToVideoPipeline` step for step (a tes
 the same components and generator and compares), so a model trained here samples here exactly
 as it will in diffusers after export:
 
-- the image is encoded by the VAE (posterior sample from `generator`, or its mode), scaled by
+- the image is encoded by the VAE (a posterior sample drawn from `generator`, as the pipeline's
+  `retrieve_latents` does; a real VAE's posterior is tight, so the sample is the image), scaled by
   the VAE factor (divided by it for VAEs with `invert_scale_latents`), zero-padded over the latent
   frames and concatenated to the noisy latents along channels;
 - initial noise is drawn from `generator` after the image latent, times `init_noise_sigma`;
@@ -112,9 +113,9 @@ def sample_videos(
     Returns frames [N, F, 3, H, W] in [-1, 1] (or the final latents [N, f, C, h, w] with
     output="latents"). Clip i draws its randomness from `generators[i]` alone, in the pipeline's
     order (its image latent, then its initial noise), so it comes out as it would sampled by
-    itself: a batch only shares the transformer's and the VAE's calls. `image_latents_mode` "mode"
-    encodes the image with the posterior mode, as a precompute job with `precompute.latents: mode`
-    did for training. `zero_image` replaces the image latents by zeros (the image-dropped
+    itself: a batch only shares the transformer's and the VAE's calls. `image_latents_mode` "sample"
+    (the default) encodes the image as the pipeline does; "mode" takes the posterior's mean (a
+    diagnostic: no pipeline call reproduces it). `zero_image` replaces the image latents by zeros (the image-dropped
     condition of training) after drawing them, so the noise is the same as without it: an
     ablation that shows what the image condition carries.
     """
@@ -185,6 +186,30 @@ def sample_videos(
     if output == "latents":
         return latents
     return decode_latents(vae, latents)[:, :num_frames]
+
+
+def sample_from_checkpoint(cfg, checkpoint: str, image: torch.Tensor, prompt: str, *, num_frames: int,
+                           num_inference_steps: int, guidance_scale: float, seed: int, scheduler: str = "ddim",
+                           weights: str = "live") -> torch.Tensor:
+    """What `launcher/sample.py` draws: frames [F, 3, H, W] in [-1, 1] from a committed checkpoint.
+
+    The VAE and text encoder are the ones the checkpoint trained with (i2v.lineage); `weights` is
+    "live" or "ema". The exported pipeline, called as its README.md says, draws the same frames.
+    """
+    from i2v.checkpoint import load_trained_transformer
+    from i2v.data_prep.encoders import build_text_encoder, build_vae
+    from i2v.lineage import adopt_checkpoint
+
+    adopt_checkpoint(cfg, checkpoint)
+    transformer = load_trained_transformer(cfg, checkpoint, weights)
+    vae = build_vae(cfg)
+    prompt_embeds, negative = build_text_encoder(cfg)([prompt, ""])
+    return sample_video(
+        transformer, vae, build_scheduler(cfg.diffusion, scheduler), image, prompt_embeds, negative,
+        num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+        ofs=cfg.diffusion.ofs if cfg.diffusion.ofs is not None else PIPELINE_OFS,
+    )
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:

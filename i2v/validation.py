@@ -57,14 +57,14 @@ def sample_dir(output_dir: str, step: int) -> str:
 
 
 def load_pairs(cfg: Config) -> list[dict]:
-    """The configured pairs, checked: each a {image, prompt} with a readable image file."""
-    from PIL import Image
+    """The configured pairs, checked: each a {image, prompt} with a readable image or video file."""
+    from i2v.frames import first_frame_pil
 
     pairs = cfg.validation.pairs
     if not pairs:
         raise ConfigError(
             f"validation.pairs: empty, but validation.every_steps is {cfg.validation.every_steps}; "
-            "give a list of {image: PNG path, prompt: text} or set validation.every_steps=0"
+            "give a list of {image: PNG or video path, prompt: text} or set validation.every_steps=0"
         )
     out = []
     for i, p in enumerate(pairs):
@@ -76,11 +76,7 @@ def load_pairs(cfg: Config) -> list[dict]:
         path = str(p["image"])
         if not os.path.isfile(path):
             raise ConfigError(f"{key}.image: file not found: {path}")
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except OSError as e:
-            raise ConfigError(f"{key}.image: cannot read {path} as an image: {e}") from None
+        image = first_frame_pil(path, f"{key}.image")  # an image, or a video's first frame
         out.append({"index": i, "image": image, "prompt": p["prompt"]})
     return out
 
@@ -134,7 +130,6 @@ class Validator:
 
         self.scheduler = build_scheduler(cfg.diffusion, "ddim")
         self.ofs = cfg.diffusion.ofs if cfg.diffusion.ofs is not None else PIPELINE_OFS
-        self.image_mode = "mode" if cfg.precompute.latents == "mode" else "sample"
 
     # -- the model to sample with ---------------------------------------------------
 
@@ -207,7 +202,7 @@ class Validator:
                         frames = sample_video(
                             model, self.vae, self.scheduler, pair["pixels"].to(env.device), pair["embeds"],
                             self.negative, self.num_frames, v.num_inference_steps, v.guidance_scale,
-                            torch.Generator().manual_seed(seed), image_latents_mode=self.image_mode, ofs=self.ofs,
+                            torch.Generator().manual_seed(seed), ofs=self.ofs,
                         )
                         save_video(frames, os.path.join(out_dir, f"pair-{pair['index']}.mp4"), fps=int(self.fps))
                         videos[slot] = torch.from_numpy(to_uint8_frames(frames))

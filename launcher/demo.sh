@@ -65,7 +65,6 @@ SHAPE=(
   "data.video.frames=$FRAMES" "data.video.height=$HEIGHT" "data.video.width=$WIDTH"
   "model.arch.sample_frames=$FRAMES" "model.arch.sample_height=$(( HEIGHT / SPATIAL ))"
   "model.arch.sample_width=$(( WIDTH / SPATIAL ))"
-  "precompute.vae.arch.sample_height=$HEIGHT" "precompute.vae.arch.sample_width=$WIDTH"
 )
 
 OVERRIDES=(
@@ -94,18 +93,21 @@ OVERRIDES=(
 )
 [ -n "${DEMO_SAMPLE_STEPS:-}" ] && OVERRIDES+=("validation.num_inference_steps=$DEMO_SAMPLE_STEPS")
 # A random-init VAE decodes everything to texture noise; a fitted one makes the latents, and so every
-# video below, show the shapes. Every stage after step 3 loads the same one.
+# video below, show the shapes. Precompute encodes with it; training, sampling and evaluation take it from the
+# latents' manifest (i2v/lineage.py). The inline shape of DEMO_VAE=random and =fit is configs/tiny-vae's
+# (8-16-32 channels; `make tiny-vae` fits it the same way).
+ARCH="{in_channels: 3, out_channels: 3, down_block_types: [CogVideoXDownBlock3D, CogVideoXDownBlock3D, CogVideoXDownBlock3D], up_block_types: [CogVideoXUpBlock3D, CogVideoXUpBlock3D, CogVideoXUpBlock3D], block_out_channels: [8, 16, 32], latent_channels: 4, layers_per_block: 1, norm_num_groups: 1, temporal_compression_ratio: 4, sample_height: $HEIGHT, sample_width: $WIDTH}"
 case "$VAE" in
-  random) VAE_DIR= ;;
-  fit) VAE_DIR=$DIR/vae ;;
+  random) VAE_DIR=; OVERRIDES+=("precompute.vae.pretrained=null" "precompute.vae.arch=$ARCH") ;;
+  fit) VAE_DIR=$DIR/vae; OVERRIDES+=("precompute.vae.pretrained=$VAE_DIR") ;;
   *)
     VAE_DIR=$VAE
     if [ ! -f "$VAE_DIR/config.json" ]; then
       echo "demo: DEMO_VAE=$VAE: no diffusers VAE there (no config.json); expected a directory, fit or random" >&2
       exit 2
-    fi ;;
+    fi
+    OVERRIDES+=("precompute.vae.pretrained=$VAE_DIR") ;;
 esac
-[ -n "$VAE_DIR" ] && OVERRIDES+=("precompute.vae.pretrained=$VAE_DIR" "precompute.vae.arch={}")
 
 TIMES=()  # "stage seconds kept|ran", one per stage
 stage_start=$SECONDS
@@ -129,7 +131,7 @@ step "2/7 video shards -> $DIR/shards"
 done_stage shards ran
 
 if [ "$VAE" = random ]; then
-  step "3/7 VAE: the random-init VAE of $CONFIG (DEMO_VAE=random)"
+  step "3/7 VAE: a random-init one (DEMO_VAE=random)"
   done_stage vae kept
 elif [ "$VAE" != fit ]; then
   # Like a real run's pretrained VAE: fitted once, offline, on clips that no demo draws (its fit.json says how).
@@ -145,7 +147,7 @@ else
   # full resolution, fitted on the posterior mode; fewer steps, on these clips.
   "$PY" -m i2v.data_prep.fit_vae --config "$CONFIG" --clips "$DIR/shards" --out "$DIR/vae" --steps "$VAE_STEPS" \
     --image-batch-size 8 --crop-at "${DEMO_VAE_CROP_AT:-mixed}" "${SHAPE[@]}" \
-    "precompute.vae.arch.block_out_channels=[8,16,32]"
+    "precompute.vae.pretrained=null" "precompute.vae.arch=$ARCH"
   done_stage vae ran
 fi
 
@@ -215,7 +217,7 @@ cat <<EOF
   evaluation:         $DIR/eval.json  (ablations: $DIR/eval-zero_image.png  $DIR/eval-swap_caption.png)
 Open TensorBoard with:
   $(dirname "$PY")/tensorboard --logdir $DIR/tensorboard    # then browse http://localhost:6006
-The T5 and the VAE are tiny stand-ins (random-init, and fitted on these clips); point precompute.vae,
+The T5 and the VAE are tiny stand-ins (random-init, and $([ "$VAE" = fit ] && echo "fitted on these clips" || echo "pretrained offline: configs/tiny-vae")); point precompute.vae,
 precompute.text_encoder and model at real CogVideoX weights for real videos.
 
 EOF

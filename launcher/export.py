@@ -26,10 +26,13 @@ def _flags(parser):
 def main():
     cfg, args = parse_args(description=__doc__, extra=_flags)
 
-    from i2v.export import export_pipeline
+    from i2v.export import export_pipeline, usage_lines
 
     out = export_pipeline(cfg, args.checkpoint, args.out, weights=args.weights, merge_lora=args.merge_lora)
     print(f"exported {args.checkpoint} ({args.weights} weights) to {out}", flush=True)
+    print(f"sample it with diffusers as i2v does ({out}/README.md):\n", flush=True)
+    lora = bool(cfg.model.lora.rank) and not args.merge_lora
+    print("\n".join("    " + line if line else "" for line in usage_lines(cfg, out, lora)), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from i2v.data_prep import encoders
 from i2v.errors import ConfigError
 
 from conftest import REPO
+from random_vae import RANDOM_VAE
 
 CONFIG = str(REPO / "configs" / "tiny.yaml")
 
@@ -47,9 +48,9 @@ def test_prompt_embeddings_shape_and_determinism():
 
 def test_vae_latent_channels_must_match_the_dit():
     with pytest.raises(ConfigError, match=r"precompute\.vae\.arch\.latent_channels.*out_channels 4"):
-        encoders.build_vae(cfg("precompute.vae.arch.latent_channels=8"))
+        encoders.build_vae(cfg(*RANDOM_VAE, "precompute.vae.arch.latent_channels=8"))
     with pytest.raises(ConfigError, match=r"precompute\.vae\.arch\.latnet_channels.*latent_channels"):
-        encoders.build_vae(cfg("precompute.vae.arch.latnet_channels=4"))
+        encoders.build_vae(cfg(*RANDOM_VAE, "precompute.vae.arch.latnet_channels=4"))
 
 
 def test_text_encoder_width_and_length_must_match_the_dit():
@@ -78,7 +79,7 @@ def test_pretrained_vae_directory_round_trip_and_mismatch(tmp_path):
     with pytest.raises(ConfigError, match=r"precompute\.vae\.pretrained.*no weights"):
         encoders.build_vae(cfg(f"precompute.vae.pretrained={tmp_path / 'vae'}", "precompute.vae.arch={}"))
     with pytest.raises(ConfigError, match="only one"):
-        encoders.build_vae(cfg(f"precompute.vae.pretrained={tmp_path / 'vae'}"))
+        encoders.build_vae(cfg(*RANDOM_VAE, f"precompute.vae.pretrained={tmp_path / 'vae'}"))
 
 
 def test_pretrained_text_encoder_in_diffusers_layout(tmp_path):
@@ -102,8 +103,8 @@ def test_pretrained_text_encoder_in_diffusers_layout(tmp_path):
 
 
 def test_image_latent_scale_follows_invert_scale_latents():
-    c = cfg()
+    c = cfg(*RANDOM_VAE)
     vae = encoders.build_vae(c)
     assert encoders.image_latent_scale(vae) == pytest.approx(1.15258426)
-    inverted = encoders.build_vae(cfg("precompute.vae.arch.invert_scale_latents=true"))
+    inverted = encoders.build_vae(cfg(*RANDOM_VAE, "precompute.vae.arch.invert_scale_latents=true"))
     assert encoders.image_latent_scale(inverted) == pytest.approx(1 / 1.15258426)

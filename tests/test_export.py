@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from latent_shards import make_latent_shards
+from random_vae import RANDOM_VAE
 
 from i2v import diffusion
 from i2v.config import load_config
@@ -218,7 +219,7 @@ def _yaml(value):
 def _variant_config(name, tmp_path):
     v = VARIANTS[name]
     over = [f"run.output_dir={tmp_path}", "precompute.latents=sample"]
-    over += [f"precompute.vae.arch.{k}={_yaml(val)}" for k, val in v["vae"].items()]
+    over += RANDOM_VAE + [f"precompute.vae.arch.{k}={_yaml(val)}" for k, val in v["vae"].items()]
     over += [f"model.arch.{k}={_yaml(val)}" for k, val in v["model"].items()]
     if "ofs_embed_dim" in v["model"]:
         over.append("diffusion.ofs=2.0")

@@ -21,6 +21,7 @@ from i2v.model import build_transformer
 from i2v.sampling import build_scheduler, sample_video, sample_videos, save_video
 
 from conftest import REPO
+from random_vae import RANDOM_VAE
 
 CONFIG = str(REPO / "configs" / "tiny.yaml")
 
@@ -49,7 +50,7 @@ def _pipeline(cfg, transformer, text, vae, kind):
 @pytest.mark.parametrize("kind,guidance,invert", [("ddim", 6.0, False), ("dpm", 6.0, False), ("ddim", 1.0, True)])
 def test_matches_diffusers_pipeline(parts, kind, guidance, invert):
     cfg, transformer, text, prompt, negative, image = parts
-    over = ["precompute.vae.arch.invert_scale_latents=true"] if invert else []
+    over = [*RANDOM_VAE, "precompute.vae.arch.invert_scale_latents=true"] if invert else []
     vae = encoders.build_vae(load_config(CONFIG, over))
     ours = sample_video(transformer, vae, build_scheduler(cfg.diffusion, kind), image, prompt, negative,
                         num_frames=9, num_inference_steps=3, guidance_scale=guidance,
@@ -152,7 +153,7 @@ def test_save_video_mp4_and_gif(tmp_path):
 
 def test_cogvideox_15_style_model_matches_the_pipeline():
     """patch_size_t (latent frames padded in front, dropped after), ofs = 2.0, inverted image scale."""
-    cfg = load_config(CONFIG, ["model.arch.patch_size_t=2", "model.arch.ofs_embed_dim=32",
+    cfg = load_config(CONFIG, ["model.arch.patch_size_t=2", "model.arch.ofs_embed_dim=32", *RANDOM_VAE,
                                "precompute.vae.arch.invert_scale_latents=true"])
     transformer = build_transformer(cfg.model, seed=0).eval()
     with torch.no_grad():

@@ -110,7 +110,7 @@ def _reference_gifs(run, step, weights="live") -> dict[int, bytes]:
         frames = sample_video(model, val.vae, val.scheduler, p["pixels"], p["embeds"], val.negative, val.num_frames,
                               cfg.validation.num_inference_steps, cfg.validation.guidance_scale,
                               torch.Generator().manual_seed(_pair_seed(cfg.run.seed, p["index"])),
-                              image_latents_mode=val.image_mode, ofs=val.ofs)
+                              ofs=val.ofs)
         out[p["index"]] = gif_bytes(frames, val.fps)
     return out
 
