@@ -229,6 +229,22 @@ class Checkpointer:
         return client_state
 
 
+def finished_step(cfg) -> int | None:
+    """The step of the run's newest committed checkpoint when it has reached train.max_steps (a rerun of a
+    finished run then has nothing to do), else None. Reads the commit markers only: no engine, no ranks."""
+    root = os.path.join(cfg.run.output_dir, "checkpoints")
+    if not cfg.checkpoint.resume or not os.path.isdir(root):
+        return None
+    for tag in sorted((t for t in os.listdir(root) if TAG_RE.match(t)), reverse=True):
+        try:
+            with open(os.path.join(root, tag, MARKER)) as f:
+                step = int(json.load(f)["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # uncommitted or unreadable: the trainer's resume deals with it
+        return step if step >= cfg.train.max_steps else None
+    return None
+
+
 def consolidated_state_dict(checkpoint_dir: str) -> dict:
     """fp32 weights of the model from a checkpoint directory (any ZeRO stage), on the CPU."""
     checkpoint_dir = os.path.abspath(checkpoint_dir.rstrip("/"))

@@ -6,7 +6,12 @@ One optimizer step:
      non-finite micro-batch is dropped everywhere (nothing of it reaches the gradients) and counted;
   2. DeepSpeed reduces gradients, clips and steps; the LR schedule advances;
   3. rank 0 logs; a checkpoint is committed every `checkpoint.every_steps`; a preemption signal
-     saves and exits with 143 at the step boundary.
+     (SIGTERM, SIGUSR1) or Ctrl-C (SIGINT) on any rank is agreed on by all ranks at the step boundary,
+     which commit a checkpoint and exit with 143, or 130 for Ctrl-C. A second Ctrl-C exits at once
+     (the half-written tmp-step-N is removed at the next start).
+
+Rank 0 holds the output folder's lock (i2v.run_lock) for the life of the run, and every checkpoint
+records the VAE and text encoder the run trained with (i2v.lineage).
 
 All training randomness (timesteps, dropout, noise) is a function of (seed, global micro-batch index),
 not of global RNG state or the rank, so a resumed run reproduces an uninterrupted one step for step,
@@ -21,7 +26,7 @@ import time
 
 import torch
 
-from i2v import diffusion
+from i2v import diffusion, lineage
 from i2v.adapters import base_identity, check_resume, lora_enabled, trainable_parameters, with_lora
 from i2v.checkpoint import Checkpointer, check_engine_layout, saved_client_state
 from i2v.config import Config, dump_yaml, to_dict
@@ -36,10 +41,13 @@ from i2v.model import build_transformer, set_attention
 from i2v.objective import resolve_noise_backend, training_loss
 from i2v.optim import build_engine
 from i2v.parallel import build_layout
+from i2v.run_lock import RunLock
 from i2v.telemetry import StepLogger
 from i2v.validation import load_pairs
 
-PREEMPTED_EXIT = 143
+PREEMPTED_EXIT = 143  # SIGTERM / SIGUSR1: the scheduler's preemption
+INTERRUPTED_EXIT = 130  # SIGINT: Ctrl-C
+EXIT_CODES = {signal.SIGINT: INTERRUPTED_EXIT, signal.SIGTERM: PREEMPTED_EXIT, signal.SIGUSR1: PREEMPTED_EXIT}
 
 
 class TooManySkips(I2VError):
@@ -52,9 +60,13 @@ class Trainer:
         self.out = cfg.run.output_dir
         # Inputs every rank must see fail here, before minutes of model and engine setup, and on all
         # ranks together: a rank stopping alone would leave the others waiting in a collective.
+        self.lock = None
         with all_ranks_agree(env, "input checks"):
             self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe)
             pairs = load_pairs(cfg) if cfg.validation.every_steps > 0 else None
+            if env.is_main:  # one run per output folder, before anything is written into it
+                self.lock = RunLock.acquire(self.out, cfg.run.lock_timeout_s, self.log)
+        self.encoders = lineage.recorded_identities(cfg)  # checked against the manifest by the launcher
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
             # Not its debugging fill of every new tensor with NaN: DeepSpeed allocates reduction
@@ -109,7 +121,7 @@ class Trainer:
         self.empty_prompt = empty.to(env.device) if empty is not None else None
         self.telemetry = StepLogger(cfg, env, self.engine.module.config)
         self.writer = self.telemetry.writer  # rank 0 only; None elsewhere
-        self._preempt = False
+        self._preempt = 0  # the first stopping signal received, 0 for none
         self.validator = None
         if pairs is not None:
             from i2v.validation import Validator
@@ -148,16 +160,23 @@ class Trainer:
         return {"step": self.step, "position": self.position, "skipped": self.skipped,
                 "samples_seen": self.position * self.cfg.train.micro_batch_size,
                 "world_size": self.env.world_size, "config": to_dict(self.cfg), "base": self.base,
-                "param_groups": groups, "universal_checkpoint_info": {}}
+                "param_groups": groups, "universal_checkpoint_info": {}, "encoders": self.encoders}
 
     def save(self) -> str:
+        if self.lock is not None:
+            self.lock.check()  # never commit into a folder another run has taken over
         return self.checkpointer.save(self.engine, self.step, self._client_state(), self.ema)
+
+    def close(self) -> None:
+        """Release the output folder (rank 0's lock)."""
+        if self.lock is not None:
+            self.lock.release()
 
     # -- the loop -----------------------------------------------------------------
 
     def train(self) -> None:
         cfg = self.cfg
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        handlers = {s: signal.signal(s, self._on_signal) for s in EXIT_CODES}
         try:
             self._loop()
             if cfg.checkpoint.export_on_finish:
@@ -178,7 +197,10 @@ class Trainer:
         barrier()
 
     def _on_signal(self, signum, frame) -> None:
-        self._preempt = True
+        if signum == signal.SIGINT and self._preempt == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if not self._preempt:  # the first signal decides the exit code; a launcher's SIGTERM may follow
+            self._preempt = signum
 
     def _loop(self) -> None:
         cfg, env = self.cfg, self.env
@@ -234,11 +256,14 @@ class Trainer:
                 self.save()
             if self.validator is not None and self.step % cfg.validation.every_steps == 0:
                 self.validator.run(self.step, self.engine, self.writer)
-            if all_max(1.0 if self._preempt else 0.0, env.device) > 0:
+            # Every rank learns whether any rank was signalled; ranks told differently agree on the larger code.
+            code = int(all_max(float(EXIT_CODES.get(self._preempt, 0)), env.device))
+            if code:
                 if not (every and self.step % every == 0) and self.step != cfg.train.max_steps:
                     self.save()
-                self.log(f"preempted: committed checkpoint at step {self.step}; exiting with {PREEMPTED_EXIT}")
-                raise SystemExit(PREEMPTED_EXIT)
+                what = "interrupted" if code == INTERRUPTED_EXIT else "preempted"
+                self.log(f"{what}: committed checkpoint at step {self.step}; exiting with {code}")
+                raise SystemExit(code)
 
     def _count_skip(self, in_a_row: int) -> None:
         cfg = self.cfg

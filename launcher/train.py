@@ -1,5 +1,7 @@
 """Train the I2V DiT: `python|torchrun|deepspeed launcher/train.py --config FILE [key=value ...]`."""
 
+import os
+
 from i2v.cli import run
 from i2v.config import parse_args
 
@@ -7,15 +9,36 @@ from i2v.config import parse_args
 def main():
     cfg, _ = parse_args(description=__doc__)  # config errors surface before any process group starts
 
+    from i2v.checkpoint import finished_step
+    from i2v.lineage import resolve_for_training
+
+    main_rank = os.environ.get("RANK", "0") == "0"
+    # The VAE and text encoder are the ones that made the latents (or the run stops here, exit 2).
+    for line in resolve_for_training(cfg):
+        if main_rank:
+            print(f"[i2v] {line}", flush=True)
+    done = finished_step(cfg)
+    if done is not None:
+        if main_rank:
+            print(f"[i2v] {cfg.run.output_dir} already finished: its newest checkpoint is step {done} and "
+                  f"train.max_steps is {cfg.train.max_steps}; nothing to do (raise train.max_steps to go on)",
+                  flush=True)
+        return 0
+
     from i2v.distributed import init_distributed, shutdown
     from i2v.trainer import Trainer
 
     env = init_distributed()
+    trainer = None
     try:
-        Trainer(cfg, env).train()
+        trainer = Trainer(cfg, env)
+        trainer.train()
     except BaseException:
         shutdown(clean=False)
         raise
+    finally:
+        if trainer is not None:
+            trainer.close()
     shutdown()
 
 
