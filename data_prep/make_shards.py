@@ -3,6 +3,8 @@
 Inputs: a folder of videos with sidecar captions (clip.mp4 + clip.txt, searched
 recursively), or a CSV (header with `path` and `caption` columns) or JSONL
 ({"path": ..., "caption": ...} per line) list; relative paths are relative to the list.
+An empty or whitespace-only caption is rejected (`empty caption`) unless
+`allow_empty_captions`, which stores it as "" (precompute encodes it as the empty prompt).
 
 Output, in one folder::
 
@@ -14,7 +16,8 @@ Output, in one folder::
 Keys are the input's position in the sorted input list (9 digits, as video2dataset
 does), so reruns over the same inputs give the same keys and the same shards. Each shard
 is written to a temporary name and renamed when complete; a rerun keeps every shard whose
-record lists the same inputs and redoes the rest.
+record lists the same inputs (absolute paths, so a rerun from another working directory
+matches), captions and settings, and redoes the rest.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import hashlib
 import io
 import json
 import multiprocessing
@@ -37,6 +41,7 @@ from i2v.fsutil import write_text_atomic
 
 MISSING = "missing"
 NO_CAPTION = "no caption"
+EMPTY_CAPTION = "empty caption"
 
 
 @dataclasses.dataclass
@@ -75,8 +80,10 @@ def list_inputs(spec: str) -> list[Item]:
 
 
 def _folder(root: str) -> list[tuple[str, str | None]]:
+    # Absolute paths: the shard records compare them, and a rerun from another working
+    # directory must find its shards finished.
     found = []
-    for d, dirs, files in os.walk(root):
+    for d, dirs, files in os.walk(os.path.abspath(root)):
         dirs.sort()
         for name in sorted(files):
             if name.rsplit(".", 1)[-1].lower() in VIDEO_EXTS and "." in name:
@@ -97,7 +104,7 @@ def _csv(path: str) -> list[tuple[str, str | None]]:
         rows = list(csv.DictReader(f))
     if rows and ("path" not in rows[0] or "caption" not in rows[0]):
         raise DataError(f"--input: {path} needs a header with 'path' and 'caption' columns, has {list(rows[0])}")
-    return [(os.path.join(base, r["path"]), r["caption"]) for r in rows if r.get("path")]
+    return [(os.path.abspath(os.path.join(base, r["path"])), r["caption"]) for r in rows if r.get("path")]
 
 
 def _jsonl(path: str) -> list[tuple[str, str | None]]:
@@ -109,22 +116,27 @@ def _jsonl(path: str) -> list[tuple[str, str | None]]:
                 continue
             try:
                 row = json.loads(line)
-                out.append((os.path.join(base, row["path"]), row.get("caption")))
+                out.append((os.path.abspath(os.path.join(base, row["path"])), row.get("caption")))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise DataError(f"--input: {path}:{n}: expected {{\"path\": ..., \"caption\": ...}} ({e})") from None
+            if not isinstance(out[-1][1], (str, type(None))):
+                raise DataError(f"--input: {path}:{n}: caption must be a string, got {type(out[-1][1]).__name__}")
     return out
 
 
 # --------------------------------------------------------------------------- one input
 
 
-def examine(args: tuple[Item, int]) -> tuple[Item, dict | None, bytes | None, tuple[str, str] | None]:
+def examine(args: tuple[Item, int, bool]) -> tuple[Item, dict | None, bytes | None, tuple[str, str] | None]:
     """Worker: (item, metadata, bytes, None) or (item, None, None, (reason, detail))."""
-    item, min_frames = args
+    item, min_frames, allow_empty_captions = args
     if not os.path.isfile(item.path):
         return item, None, None, (MISSING, "file not found")
     if item.caption is None:
         return item, None, None, (NO_CAPTION, "no sidecar .txt beside the video")
+    if not item.caption.strip() and not allow_empty_captions:
+        return item, None, None, (EMPTY_CAPTION, "the caption is empty or whitespace; pass --allow-empty-captions "
+                                                 "to keep such clips (trained as the empty prompt)")
     try:
         meta, data = probe_file(item.path, min_frames=min_frames)
     except BadSample as e:
@@ -144,9 +156,10 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(out_dir: str, shard: int, results: list) -> dict:
+def write_shard(out_dir: str, shard: int, results: list, settings: dict) -> dict:
     """Write one shard (temp name, then rename) and its record; returns the record."""
-    record = {"shard": shard_name(shard), "inputs": [], "samples": 0, "frames": 0, "seconds": 0.0, "rejects": []}
+    record = {"shard": shard_name(shard), "inputs": [], "captions_sha256": captions_sha256([r[0] for r in results]),
+              "settings": settings, "samples": 0, "frames": 0, "seconds": 0.0, "rejects": []}
     tar_path = os.path.join(out_dir, shard_name(shard))
     for stale in glob.glob(glob.escape(tar_path) + ".tmp*"):
         os.remove(stale)  # left by an interrupted run; one writer per output folder is assumed
@@ -159,7 +172,9 @@ def write_shard(out_dir: str, shard: int, results: list) -> dict:
                 continue
             ext = os.path.splitext(item.path)[1].lstrip(".").lower()
             _add(tar, f"{item.key}.{ext}", data)
-            _add(tar, f"{item.key}.txt", item.caption.encode("utf-8"))
+            # A blank caption kept by --allow-empty-captions is stored as "", exactly the empty prompt.
+            caption = item.caption if item.caption.strip() else ""
+            _add(tar, f"{item.key}.txt", caption.encode("utf-8"))
             _add(tar, f"{item.key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
             record["samples"] += 1
             record["frames"] += meta["frames"]
@@ -173,8 +188,14 @@ def write_shard(out_dir: str, shard: int, results: list) -> dict:
     return record
 
 
-def finished(out_dir: str, shard: int, items: list[Item]) -> dict | None:
-    """The record of a shard a previous run completed over the same inputs, else None."""
+def captions_sha256(items: list[Item]) -> str:
+    """One digest of a shard's captions: an edited caption makes its shard unfinished."""
+    return hashlib.sha256(json.dumps([i.caption for i in items]).encode("utf-8")).hexdigest()
+
+
+def finished(out_dir: str, shard: int, items: list[Item], settings: dict) -> dict | None:
+    """The record of a shard a previous run completed over the same inputs, captions and
+    settings, else None."""
     rec_path = os.path.join(out_dir, shard_name(shard)[:-4] + ".json")
     try:
         with open(rec_path) as f:
@@ -182,6 +203,8 @@ def finished(out_dir: str, shard: int, items: list[Item]) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     if record.get("inputs") != [i.path for i in items]:
+        return None
+    if record.get("captions_sha256") != captions_sha256(items) or record.get("settings") != settings:
         return None
     if record.get("samples") and not os.path.isfile(os.path.join(out_dir, shard_name(shard))):
         return None
@@ -192,8 +215,9 @@ def finished(out_dir: str, shard: int, items: list[Item]) -> dict | None:
 
 
 def make_shards(input: str, output: str, samples_per_shard: int = 1000, workers: int = 1, min_frames: int = 1,
-                progress: bool = True) -> dict:
-    """Pack `input` into shards under `output`; returns the manifest."""
+                progress: bool = True, allow_empty_captions: bool = False) -> dict:
+    """Pack `input` into shards under `output`; returns the manifest, plus what this run did:
+    `kept` and `written`, each {"shards": tars, "samples": n} (not stored in manifest.json)."""
     if samples_per_shard < 1:
         raise DataError(f"--samples-per-shard: is {samples_per_shard}, expected >= 1")
     if min_frames < 1:
@@ -203,15 +227,18 @@ def make_shards(input: str, output: str, samples_per_shard: int = 1000, workers:
         raise DataError(f"--output: {output} exists and is not a folder")
     os.makedirs(output, exist_ok=True)
     plan = [items[i:i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
+    # What changes which inputs a shard keeps; a record written with other settings is redone.
+    settings = {"min_frames": min_frames, "allow_empty_captions": allow_empty_captions}
     records: dict[int, dict] = {}
     todo = []
     for s, group in enumerate(plan):
-        rec = finished(output, s, group)
+        rec = finished(output, s, group, settings)
         if rec is not None:
             records[s] = rec
         else:
             todo.append(s)
-    jobs = [(item, min_frames) for s in todo for item in plan[s]]
+    kept = [records[s] for s in records]
+    jobs = [(item, min_frames, allow_empty_captions) for s in todo for item in plan[s]]
     bar = tqdm(total=len(jobs), unit="video", desc="make_shards", disable=not progress)
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and jobs else None
     try:
@@ -221,13 +248,20 @@ def make_shards(input: str, output: str, samples_per_shard: int = 1000, workers:
             for _ in plan[s]:
                 got.append(next(results))
                 bar.update(1)
-            records[s] = write_shard(output, s, got)
+            records[s] = write_shard(output, s, got, settings)
     finally:
         bar.close()
         if pool:
             pool.close()
             pool.join()
-    return write_summary(output, [records[s] for s in range(len(plan))], samples_per_shard)
+    manifest = write_summary(output, [records[s] for s in range(len(plan))], samples_per_shard)
+    written = [records[s] for s in todo]
+    return {**manifest, "kept": _tally(kept), "written": _tally(written)}
+
+
+def _tally(records: list[dict]) -> dict:
+    # Shards are the tars: a group whose inputs were all rejected leaves only its record.
+    return {"shards": sum(1 for r in records if r["samples"]), "samples": sum(r["samples"] for r in records)}
 
 
 def write_summary(output: str, records: list[dict], samples_per_shard: int) -> dict:

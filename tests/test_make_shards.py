@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -183,3 +184,23 @@ def test_real_clips(shared_videos, tmp_path):
     assert metas["cockatoo.mp4"]["pix_fmt"] == "yuv444p" and metas["big_buck_bunny_1s.webm"]["codec"] == "vp8"
     assert (metas["grey_swimmer_854x480.mp4"]["width"], metas["grey_swimmer_854x480.mp4"]["height"]) == (854, 480)
     assert m["total_frames"] == 738
+
+
+def test_rerun_from_another_directory_keeps_every_shard_and_says_so(inputs, tmp_path):
+    # Relative --input/--output from two working directories name the same files: the shards stay.
+    shutil.copytree(inputs, tmp_path / "data" / "videos")
+
+    def launch(cwd, src, out):
+        r = subprocess.run([sys.executable, os.path.join(REPO, "launcher", "make_shards.py"), "--input", src,
+                            "--output", out, "--samples-per-shard", "4", "--min-frames", "2"],
+                           cwd=cwd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    first = launch(tmp_path, "data/videos", "data/shards")
+    assert "kept 0 finished shard(s) (0 samples), wrote 2 shard(s) (7 samples)" in first
+    shards = sorted((tmp_path / "data" / "shards").glob("shard-*"))
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in shards}
+    second = launch(tmp_path / "data", "videos", "shards")
+    assert "kept 2 finished shard(s) (7 samples), wrote 0 shard(s) (0 samples)" in second
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in shards} == before
