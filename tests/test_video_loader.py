@@ -225,7 +225,7 @@ def test_max_bad_fraction_judges_the_total_of_all_workers(known_bad):
     ds = build_video_dataset(config(shards, data={"max_bad_fraction": 0.5, "min_samples_for_bad_check": 14}), 0, 1,
                              train=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-    with pytest.raises(DataError, match=r"^8 of 14 samples were bad .*b_(truncated|random|empty|audio)"):
+    with pytest.raises(DataError, match=r"^8 of 14 samples read were bad .*b_(truncated|random|empty|audio)"):
         list(with_worker_counts(loader, ds.bad))
 
 
