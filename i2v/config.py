@@ -2,11 +2,21 @@
 
 Every field is documented where it is declared. Loading is strict: an unknown key, a wrong
 type, a missing required value or an inconsistent combination raises `ConfigError` naming
-the dotted key and what was expected (with a did-you-mean for near misses).
+the dotted key and what was expected (with a did-you-mean for near misses). A mistake in the
+file also names the file and line (`train.max_step: unknown key at configs/x.yaml:12`), and a
+key set twice in one mapping is an error naming both lines (PyYAML would keep the last).
 
 Command lines take dotted overrides after the config file::
 
     launcher/train.py --config configs/tiny.yaml train.max_steps=40 deepspeed.zero_stage=3
+
+One-of groups. `model.pretrained` / `model.arch_file` against `model.arch`, and `pretrained`
+against `arch` in `precompute.vae` and `precompute.text_encoder`, name the same component two
+ways: at most one may be set (`model.pretrained` and `model.arch_file` go together). A command-line
+override of one member replaces the others that came from the config file, so
+`--config configs/tiny.yaml model.pretrained=runs/tiny/export/transformer` needs no `model.arch={}`
+(which stays accepted). Two members set on the same command line, or both in the same file, are an
+error that names the override or line that fixes it.
 """
 
 from __future__ import annotations
@@ -310,8 +320,7 @@ class Config:
         if not (m.pretrained or m.arch or m.arch_file):
             raise ConfigError("model: set model.pretrained (a diffusers transformer directory), model.arch (inline) "
                               "or model.arch_file (a config.json)")
-        if m.arch and (m.pretrained or m.arch_file):
-            raise ConfigError(f"model.arch: set only one of model.arch and model.{'pretrained' if m.pretrained else 'arch_file'}")
+        _check_exclusive(self)
         if self.diffusion.t_max >= self.diffusion.num_train_timesteps:
             raise ConfigError(
                 f"diffusion.t_max: is {self.diffusion.t_max}, expected < diffusion.num_train_timesteps "
@@ -330,6 +339,36 @@ class Config:
             raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage 1, 2 or 3 (it is 0)")
         _check_lora_and_ema(self)
         return self
+
+
+# One-of groups: pairs of keys that name the same component two ways, so at most one of a pair may be
+# set. The model's pretrained and arch_file go together (the architecture the weights must have).
+# `load_config` lets a command-line member replace the file's other one (see the module docstring).
+_EXCLUSIVE = {
+    "model": (("arch", "pretrained"), ("arch", "arch_file")),
+    "precompute.vae": (("pretrained", "arch"),),
+    "precompute.text_encoder": (("pretrained", "arch"),),
+}
+# The override that unsets a member of a group.
+_UNSET = {"pretrained": "null", "arch_file": "null", "arch": "{}"}
+
+
+def _is_set(value: Any) -> bool:
+    return value not in (None, "", {})
+
+
+def _keep_either(section: str, a: str, b: str, verb: str) -> str:
+    return f"to keep {a}, {verb} {section}.{b}={_UNSET[b]}; to keep {b}, {verb} {section}.{a}={_UNSET[a]}"
+
+
+def _check_exclusive(cfg: Config) -> None:
+    """A config built in code (from_dict, a resolved config.yaml) gets the same one-of check as a file."""
+    for section, pairs in _EXCLUSIVE.items():
+        node = get_dotted(cfg, section)
+        for a, b in pairs:
+            if _is_set(getattr(node, a)) and _is_set(getattr(node, b)):
+                raise ConfigError(f"{section}.{a}: set only one of {section}.{a} and {section}.{b}; "
+                                  + _keep_either(section, a, b, "set"))
 
 
 def _check_lora_and_ema(cfg: Config) -> None:
@@ -427,8 +466,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, src: "_Source | None" = None) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    at = src.at(*key.rpartition(".")[::2]) if src else ""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
@@ -437,7 +477,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arm is type(None):
                 continue
             try:
-                return _coerce(value, arm, key)
+                return _coerce(value, arm, key, src)
             except ConfigError:
                 pass
     elif origin is Literal:
@@ -445,10 +485,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}{hint}")
+        raise ConfigError(f"{key}: got {value!r}{at}, expected {_type_name(tp)}{hint}")
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
-            return _build(tp, value, key)
+            return _build(tp, value, key, src)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -465,24 +505,32 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     else:  # pragma: no cover - a programming error in the schema
         raise TypeError(f"unsupported config annotation {tp!r} at {key}")
-    raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+    raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}){at}, expected {_type_name(tp)}")
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
+def _unknown_key(prefix: str, key: Any, names: list[str], at: str = "") -> ConfigError:
+    """The one message for a misspelled key, in a file (`at` names file and line) or an override."""
+    dotted = f"{prefix}.{key}" if prefix else str(key)
+    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+    hint = f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+    head = str(key).split(".")[0]
+    if at and "." in str(key) and head in names:
+        # `train.lr: 0.1` in a file: dotted keys are for the command line only.
+        hint = f" YAML keys do not take dots: write '{head}:' with '{str(key).split('.', 1)[1]}:' indented below it."
+    return ConfigError(f"{dotted}: unknown key{at}.{hint} Known keys here: {', '.join(names)}")
+
+
+def _build(cls: type, data: dict, prefix: str, src: "_Source | None" = None) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            dotted = f"{prefix}.{key}" if prefix else str(key)
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-            hint = f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
-            where = f"'{prefix}'" if prefix else "the top level"
-            raise ConfigError(f"{dotted}: unknown key in {where}.{hint} Known keys: {', '.join(names)}")
+            raise _unknown_key(prefix, key, names, src.at(prefix, key) if src else "")
     kwargs = {}
     for f in dataclasses.fields(cls):
         dotted = f"{prefix}.{f.name}" if prefix else f.name
         if f.name in data:
-            kwargs[f.name] = _coerce(data[f.name], hints[f.name], dotted)
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], dotted, src)
         elif dataclasses.is_dataclass(hints[f.name]):
             kwargs[f.name] = _build(hints[f.name], {}, dotted)
     obj = cls(**kwargs)
@@ -493,7 +541,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return obj
 
 
-def _apply_override(data: dict, item: str) -> None:
+def _apply_override(data: dict, item: str) -> str:
+    """Set `dotted.key=value` in `data`; returns the dotted key."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.max_steps=40")
     key, _, raw = item.partition("=")
@@ -510,14 +559,12 @@ def _apply_override(data: dict, item: str) -> None:
         if cls is not None:
             names = [f.name for f in dataclasses.fields(cls)]
             if part not in names:
-                close = difflib.get_close_matches(part, names, n=1, cutoff=0.6)
-                prefix = ".".join(parts[:i])
-                hint = f" Did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
-                raise ConfigError(f"{path}: unknown key.{hint} Known keys here: {', '.join(names)}")
+                raise _unknown_key(".".join(parts[:i]), part, names)
             tp = typing.get_type_hints(cls)[part]
             cls = tp if dataclasses.is_dataclass(tp) else None
         if i == len(parts) - 1:
             node[part] = value
+            return key
         else:
             child = node.get(part)
             if child is None:
@@ -527,22 +574,138 @@ def _apply_override(data: dict, item: str) -> None:
             node = child
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key set twice in one mapping (PyYAML keeps the last silently)
+    and remembers the line of every key, by dotted path, for error messages."""
+
+    def __init__(self, stream, name: str):
+        super().__init__(stream)
+        self.name = name
+        # (dotted path of the mapping, key) -> line (1-based) of the key: a key that holds dots
+        # (`train.lr:` at the top level) stays apart from the nested one.
+        self.lines: dict[tuple[str, str], int] = {}
+        self._paths: dict[int, str] = {}  # id(mapping node) -> its dotted path
+
+    def construct_document(self, node):
+        self._index(node, "")
+        return super().construct_document(node)
+
+    def _index(self, node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            if id(node) in self._paths:  # an alias of a mapping seen already
+                return
+            self._paths[id(node)] = path
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    self.lines.setdefault((path, key.value), key.start_mark.line + 1)
+                    self._index(value, f"{path}.{key.value}" if path else key.value)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._index(item, f"{path}[{i}]")
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            path, seen = self._paths.get(id(node), ""), {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # keys beside a `<<` merge override it
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeConstructor reports it
+                    continue
+                if first is not None:
+                    dotted = f"{path}.{key}" if path else str(key)
+                    where = f"on line {line}" if first == line else f"at lines {first} and {line}"
+                    raise ConfigError(f"{self.name}: {dotted} is set twice {where}; delete one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Source:
+    """Where the keys of a config file were set, for messages: `configs/x.yaml:12`."""
+
+    def __init__(self, name: str, lines: dict[tuple[str, str], int]):
+        self.name, self.lines = name, lines
+
+    def line(self, parent: str, key: Any) -> int | None:
+        return self.lines.get((parent, str(key)))
+
+    def at(self, parent: str, key: Any) -> str:
+        """' at configs/x.yaml:12' for the key `key` of the mapping at dotted path `parent`, or ''."""
+        line = self.line(parent, key)
+        return f" at {self.name}:{line}" if line else ""
+
+    def forget(self, dotted: str) -> None:
+        """An override replaced `dotted` (and what is below it): the file no longer sets them."""
+        for parent, key in list(self.lines):
+            full = f"{parent}.{key}" if parent else key
+            if full == dotted or full.startswith(dotted + "."):
+                del self.lines[parent, key]
+
+
+def _read_yaml(path: str | os.PathLike) -> tuple[dict, _Source]:
+    name = os.fspath(path)
+    with open(path) as f:
+        loader = _StrictLoader(f, name)
+        try:
+            data = loader.get_single_data() or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{name}: not valid YAML: {e}") from None
+        finally:
+            loader.dispose()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a mapping at the top level, got {type(data).__name__}")
+    return data, _Source(name, loader.lines)
+
+
+def _named(key: str, overrides: list[str]) -> bool:
+    """Whether an override set `key`, a key below it, or a section holding it."""
+    return any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in overrides)
+
+
+def _resolve_exclusive(data: dict, overrides: list[str], src: _Source | None) -> None:
+    """The one-of rule of `_EXCLUSIVE` on the raw tree: a member set on the command line drops the
+    members it excludes that came from the file; two set in the same place are an error naming the fix."""
+    for section, pairs in _EXCLUSIVE.items():
+        node = data
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue  # absent, or a wrong type that _build reports
+        for a, b in pairs:
+            for mine, other in ((a, b), (b, a)):
+                if (_is_set(node.get(mine)) and _named(f"{section}.{mine}", overrides)
+                        and not _named(f"{section}.{other}", overrides)):
+                    node.pop(other, None)
+        for a, b in pairs:
+            if not (_is_set(node.get(a)) and _is_set(node.get(b))):
+                continue
+            head = f"{section}.{a}: set only one of {section}.{a} and {section}.{b}: both are set"
+            if _named(f"{section}.{a}", overrides):
+                raise ConfigError(f"{head} on the command line; drop one of the two overrides")
+            where = ""
+            if src is not None:
+                lines = [src.line(section, m) for m in (a, b)]
+                where = f" in {src.name}" + (f" (lines {lines[0]} and {lines[1]})" if all(lines) else "")
+            raise ConfigError(f"{head}{where}; delete one of the two lines, or choose on the command line: "
+                              + _keep_either(section, a, b, "add"))
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
     """Load YAML (or start from defaults when `path` is None), apply overrides, validate."""
     data: dict = {}
+    src = None
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"--config: file not found: {path}")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    for item in overrides:
-        _apply_override(data, item)
-    return _build(Config, data, "").validate(world_size)
+        data, src = _read_yaml(path)
+    keys = [_apply_override(data, item) for item in overrides]
+    if src is not None:
+        for key in keys:
+            src.forget(key)
+    _resolve_exclusive(data, keys, src)
+    return _build(Config, data, "", src).validate(world_size)
 
 
 def to_dict(cfg: Any) -> dict:

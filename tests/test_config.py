@@ -163,3 +163,87 @@ def test_launcher_reports_config_error_without_traceback():
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "train.lrr" in r.stderr and "Traceback" not in r.stderr + r.stdout
+
+
+# --------------------------------------------------------------------------- one-of groups (pretrained / arch)
+
+
+def tiny_file(tmp_path, vae: dict, text_encoder_pretrained=None):
+    """configs/tiny.yaml with this `precompute.vae` section (and a text encoder directory beside its arch)."""
+    data = yaml.safe_load(TINY.read_text())
+    data["precompute"]["vae"] = vae
+    if text_encoder_pretrained:
+        data["precompute"]["text_encoder"]["pretrained"] = text_encoder_pretrained
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_a_command_line_member_replaces_the_files_other_member(tmp_path):
+    from i2v.data_prep import encoders
+
+    # The file's inline VAE is dropped: the command line names a VAE directory.
+    cfg = load_config(tiny_file(tmp_path, {"arch": {"latent_channels": 4}}), ["precompute.vae.pretrained=configs/tiny-vae"])
+    assert cfg.precompute.vae.pretrained == "configs/tiny-vae" and cfg.precompute.vae.arch == {}
+    assert encoders.build_vae(cfg).config.latent_channels == 4
+    # And the other way round: an inline VAE replaces the file's directory.
+    cfg = load_config(tiny_file(tmp_path, {"pretrained": "configs/tiny-vae"}), ["precompute.vae.arch.latent_channels=4"])
+    assert cfg.precompute.vae.pretrained is None and cfg.precompute.vae.arch == {"latent_channels": 4}
+    cfg = load("precompute.text_encoder.pretrained=models/t5")
+    assert cfg.precompute.text_encoder.arch == {}
+    cfg = load(f"model.pretrained={tmp_path}")
+    assert cfg.model.pretrained == str(tmp_path) and cfg.model.arch == {}
+    cfg = load("model.arch_file=configs/arch/cogvideox-2b-i2v.json")
+    assert cfg.model.arch == {} and cfg.model.pretrained is None
+    # An inline architecture replaces the file's weights and their arch_file ...
+    real = REPO / "configs" / "cogvideox-2b-i2v.yaml"
+    cfg = load_config(real, ["model.arch={num_layers: 2}"])
+    assert (cfg.model.arch, cfg.model.pretrained, cfg.model.arch_file) == ({"num_layers": 2}, None, None)
+    # ... while pretrained and arch_file do not exclude each other: other weights, the same architecture.
+    cfg = load_config(real, ["model.pretrained=elsewhere/transformer"])
+    assert cfg.model.arch_file == "configs/arch/cogvideox-2b-i2v.json"
+
+
+def test_an_explicit_empty_member_stays_accepted(tmp_path):
+    path = tiny_file(tmp_path, {"arch": {"latent_channels": 4}})
+    cfg = load_config(path, ["precompute.vae.pretrained=configs/tiny-vae", "precompute.vae.arch={}"])
+    assert cfg.precompute.vae.arch == {} and cfg.precompute.vae.pretrained == "configs/tiny-vae"
+    assert load("model.pretrained=x", "model.arch={}").model.pretrained == "x"
+
+
+def test_two_members_on_the_command_line_are_an_error_naming_the_fix():
+    with pytest.raises(ConfigError, match=r"^precompute\.vae\.pretrained: set only one of precompute\.vae\.pretrained "
+                                          r"and precompute\.vae\.arch: both are set on the command line; drop one "
+                                          r"of the two overrides$"):
+        load("precompute.vae.pretrained=configs/tiny-vae", "precompute.vae.arch={latent_channels: 4}")
+    with pytest.raises(ConfigError, match=r"^model\.arch: set only one of model\.arch and model\.arch_file: both are "
+                                          r"set on the command line"):
+        load("model.arch_file=configs/arch/cogvideox-2b-i2v.json", "model.arch={num_layers: 1}")
+
+
+def test_two_members_in_the_file_name_both_lines_and_the_override_that_fixes_it(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("train: {max_steps: 3}\nprecompute:\n  vae:\n    pretrained: configs/tiny-vae\n"
+                    "    dtype: fp32\n    arch: {latent_channels: 4}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (
+        f"precompute.vae.pretrained: set only one of precompute.vae.pretrained and precompute.vae.arch: both are set "
+        f"in {path} (lines 4 and 6); delete one of the two lines, or choose on the command line: to keep "
+        "pretrained, add precompute.vae.arch={}; to keep arch, add precompute.vae.pretrained=null")
+    # The two fixes it names work on a complete config.
+    path = tiny_file(tmp_path, {"pretrained": "configs/tiny-vae", "arch": {"latent_channels": 4}})
+    with pytest.raises(ConfigError, match="both are set in"):
+        load_config(path)
+    assert load_config(path, ["precompute.vae.arch={}"]).precompute.vae.pretrained == "configs/tiny-vae"
+    assert load_config(path, ["precompute.vae.pretrained=null"]).precompute.vae.arch == {"latent_channels": 4}
+
+
+def test_validate_checks_every_group_of_a_config_built_in_code():
+    data = to_dict(load())
+    data["precompute"]["text_encoder"]["pretrained"] = "models/t5"
+    with pytest.raises(ConfigError, match=r"^precompute\.text_encoder\.pretrained: set only one of "
+                                          r"precompute\.text_encoder\.pretrained and precompute\.text_encoder\.arch; "
+                                          r"to keep pretrained, set precompute\.text_encoder\.arch=\{\}; to keep arch, "
+                                          r"set precompute\.text_encoder\.pretrained=null$"):
+        from_dict(data)
