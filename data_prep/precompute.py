@@ -508,12 +508,17 @@ def run(cfg: Config, rank: int = 0, world: int = 1, device: str | None = None, p
     urls = expand_shards(cfg.data.video_shards, key="data.video_shards", allow_pipe=cfg.data.allow_pipe)
     if os.path.isdir(cfg.data.video_shards) and os.path.realpath(cfg.data.video_shards) == os.path.realpath(out_dir):
         raise ConfigError("data.latent_shards: must be a different directory from data.video_shards")
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"data.latent_shards: {out_dir}: a file exists and is not a directory")
     if device is None:
         local = int(os.environ.get("LOCAL_RANK", 0))
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    # The output folder is made only once the inputs are listed and the encoders are built: a
+    # config or encoder error must not leave an empty folder behind.
     job = Precompute(cfg, device)
-    save_empty_prompt(out_dir, job.empty_prompt())
+    empty_prompt = job.empty_prompt()
+    os.makedirs(out_dir, exist_ok=True)
+    save_empty_prompt(out_dir, empty_prompt)
 
     mine = assignment(urls, rank, world)
     todo = [(u, n) for u, n in mine if not is_finished(out_dir, n, job)]

@@ -2,6 +2,9 @@
 
 Reads data.video_shards, writes data.latent_shards (one latents-N.tar per shard-N.tar, manifest.json,
 rejects.jsonl, empty_prompt.safetensors). Resumable; ranks split the input shards by RANK / WORLD_SIZE.
+The output folder is made only once the config is valid and the encoders are built, so a mistake leaves
+none behind. An encoder named on the command line replaces the config file's, e.g.
+`precompute.text_encoder.pretrained=models/CogVideoX-5b-I2V` drops an inline `precompute.text_encoder.arch`.
 """
 
 from i2v.cli import run
