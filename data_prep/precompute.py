@@ -130,8 +130,9 @@ class Precompute:
             "text_encoder": self.text_identity,
             "condition_noise": CONDITION_NOISE_STREAM,
         }
-        # A model directory may move between runs; its config hash, not its path, identifies it.
-        self.portable = {k: ({n: x for n, x in v.items() if n != "path"} if isinstance(v, dict) else v)
+        # A model directory may move between runs; its contents' hashes, not its path or its files'
+        # mtimes (the per-file digest), identify it.
+        self.portable = {k: ({n: x for n, x in v.items() if n not in ("path", "digest")} if isinstance(v, dict) else v)
                          for k, v in self.settings.items()}
         blob = json.dumps(self.portable, sort_keys=True).encode()
         self.fingerprint = hashlib.sha256(blob).hexdigest()

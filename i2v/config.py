@@ -55,6 +55,10 @@ class RunConfig:
     output_dir: str = doc(REQUIRED, "Directory for config.yaml, checkpoints/, tensorboard/, metrics.jsonl, samples/.")
     seed: int = doc(0, "Global seed: parameter init, data order, timesteps and noise all derive from it.")
     deterministic: bool = doc(False, "torch.use_deterministic_algorithms(True); needed for bit-exact resume tests.")
+    lock_timeout_s: float = doc(
+        120.0, "A run holds output_dir/RUN_LOCK.json with a heartbeat; a lock whose heartbeat is older than this "
+        "(or whose process is gone, on the same host) is stale and taken over (i2v.run_lock)."
+    )
 
 
 @dataclass
@@ -231,6 +235,10 @@ class VAEConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "VAE compute dtype.")
     tiling: bool = doc(False, "Encode in spatial tiles (large resolutions).")
     slicing: bool = doc(False, "Encode batch elements one at a time.")
+    seed: Optional[int] = doc(
+        None, "Init seed of a random-init (`arch`) VAE; null: run.seed. Training, sampling and export take the "
+        "VAE from the latent manifest (i2v.lineage), seed included."
+    )
 
 
 @dataclass
@@ -239,6 +247,7 @@ class TextEncoderConfig:
     arch: dict = doc({}, "Inline T5Config arguments for a tiny random-init encoder when `pretrained` is unset.")
     max_length: int = doc(226, "Prompt embeddings are padded or truncated to this many tokens (CogVideoX: 226).")
     dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Text encoder compute dtype.")
+    seed: Optional[int] = doc(None, "Init seed of a random-init (`arch`) text encoder; null: run.seed.")
 
 
 @dataclass
@@ -282,7 +291,7 @@ def accumulation_steps(t: "TrainConfig", world_size: int, sp: int = 1) -> int:
 @dataclass
 class ValidationConfig:
     every_steps: int = doc(0, "Sample validation videos every this many steps; 0 disables.")
-    pairs: list = doc([], "List of {image: PNG path, prompt: text} conditioning pairs.")
+    pairs: list = doc([], "List of {image: image or video path (its first frame), prompt: text} conditioning pairs.")
     num_inference_steps: int = doc(50, "Sampler steps.")
     guidance_scale: float = doc(6.0, "Classifier-free guidance scale (1.0 disables guidance).")
     num_frames: Optional[int] = doc(None, "Frames to sample (default: data.video.frames).")
@@ -401,6 +410,7 @@ def _check_lora_and_ema(cfg: Config) -> None:
 # Ranges of numeric fields: dotted key -> (low, high), inclusive; None is unbounded.
 _RANGES = {
     "train.max_steps": (1, None),
+    "run.lock_timeout_s": (1.0, None),
     "train.micro_batch_size": (1, None),
     "train.grad_accum_steps": (1, None),
     "train.log_every": (1, None),

@@ -159,6 +159,8 @@ def adopt(cfg, recorded: dict, where: str, what: str) -> list[str]:
                     f"({key}.pretrained=null \"{key}.arch={{}}\" on the command line), or make {what} again "
                     "with this one"
                 )
+            if s.pretrained:  # absolute from here on: the run's config.yaml is read from other directories
+                s.pretrained = os.path.abspath(s.pretrained)
             lines.append(f"{key}: {describe(mine)}, as recorded in {where}")
             continue
         if theirs["source"] == "pretrained":
