@@ -85,4 +85,4 @@ def test_arch_file_builds_the_inline_model_and_guards_pretrained_weights(tmp_pat
     with pytest.raises(ConfigError, match="model.arch_file: file not found"):
         build_transformer(ModelConfig(arch_file=str(tmp_path / "nope.json")))
     with pytest.raises(ConfigError, match="model.arch: set only one of model.arch and model.arch_file"):
-        load_config(REPO / "configs" / "tiny.yaml", [f"model.arch_file={path}"])
+        load_config(REPO / "configs" / "tiny.yaml", [f"model.arch_file={path}", "model.arch={num_layers: 2}"])
