@@ -159,7 +159,7 @@ def test_export_cli_replaces_atomically_and_reports_errors(runs, tmp_path):
     p = subprocess.run(cli + ["--checkpoint", os.path.join(run, "checkpoints"), "--out", str(out)], cwd=REPO,
                        env=_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["i2v_export.json", "model_index.json", "scheduler", "text_encoder",
+    assert sorted(os.listdir(out)) == ["README.md", "i2v_export.json", "model_index.json", "scheduler", "text_encoder",
                                        "tokenizer", "transformer", "vae"]
     assert not os.path.exists(f"{out}.tmp") and not os.path.exists(f"{out}.old")
 
@@ -185,8 +185,9 @@ def test_export_refuses_mismatched_config_and_foreign_output(runs, tmp_path):
     cfg = load_config(config, ["diffusion.snr_shift_scale=1.0"])
     with pytest.raises(ConfigError, match=r"diffusion\.snr_shift_scale: checkpoint has 3\.0, config has 1\.0"):
         export_pipeline(cfg, ckpt, str(tmp_path / "b"))
-    cfg = load_config(config, ["run.seed=7"])  # the inline VAE and T5 would be different random weights
-    with pytest.raises(ConfigError, match=r"run\.seed: checkpoint has 0, config has 7"):
+    cfg = load_config(config, ["run.seed=7"])  # the inline T5 would be different random weights
+    with pytest.raises(ConfigError, match=r"precompute\.text_encoder: this run names an inline arch, seed 7 .*"
+                                          r"made with an inline arch, seed 0"):
         export_pipeline(cfg, ckpt, str(tmp_path / "c"))
     cfg = load_config(config)
     with pytest.raises(CheckpointError, match="not a committed checkpoint"):

@@ -9,12 +9,13 @@ import torch
 from conftest import REPO
 from i2v.config import load_config
 from i2v.data_prep.encoders import build_vae
-from i2v.data_prep.fit_vae import latent_std, load_clips, main, reconstruction_error
+from i2v.data_prep.fit_vae import latent_std, load_clips, main, posterior_std, reconstruction_error
 from i2v.data_prep.make_shards import make_shards
 from i2v.data_prep.synthetic import make_clips
+from random_vae import RANDOM_VAE
 
-# 32 x 32 clips keep the fit cheap on one thread; the VAE is the tiny config's, unchanged.
-SMALL = ["data.video.height=32", "data.video.width=32"]
+# 32 x 32 clips keep the fit cheap on one thread; the VAE starts from a random init of the tiny shape.
+SMALL = ["data.video.height=32", "data.video.width=32", *RANDOM_VAE]
 
 
 def test_fit_lowers_reconstruction_error_and_saves_a_loadable_vae(tmp_path):
@@ -39,6 +40,9 @@ def test_fit_lowers_reconstruction_error_and_saves_a_loadable_vae(tmp_path):
     assert abs(info["mse_after"] - fitted_err) < 1e-4  # and what was saved is what was fitted
     assert info["latent"] == "mode"  # the decoder was fitted on the latent precompute and sampling use
     assert fitted_err < 0.3 * random_err, (random_err, fitted_err)
+    # The posterior is tightened after the fit (the pipeline encodes first frames with a sample of it).
+    assert info["fitted_posterior_std"] > 0.1 and abs(info["posterior_std"] - 1e-3) < 1e-6
+    assert abs(posterior_std(vae, clips) - 1e-3) < 1e-6
 
     # The scaling factor written is 1 / std of this VAE's posterior means: scaled latents have unit std.
     written = json.loads((out / "config.json").read_text())["scaling_factor"]
