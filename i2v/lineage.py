@@ -57,7 +57,9 @@ def files_digest(directories: list[str], known: dict | None = None) -> dict:
     `known`: an earlier digest of the same directories; a file whose size and mtime are unchanged
     keeps its recorded hash instead of being read again (a T5-XXL is 9.5 GB).
     """
-    base = os.path.dirname(os.path.abspath(directories[0]).rstrip("/"))
+    # Names relative to the model, not to where it lies: a moved copy has the same digest.
+    dirs = [os.path.abspath(d).rstrip("/") for d in directories]
+    base = dirs[0] if len(dirs) == 1 else os.path.commonpath(dirs)
     files, old = {}, (known or {}).get("files", {})
     for directory in directories:
         for dirpath, dirnames, names in os.walk(directory):
@@ -150,38 +152,35 @@ def adopt(cfg, recorded: dict, where: str, what: str) -> list[str]:
         if not theirs:
             continue
         s = _section(cfg, which)
-        if named(cfg, which):
-            mine = identity(cfg, which, known=theirs)
-            if not same(mine, theirs):
+        named_here = named(cfg, which)
+        if not named_here:  # take the recorded one
+            if theirs["source"] == "arch":
+                s.pretrained, s.arch, s.seed = None, dict(theirs["arch"]), theirs["seed"]
+                lines.append(f"{key}: {describe(theirs)}, from {where}")
+                continue
+            if not os.path.isdir(theirs["path"]):
                 raise ConfigError(
-                    f"{key}: this run names {describe(mine)}, but {what} were made with {describe(theirs)} "
-                    f"(recorded in {where}). Leave {key} unset to use the recorded one "
-                    f"({key}.pretrained=null \"{key}.arch={{}}\" on the command line), or make {what} again "
-                    "with this one"
+                    f"{key}: {what} were made with {theirs['path']} (recorded in {where}), which no longer "
+                    f"exists; set {key}.pretrained to where that directory is now"
                 )
-            if s.pretrained:  # absolute from here on: the run's config.yaml is read from other directories
-                s.pretrained = os.path.abspath(s.pretrained)
-            lines.append(f"{key}: {describe(mine)}, as recorded in {where}")
-            continue
-        if theirs["source"] == "pretrained":
-            path = theirs["path"]
-            if not os.path.isdir(path):
-                raise ConfigError(
-                    f"{key}: {what} were made with {path} (recorded in {where}), which no longer exists; "
-                    f"set {key}.pretrained to where that directory is now"
-                )
-            s.pretrained, s.arch = path, {}
-            mine = identity(cfg, which, known=theirs)
-            if not same(mine, theirs):
-                raise ConfigError(
-                    f"{key}: {path} has changed since {what} were made with it (files sha256 "
-                    f"{mine['files_sha256'][:12]}, recorded {str(theirs.get('files_sha256'))[:12]} in {where}); "
-                    f"set {key}.pretrained to the original, or make {what} again"
-                )
-        else:
-            s.pretrained, s.arch, s.seed = None, dict(theirs["arch"]), theirs["seed"]
-        lines.append(f"{key}: {describe(theirs)}, from {where}")
+            s.pretrained, s.arch = theirs["path"], {}
+        mine = identity(cfg, which, known=theirs)
+        if not same(mine, theirs):
+            raise ConfigError(_mismatch(key, mine, theirs, where, what, named_here))
+        if s.pretrained:  # absolute from here on: the run's config.yaml is read from other directories
+            s.pretrained = os.path.abspath(s.pretrained)
+        lines.append(f"{key}: {describe(mine)}, {'as recorded in' if named_here else 'from'} {where}")
     return lines
+
+
+def _mismatch(key: str, mine: dict, theirs: dict, where: str, what: str, named_here: bool) -> str:
+    if named_here:
+        return (f"{key}: this run names {describe(mine)}, but {what} were made with {describe(theirs)} "
+                f"(recorded in {where}). Leave {key} unset to use the recorded one ({key}.pretrained=null "
+                f"\"{key}.arch={{}}\" on the command line), or make {what} again with this one")
+    return (f"{key}: {theirs['path']} has changed since {what} were made with it (files sha256 "
+            f"{mine['files_sha256'][:12]}, recorded {str(theirs.get('files_sha256'))[:12]} in {where}); "
+            f"set {key}.pretrained to the original, or make {what} again")
 
 
 def resolve_for_training(cfg) -> list[str]:
