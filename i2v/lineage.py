@@ -192,8 +192,10 @@ def resolve_for_training(cfg) -> list[str]:
 
 
 def recorded_identities(cfg) -> dict:
-    """{"vae": ..., "text_encoder": ...} of a resolved config: what a checkpoint records."""
-    return {w: identity(cfg, w) for w in ENCODERS if named(cfg, w)}
+    """{"vae": ..., "text_encoder": ...} of a resolved config: what a checkpoint records. Files the latent
+    manifest already hashed, unchanged since, are not read again."""
+    known, _ = manifest_encoders(cfg.data.latent_shards)
+    return {w: identity(cfg, w, known=(known or {}).get(w)) for w in ENCODERS if named(cfg, w)}
 
 
 def adopt_checkpoint(cfg, checkpoint_dir: str) -> list[str]:

@@ -66,7 +66,8 @@ class Trainer:
             pairs = load_pairs(cfg) if cfg.validation.every_steps > 0 else None
             if env.is_main:  # one run per output folder, before anything is written into it
                 self.lock = RunLock.acquire(self.out, cfg.run.lock_timeout_s, self.log)
-        self.encoders = lineage.recorded_identities(cfg)  # checked against the manifest by the launcher
+        # What the checkpoints record (rank 0 writes the client state); checked against the manifest by the launcher.
+        self.encoders = lineage.recorded_identities(cfg) if env.is_main else {}
         if cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
             # Not its debugging fill of every new tensor with NaN: DeepSpeed allocates reduction
