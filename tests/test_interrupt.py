@@ -67,11 +67,14 @@ def _latest(out):
     return latest.read_text().strip() if latest.exists() else None
 
 
-@pytest.mark.parametrize("launcher", ["python", "torchrun", "deepspeed"])
-def test_ctrl_c_commits_and_exits_130(tmp_path, shards, launcher):
+@pytest.mark.parametrize("launcher,workers", [("python", 0), ("python", 2), ("torchrun", 0), ("deepspeed", 0)])
+def test_ctrl_c_commits_and_exits_130(tmp_path, shards, launcher, workers):
+    """`workers`: DataLoader worker processes, which get the terminal's SIGINT too."""
     out, log_path = tmp_path / "run", tmp_path / "log.txt"
     with open(log_path, "w") as log:
-        proc = _start(launcher, out, shards, log, "train.max_steps=100000")
+        # With workers, a step of 8 micro-batches needs more than their prefetched ones after the signal.
+        extra = [f"data.num_workers={workers}"] + (["train.grad_accum_steps=8"] if workers else [])
+        proc = _start(launcher, out, shards, log, "train.max_steps=100000", *extra)
         _wait_for_steps(out, proc, 3)
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=240)

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import random
+import signal
 import sys
 import tarfile
 import time
@@ -399,6 +400,12 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
+def _ignore_ctrl_c(worker_id: int) -> None:
+    # A terminal's Ctrl-C reaches the workers too. The trainer stops at a step boundary after a commit,
+    # which may need micro-batches still to be read: the workers keep serving until the loader ends them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: LatentDataset, num_workers: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset,
@@ -406,6 +413,7 @@ def make_loader(dataset: LatentDataset, num_workers: int) -> torch.utils.data.Da
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
+        worker_init_fn=_ignore_ctrl_c if num_workers > 0 else None,
     )
 
 
