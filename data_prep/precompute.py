@@ -332,7 +332,7 @@ class ShardClips(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls: list[str], cfg: Config):
-        self.urls, self.video, self.seed = urls, cfg.data.video, cfg.run.seed
+        self.urls, self.video, self.seed, self.remote = urls, cfg.data.video, cfg.run.seed, cfg.data.remote
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -340,7 +340,8 @@ class ShardClips(torch.utils.data.IterableDataset):
         for j in range(worker, len(self.urls), workers):
             # Rejected samples are listed, not fatal: the manifest reports them and the trainer's own limit applies.
             bad = BadSamples(max_fraction=1.0, min_samples=1, keep_keys=10**9)
-            for clip in iter_shard_clips(self.urls[j], self.video, train=False, seed=self.seed, bad=bad):
+            for clip in iter_shard_clips(self.urls[j], self.video, train=False, seed=self.seed, bad=bad,
+                                         remote_cfg=self.remote):
                 yield {"shard": j, "clip": clip}
             yield {"shard": j, "bad": bad.summary()}
 

@@ -31,12 +31,12 @@ import time
 from typing import Iterator
 
 import torch
-import webdataset as wds
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import load_file, save_file
 
-from i2v.data import latent_order
+from i2v.config import RemoteConfig
+from i2v.data import latent_order, remote
 from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for
 from i2v.errors import DataError
 from i2v.fsutil import write_json_atomic
@@ -107,8 +107,11 @@ def save_empty_prompt(directory: str | os.PathLike, prompt_embeds: torch.Tensor)
     return path
 
 
-def load_empty_prompt(spec: str) -> torch.Tensor | None:
-    """The dataset's empty-prompt embedding [L, D], if the shard directory holds one."""
+def load_empty_prompt(spec: str, remote_cfg: RemoteConfig | None = None) -> torch.Tensor | None:
+    """The dataset's empty-prompt embedding [L, D], if the shard directory (or URL folder) holds one."""
+    if remote.is_remote(spec):
+        data = remote.read_object(f"{remote.parent_url(spec)}/{EMPTY_PROMPT_FILE}", remote_cfg)
+        return None if data is None else st_load(data)["prompt_embeds"]
     directory = spec if os.path.isdir(spec) else os.path.dirname(spec.split("{")[0])
     path = os.path.join(directory, EMPTY_PROMPT_FILE)
     if not os.path.isfile(path):
@@ -179,6 +182,8 @@ def decode_sample(sample: dict, expect: dict | None = None) -> dict:
 def _shard_problem(exn: BaseException) -> tuple[str, str]:
     """(reason, detail) of a shard that failed while webdataset streamed it."""
     # webdataset appends " @ <file object>" and the url to the message; the url is named by the caller.
+    if isinstance(exn, remote.RemoteError):  # missing, denied, unreachable or retried out: said as such
+        return exn.reason, exn.detail[:300]
     message = str(exn.args[0]).split(" @ ")[0] if exn.args else str(exn)
     cut = isinstance(exn, EOFError) or "unexpected end" in message or "truncated" in message
     return (latent_order.TRUNCATED if cut else latent_order.UNREADABLE), f"{type(exn).__name__}: {message}"[:200]
@@ -217,6 +222,7 @@ class LatentDataset(torch.utils.data.IterableDataset):
         allow_pipe: bool = False,
         order: str = "auto",
         key: str = "data.latent_shards",
+        remote_cfg: RemoteConfig | None = None,
     ):
         super().__init__()
         self.urls = expand_shards(shards, key=key, allow_pipe=allow_pipe)
@@ -228,6 +234,7 @@ class LatentDataset(torch.utils.data.IterableDataset):
         self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples_for_bad_check
         self.expect = expect
         self.start_batch = start_batch
+        self.remote_cfg = remote_cfg or RemoteConfig()
         self.num_workers = num_workers
         self.bad_shards: list[tuple[str, str, str]] = []  # (path, reason, detail) found by the index
         if order == "global":
@@ -260,6 +267,7 @@ class LatentDataset(torch.utils.data.IterableDataset):
 
     def _samples(self, shard_stream, bad: BadSamples) -> Iterator[dict]:
         scanned: dict[str, tuple[str, str] | None] = {}  # local shard -> what is wrong with it, looked at once
+        warned: set[str] = set()  # remote shards said to be bad on stderr, once each
         for epoch, url in shard_stream:
             # tarfile ends a local shard cut between members quietly; its headers tell (see scan_tar).
             if url not in scanned and os.path.isfile(url):
@@ -273,10 +281,14 @@ class LatentDataset(torch.utils.data.IterableDataset):
             def handler(exn, url=url, counted=counted):
                 if not counted[0]:
                     counted[0] = True
+                    if isinstance(exn, remote.RemoteError) and url not in warned:
+                        warned.add(url)
+                        print(f"warning: data.latent_shards: {exn}; counted as a bad read (data.max_bad_fraction)",
+                              file=sys.stderr, flush=True)
                     bad.add_bad(url, *_shard_problem(exn))
                 return True  # skip the rest of this shard, keep training
 
-            raw = wds.tarfile_to_samples(handler=handler)([{"url": url}])
+            raw = remote.tar_samples([{"url": url}], handler, self.remote_cfg)
             for sample in raw:
                 try:
                     out = decode_sample(sample, self.expect)
@@ -357,7 +369,8 @@ class LatentDataset(torch.utils.data.IterableDataset):
             # A micro-batch whose samples were all bad still takes its turn, so positions stay aligned.
             batch = collate(samples) if samples else {"empty": True}
             batch["position"] = position
-            batch["bad"] = {"worker": worker, "good": bad.good, "by_reason": dict(bad.by_reason)}
+            batch["bad"] = {"worker": worker, "good": bad.good, "by_reason": dict(bad.by_reason),
+                            "remote_retries": remote.retry_count()}
             yield batch
             local += workers
 
@@ -383,7 +396,8 @@ class LatentDataset(torch.utils.data.IterableDataset):
         for i, batch in enumerate(self._batches(stream)):
             if i < skip:
                 continue
-            batch["bad"] = {"worker": worker, "good": bad.good, "by_reason": dict(bad.by_reason)}
+            batch["bad"] = {"worker": worker, "good": bad.good, "by_reason": dict(bad.by_reason),
+                            "remote_retries": remote.retry_count()}
             yield batch
 
 

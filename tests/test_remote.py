@@ -1,0 +1,162 @@
+"""Shards from real servers on 127.0.0.1 (an in-test HTTP server with faults, moto's S3 server): a drop
+mid-shard resumes by byte range and loses or repeats no sample, 503s and stalls are retried within
+data.remote.retries and data.remote.timeout_s, and a missing shard is counted and named."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import time
+
+import pytest
+import torch
+
+from i2v.config import RemoteConfig
+from i2v.data import remote
+from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
+from i2v.data.shards import expand_shards, shuffled
+from i2v.errors import DataError
+from latent_shards import make_latent_shards
+from remote_servers import FaultyHTTPServer, moto_s3
+
+SHARDS, PER_SHARD = 4, 6
+PATTERN = "/latents/latents-{000000..000003}.tar"
+FAST = RemoteConfig(retries=3, timeout_s=2.0, backoff_s=0.01)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A folder served over HTTP: latents/ with 4 shards of 6 samples and the empty prompt."""
+    d = tmp_path_factory.mktemp("served")
+    make_latent_shards(d / "latents", shards=SHARDS, per_shard=PER_SHARD)
+    return d
+
+
+def all_keys():
+    return sorted(f"sample{i:05d}" for i in range(SHARDS * PER_SHARD))
+
+
+def epoch(spec, cfg=FAST, **kw):
+    """One pass over every shard in stream order, batch size 1: (samples by key, last batch's counts)."""
+    kw = {"batch_size": 1, "shuffle_buffer": 0, "resampled": False, "max_bad_fraction": 0.5, **kw}
+    ds = LatentDataset(spec, order="stream", remote_cfg=cfg, **kw)
+    seen = []
+    for b in make_loader(ds, 0):
+        if b["epochs"][0] > 0:
+            # A shard's counts travel with the next batch: this one's hold all of epoch 0 and
+            # epoch 1's first shard (see bad_in_epoch0).
+            return seen, b["bad"]
+        seen.append((b["keys"][0], b["video_latents"][0]))
+    raise AssertionError("the stream ended")
+
+
+def bad_in_epoch0(bad, spec, url, reason):
+    """bad["by_reason"] less epoch 1's first shard, if that is `url` (stream order, seed 0, one rank, no workers)."""
+    counts = dict(bad["by_reason"])
+    if shuffled(expand_shards(spec, "x"), "0-1-0-0")[0] == url:
+        counts[reason] -= 1
+    return counts
+
+
+def local_samples(root):
+    seen, _ = epoch(str(root / "latents"))
+    return dict(seen)
+
+
+def shard_size(root, i=1):
+    return os.path.getsize(root / "latents" / f"latents-{i:06d}.tar")
+
+
+def test_drop_mid_shard_resumes_at_the_byte_reached(root):
+    with FaultyHTTPServer(root) as server:
+        cut = shard_size(root) // 2 + 100  # inside a member, in the middle of the shard
+        server.add_fault("/latents/latents-000001.tar", "drop", cut)
+        before = remote.retry_count()
+        seen, bad = epoch(server.url + PATTERN)
+    keys = [k for k, _ in seen]
+    assert sorted(keys) == all_keys()  # each sample once: nothing lost, nothing repeated
+    ref = local_samples(root)
+    assert all(torch.equal(v, ref[k]) for k, v in seen)
+    assert ("/latents/latents-000001.tar", f"bytes={cut}-") in server.requests
+    assert remote.retry_count() - before == 1 and bad["remote_retries"] >= 1
+    assert bad["by_reason"] == {}
+
+
+def test_server_without_ranges_reopens_and_skips_what_was_read(root):
+    with FaultyHTTPServer(root, ranges=False) as server:
+        server.add_fault("/latents/latents-000002.tar", "drop", shard_size(root, 2) // 3)
+        seen, bad = epoch(server.url + PATTERN)
+    assert sorted(k for k, _ in seen) == all_keys() and bad["by_reason"] == {}
+
+
+def test_503_and_429_are_retried_with_backoff(root):
+    with FaultyHTTPServer(root) as server:
+        server.add_fault("/latents/latents-000000.tar", "status", 503)
+        server.add_fault("/latents/latents-000003.tar", "status", 429)
+        server.add_fault("/latents/latents-000003.tar", "status", 500)
+        before = remote.retry_count()
+        seen, bad = epoch(server.url + PATTERN)
+    assert sorted(k for k, _ in seen) == all_keys() and bad["by_reason"] == {}
+    assert remote.retry_count() - before == 3
+
+
+def test_stall_times_out_and_resumes(root):
+    cfg = RemoteConfig(retries=2, timeout_s=1.0, backoff_s=0.01)
+    with FaultyHTTPServer(root) as server:
+        server.add_fault("/latents/latents-000002.tar", "stall", shard_size(root, 2) // 2, 60)
+        t0 = time.monotonic()
+        seen, bad = epoch(server.url + PATTERN, cfg)
+        took = time.monotonic() - t0
+    assert sorted(k for k, _ in seen) == all_keys() and bad["by_reason"] == {}
+    assert 1.0 <= took < 10, f"the stalled read took {took:.1f} s with data.remote.timeout_s=1"
+    assert any(p == "/latents/latents-000002.tar" and r and r != "bytes=0-" for p, r in server.requests)
+
+
+def test_missing_shard_is_counted_and_named(root, capsys):
+    with FaultyHTTPServer(root) as server:
+        server.add_fault("/latents/latents-000002.tar", "always", 404)
+        seen, bad = epoch(server.url + PATTERN)
+        assert sorted(k for k, _ in seen) == [k for k in all_keys() if not 12 <= int(k[6:]) < 18]
+        url = server.url + "/latents/latents-000002.tar"
+        assert bad_in_epoch0(bad, server.url + PATTERN, url, remote.MISSING) == {remote.MISSING: 1}
+        assert f"{url}: remote shard missing" in capsys.readouterr().err
+        # Past data.max_bad_fraction the run stops, naming the shard and what the server said.
+        server.add_fault("/latents/latents-000001.tar", "always", 403)
+        with pytest.raises(DataError, match=r"latents-00000[12]\.tar: HTTP 40[34]") as e:
+            epoch(server.url + PATTERN, max_bad_fraction=0.01, min_samples_for_bad_check=5)
+    assert "data.max_bad_fraction" in str(e.value)
+
+
+def test_retries_are_bounded(root):
+    with FaultyHTTPServer(root) as server:
+        server.add_fault("/latents/latents-000000.tar", "always", 503)
+        t0 = time.monotonic()
+        seen, bad = epoch(server.url + PATTERN, RemoteConfig(retries=2, timeout_s=1.0, backoff_s=0.05))
+    assert time.monotonic() - t0 < 5
+    url = server.url + "/latents/latents-000000.tar"
+    assert bad_in_epoch0(bad, server.url + PATTERN, url, remote.GAVE_UP) == {remote.GAVE_UP: 1} and len(seen) == (SHARDS - 1) * PER_SHARD
+    assert [p for p, _ in server.requests].count("/latents/latents-000000.tar") == 3  # first try + 2 retries
+
+
+def test_empty_prompt_comes_from_the_url_folder(root):
+    with FaultyHTTPServer(root) as server:
+        got = load_empty_prompt(server.url + PATTERN, FAST)
+    assert torch.equal(got, load_empty_prompt(str(root / "latents")))
+
+
+def test_s3_shards_through_moto(root):
+    with moto_s3():
+        client = remote.s3_client(FAST)
+        client.create_bucket(Bucket="data")
+        for name in sorted(os.listdir(root / "latents")):
+            client.upload_file(str(root / "latents" / name), "data", f"lat/{name}")
+        client.delete_object(Bucket="data", Key="lat/latents-000003.tar")
+        seen, bad = epoch("s3://data/lat/latents-{000000..000003}.tar")
+        prompt = load_empty_prompt("s3://data/lat/latents-{000000..000003}.tar", FAST)
+    ref = local_samples(root)
+    assert sorted(k for k, _ in seen) == all_keys()[: 3 * PER_SHARD]
+    assert all(torch.equal(v, ref[k]) for k, v in seen)
+    assert bad_in_epoch0(bad, "s3://data/lat/latents-{000000..000003}.tar", "s3://data/lat/latents-000003.tar",
+                         remote.MISSING) == {remote.MISSING: 1}
+    assert prompt.shape == (8, 32)
