@@ -1,0 +1,59 @@
+"""The precompute job reads its video shards from an S3-compatible server (moto, on 127.0.0.1), is
+SIGKILLed after its first shard and rerun, and ends with the latent shards of the same job over the
+local files: every clip encoded once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import time
+
+from i2v.config import RemoteConfig
+from i2v.data import remote
+from i2v.data_prep.make_shards import make_shards
+from i2v.data_prep.precompute import run
+from i2v.data_prep.synthetic import random_spec, render, write_mp4
+from remote_servers import moto_s3
+from test_precompute import BACKGROUNDS, SMALL, _launch, cfg_for, tars
+
+
+def test_precompute_reads_s3_survives_sigkill_and_encodes_each_clip_once(tmp_path):
+    rng = random.Random(0)
+    os.makedirs(tmp_path / "clips")
+    for i, bg in enumerate(BACKGROUNDS[:6]):
+        spec = dataclasses.replace(random_spec(rng, 64, 64, 12), background=bg)
+        write_mp4(str(tmp_path / "clips" / f"c{i:02d}.mp4"), [render(spec, t, 64, 64) for t in range(12)], 8)
+        (tmp_path / "clips" / f"c{i:02d}.txt").write_text(spec.caption)
+    shards = tmp_path / "shards"
+    make_shards(str(tmp_path / "clips"), str(shards), 2, 1, 1, progress=False)
+    ref = str(tmp_path / "ref")
+    run(cfg_for(shards, ref), progress=False)  # the same job over the local files
+
+    with moto_s3() as (_, env):
+        client = remote.s3_client(RemoteConfig())
+        client.create_bucket(Bucket="videos")
+        for name in sorted(os.listdir(shards)):
+            client.upload_file(str(shards / name), "videos", f"shards/{name}")
+        out = str(tmp_path / "lat")
+        args = ["data.video_shards=s3://videos/shards/shard-{000000..000002}.tar", f"data.latent_shards={out}", *SMALL]
+        proc = _launch(args, env)
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "latents-000000.json")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        finished = {n for n in tars(out) if os.path.exists(os.path.join(out, n[:-4] + ".json"))}
+        assert "latents-000000.tar" in finished and len(finished) < 3
+        rerun = _launch(args, env)
+        stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert f"{3 - len(finished)} shard(s) written" in stdout and f"{len(finished)} already finished" in stdout
+    assert tars(out) == tars(ref)  # byte for byte: each clip once, in its shard, as from local files
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["samples"] == 6 and manifest["rejected"] == 0
+    assert [s["source"] for s in manifest["shards"]] == [f"s3://videos/shards/shard-{i:06d}.tar" for i in range(3)]
