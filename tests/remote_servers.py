@@ -6,7 +6,8 @@
     ("status", code)     answer `code` with no body (503 once, 429, ...)
     ("stall", n, secs)   send n bytes, then nothing for `secs` seconds (or until the server stops)
     ("always", code)     answer `code` to this and every later request (a 404, a 403)
-  Every request is logged as (path, Range header or None).
+  Every request is logged as (path, Range header or None). With `upstream=(host, port)` it is a proxy
+  in front of another server (moto's S3), the faults applied to what that server answers.
 - `moto_s3()`: moto's S3-compatible server in a thread, and the environment a boto3 client (or a
   subprocess) needs to reach it.
 """
@@ -14,7 +15,9 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -32,6 +35,9 @@ class _Handler(BaseHTTPRequestHandler):
         fault = server.next_fault(path, rng)
         if fault and fault[0] in ("status", "always"):
             self._empty(fault[1])
+            return
+        if server.upstream:
+            self._relay(server, fault)
             return
         file = os.path.join(server.root, path.lstrip("/"))
         if not os.path.isfile(file):
@@ -63,6 +69,27 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(body)
 
+    def _relay(self, server, fault) -> None:
+        """Proxy mode: the upstream's answer (headers and all), cut short by a "drop" fault."""
+        conn = http.client.HTTPConnection(*server.upstream, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+        conn.request("GET", self.path, headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("connection", "transfer-encoding", "content-length", "date", "server"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if fault and fault[0] == "drop":
+            self.wfile.write(body[: fault[1]])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
     def _empty(self, code: int) -> None:
         self.send_response(code)
         self.send_header("Content-Length", "0")
@@ -72,14 +99,18 @@ class _Handler(BaseHTTPRequestHandler):
 class FaultyHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: str, ranges: bool = True):
+    def __init__(self, root: str | None = None, ranges: bool = True, upstream: tuple[str, int] | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.root, self.ranges = str(root), ranges
+        self.root, self.ranges, self.upstream = str(root), ranges, upstream
         self.faults: dict[str, list[tuple]] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no news here
+            super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:
@@ -109,7 +140,7 @@ class FaultyHTTPServer(ThreadingHTTPServer):
 
 @contextlib.contextmanager
 def moto_s3():
-    """(endpoint URL, environment for boto3) of a moto S3 server on 127.0.0.1, stopped on exit."""
+    """(endpoint URL, environment for boto3, (host, port)) of a moto S3 server on 127.0.0.1, stopped on exit."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -121,7 +152,7 @@ def moto_s3():
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        yield endpoint, env
+        yield endpoint, env, (host, port)
     finally:
         for k, v in saved.items():
             if v is None:

@@ -145,18 +145,27 @@ def test_empty_prompt_comes_from_the_url_folder(root):
     assert torch.equal(got, load_empty_prompt(str(root / "latents")))
 
 
-def test_s3_shards_through_moto(root):
-    with moto_s3():
+def test_s3_shards_through_moto_with_a_drop_a_503_and_a_missing_key(root):
+    spec = "s3://data/lat/latents-{000000..000003}.tar"
+    with moto_s3() as (_, _, upstream):
         client = remote.s3_client(FAST)
         client.create_bucket(Bucket="data")
         for name in sorted(os.listdir(root / "latents")):
             client.upload_file(str(root / "latents" / name), "data", f"lat/{name}")
         client.delete_object(Bucket="data", Key="lat/latents-000003.tar")
-        seen, bad = epoch("s3://data/lat/latents-{000000..000003}.tar")
-        prompt = load_empty_prompt("s3://data/lat/latents-{000000..000003}.tar", FAST)
+        prompt = load_empty_prompt(spec, FAST)
+        # The faults sit in a proxy in front of moto; boto3 reaches it through data.remote.endpoint_url.
+        with FaultyHTTPServer(upstream=upstream) as proxy:
+            proxy.add_fault("/data/lat/latents-000001.tar", "drop", shard_size(root) // 2)
+            proxy.add_fault("/data/lat/latents-000002.tar", "status", 503)
+            before = remote.retry_count()
+            seen, bad = epoch(spec, RemoteConfig(retries=3, timeout_s=5.0, backoff_s=0.01, endpoint_url=proxy.url))
     ref = local_samples(root)
-    assert sorted(k for k, _ in seen) == all_keys()[: 3 * PER_SHARD]
+    assert sorted(k for k, _ in seen) == all_keys()[: 3 * PER_SHARD]  # each once
     assert all(torch.equal(v, ref[k]) for k, v in seen)
-    assert bad_in_epoch0(bad, "s3://data/lat/latents-{000000..000003}.tar", "s3://data/lat/latents-000003.tar",
-                         remote.MISSING) == {remote.MISSING: 1}
+    assert bad_in_epoch0(bad, spec, "s3://data/lat/latents-000003.tar", remote.MISSING) == {remote.MISSING: 1}
+    # From the last byte handed out: the drop point, or the start of the read the drop cut short.
+    ranges = [int(r[len("bytes="):-1]) for p, r in proxy.requests if p == "/data/lat/latents-000001.tar" and r]
+    assert len(ranges) == 1 and 0 < ranges[0] <= shard_size(root) // 2
+    assert remote.retry_count() - before == 2
     assert prompt.shape == (8, 32)

@@ -401,3 +401,58 @@ def tar_samples(items: Iterable[dict], handler: Callable[[BaseException], bool],
 
     files = tariterators.tar_file_expander(shard_streams(items, handler, cfg), handler=handler)
     return tariterators.group_by_keys(files, handler=handler)
+
+
+class OutputFolder:
+    """Where a job's results go: a local directory, or an `s3://bucket/prefix` reached through a local
+    staging directory (made and cleared by the job, see data_prep/precompute.py). A file is written locally (to a temporary name, renamed into place) and then
+    `publish`ed: uploaded whole (an S3 object appears only once complete) and removed locally. Local
+    folders are their own staging directory, and `publish` leaves them be."""
+
+    def __init__(self, spec: str, cfg: RemoteConfig | None = None, staging: str | None = None):
+        self.spec, self.cfg = spec.rstrip("/"), cfg or RemoteConfig()
+        self.remote = spec.startswith(S3)
+        if self.remote:
+            self.bucket, _, prefix = self.spec[len("s3://"):].partition("/")
+            self.prefix = f"{prefix}/" if prefix else ""
+            import hashlib
+            import tempfile
+
+            # One staging folder per output and rank, so that a rerun after a kill clears what it left.
+            tag = f"{hashlib.sha256(self.spec.encode()).hexdigest()[:12]}-rank{os.environ.get('RANK', '0')}"
+            self.local = staging or os.path.join(tempfile.gettempdir(), f"i2v-staging-{tag}")
+        else:
+            self.local = spec
+
+    def url(self, name: str) -> str:
+        return f"{self.spec}/{name}"
+
+    def exists(self, name: str) -> bool:
+        if not self.remote:
+            return os.path.isfile(os.path.join(self.local, name))
+        from botocore.exceptions import ClientError
+
+        try:
+            s3_client(self.cfg).head_object(Bucket=self.bucket, Key=self.prefix + name)
+            return True
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise RemoteError(self.url(name), DENIED, str(e)) from None
+
+    def read(self, name: str) -> bytes | None:
+        if not self.remote:
+            path = os.path.join(self.local, name)
+            if not os.path.isfile(path):
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+        return read_object(self.url(name), self.cfg)
+
+    def publish(self, name: str) -> None:
+        """Upload the staged file `name` (then remove it locally); nothing to do for a local folder."""
+        if not self.remote:
+            return
+        path = os.path.join(self.local, name)
+        s3_client(self.cfg).upload_file(path, self.bucket, self.prefix + name)
+        os.remove(path)
