@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from i2v.config import Config
+from i2v.data import latent_order
 from i2v.data.latents import EMPTY_PROMPT_FILE, MANIFEST_FILE, LatentShardWriter, save_empty_prompt, write_manifest
 from i2v.data.remote import OutputFolder
 from i2v.data.shards import BadSamples, expand_shards, sum_by_reason
@@ -407,6 +408,8 @@ class ShardOutput:
             "bytes": os.path.getsize(tar),
             "sha256": sha256_file(tar),
             "shapes": self.shapes,
+            # Each sample's byte offsets: data.order=global reads remote shards by range requests.
+            "index": latent_order.shard_index(tar),
             "rejected": bad["bad"],
             "rejected_by_reason": dict(bad["by_reason"]),
             "rejects": [{"shard": self.shard, **e} for e in bad["examples"]],
@@ -483,8 +486,8 @@ def write_dataset_manifest(job: Precompute, urls: list[str], out: OutputFolder) 
         "empty_shards": [r["name"] for r in records if r["empty"]],
         "shapes": [{"video_latents": json.loads(s)[0], "image_latents": json.loads(s)[1],
                     "prompt_embeds": json.loads(s)[2], "samples": c} for s, c in sorted(shapes.items())],
-        "shards": [{k: r[k] for k in ("name", "source", "samples", "empty", "bytes", "sha256", "rejected")}
-                   for r in records],
+        "shards": [{k: r[k] for k in ("name", "source", "samples", "empty", "bytes", "sha256", "rejected", "index")
+                    if k in r} for r in records],
         "empty_prompt": "empty_prompt.safetensors",
         "fingerprint": job.fingerprint,
     }

@@ -154,8 +154,8 @@ class DataConfig:
     order: Literal["auto", "global", "stream"] = doc(
         "auto",
         "Latent sample order. global: a function of (seed, epoch, index), the same at any world size "
-        "(local files only). stream: per-rank shard streams with a shuffle buffer (any URL). auto: global "
-        "for local files.",
+        "(local files, or http(s)/s3 shards whose manifest.json records sample offsets). stream: per-rank shard "
+        "streams with a shuffle buffer (any URL). auto: global for local files, stream for URLs.",
     )
     shuffle_buffer: int = doc(64, "Size of the seeded sample shuffle buffer; 0 or 1 disables sample shuffling.")
     resampled: bool = doc(True, "Draw shards with replacement forever (infinite training stream).")

@@ -5,6 +5,7 @@ data.remote.retries and data.remote.timeout_s, and a missing shard is counted an
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import time
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from i2v.config import RemoteConfig
-from i2v.data import remote
+from i2v.data import latent_order, remote
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards, shuffled
 from i2v.errors import DataError
@@ -169,3 +170,43 @@ def test_s3_shards_through_moto_with_a_drop_a_503_and_a_missing_key(root):
     assert len(ranges) == 1 and 0 < ranges[0] <= shard_size(root) // 2
     assert remote.retry_count() - before == 2
     assert prompt.shape == (8, 32)
+
+
+def test_global_order_over_http_reads_the_local_batches_at_any_world_size(root, tmp_path):
+    """data.order=global over URLs: the manifest's sample offsets, range reads batched per shard, and the
+    micro-batches of local files at world sizes 2 and 1, from any position (a resharded resume)."""
+    served = tmp_path / "served"
+    shutil.copytree(root / "latents", served / "latents")
+    paths = sorted(str(p) for p in (served / "latents").glob("*.tar"))
+    manifest = {"shards": [{"name": os.path.basename(p), "index": latent_order.shard_index(p)} for p in paths]}
+    (served / "latents" / "manifest.json").write_text(json.dumps(manifest))
+
+    def batches(spec, rank, world, start, n, cfg=FAST):
+        ds = LatentDataset(spec, order="global", rank=rank, world_size=world, batch_size=2, seed=3,
+                           start_global=start, remote_cfg=cfg)
+        return [(b["position"], b["keys"], b["video_latents"], b["image_latents"])
+                for b in itertools.islice(make_loader(ds, 0), n)]
+
+    def same(a, b):
+        return len(a) == len(b) and all(x[:2] == y[:2] and torch.equal(x[2], y[2]) and torch.equal(x[3], y[3])
+                                        for x, y in zip(a, b))
+
+    local = str(served / "latents")
+    before = remote.retry_count()
+    with FaultyHTTPServer(served) as server:
+        url = server.url + PATTERN
+        server.add_fault("/latents/latents-000002.tar", "drop", 700)  # a range read cut short, resumed
+        for rank in (0, 1):  # 2 ranks from the start: 12 micro-batches = one epoch, and into the next
+            assert same(batches(url, rank, 2, 0, 8), batches(local, rank, 2, 0, 8))
+        assert same(batches(url, 0, 1, 6, 8), batches(local, 0, 1, 6, 8))  # resumed alone at position 6
+        retries = remote.retry_count() - before
+        gets = [r for p, r in server.requests if p.endswith(".tar")]
+    samples_read = 2 * 8 * 2 + 8 * 2
+    # At most one request per sample (its two members, neighbours in a shard, share one) and the resume.
+    assert len(gets) <= samples_read + 1
+    assert all(r and r != "bytes=0-" for r in gets)  # ranges, never the whole shard
+    assert retries == 1
+    (served / "latents" / "manifest.json").unlink()
+    with FaultyHTTPServer(served) as server:
+        with pytest.raises(DataError, match=r"manifest\.json: no manifest .*data\.order=stream"):
+            LatentDataset(server.url + PATTERN, order="global", remote_cfg=FAST)

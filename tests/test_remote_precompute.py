@@ -14,7 +14,7 @@ import signal
 import time
 
 from i2v.config import RemoteConfig
-from i2v.data import remote
+from i2v.data import latent_order, remote
 from i2v.data.latents import LatentDataset, make_loader
 from i2v.data_prep.make_shards import make_shards
 from i2v.lineage import manifest_encoders
@@ -65,6 +65,9 @@ def test_precompute_reads_s3_survives_sigkill_and_encodes_each_clip_once(tmp_pat
         ds = LatentDataset("s3://videos/latents/latents-{000000..000002}.tar", order="stream", batch_size=1,
                            shuffle_buffer=0, resampled=False)
         keys = [b["keys"][0] for b in itertools.islice(make_loader(ds, 0), 6)]
+        # The manifest's sample offsets serve the global order by range reads.
+        ds = LatentDataset("s3://videos/latents/latents-{000000..000002}.tar", order="global", batch_size=1)
+        global_keys = [b["keys"][0] for b in itertools.islice(make_loader(ds, 0), 6)]
         # Training over these shards takes its encoders from the uploaded manifest, as from a local one.
         encoders_there, _ = manifest_encoders("s3://videos/latents/latents-{000000..000002}.tar")
     assert f"{3 - len(finished)} shard(s) written" in stdout and f"{len(finished)} already finished" in stdout
@@ -72,5 +75,6 @@ def test_precompute_reads_s3_survives_sigkill_and_encodes_each_clip_once(tmp_pat
     assert listed == sorted(f"latents/{n}" for n in os.listdir(ref) if not n.endswith(".tmp"))
     assert manifest["samples"] == 6 and manifest["rejected"] == 0
     assert [s["source"] for s in manifest["shards"]] == [f"s3://videos/shards/shard-{i:06d}.tar" for i in range(3)]
-    assert sorted(keys) == sorted(k for n in tars(ref) for k in read_shard(os.path.join(ref, n)))
+    assert sorted(keys) == sorted(global_keys) == sorted(k for n in tars(ref) for k in read_shard(os.path.join(ref, n)))
+    assert [s["index"] for s in manifest["shards"]] == [latent_order.shard_index(os.path.join(ref, n)) for n in tars(ref)]
     assert encoders_there is not None and encoders_there == manifest_encoders(ref)[0]

@@ -237,8 +237,14 @@ class LatentDataset(torch.utils.data.IterableDataset):
         self.remote_cfg = remote_cfg or RemoteConfig()
         self.num_workers = num_workers
         self.bad_shards: list[tuple[str, str, str]] = []  # (path, reason, detail) found by the index
-        if order == "global":
+        if order == "global" and not latent_order.is_local(self.urls):  # remote: offsets from the manifest
+            where = f"{remote.parent_url(shards if isinstance(shards, str) else shards[0])}/{MANIFEST_FILE}"
+            data = remote.read_object(where, self.remote_cfg)
+            manifest = json.loads(data) if data is not None else None
+            self.index = latent_order.index_from_manifest(self.urls, manifest, where, key)
+        elif order == "global":
             self.index, self.bad_shards = latent_order.index_shards(self.urls)
+        if order == "global":
             self.batches_per_epoch = len(latent_order.epoch_batches(self.index, batch_size, seed, 0))
             named = "; ".join(f"{p}: {r} ({d})" for p, r, d in self.bad_shards)
             if self.batches_per_epoch == 0:
@@ -351,10 +357,16 @@ class LatentDataset(torch.utils.data.IterableDataset):
                 for path, reason, detail in self.bad_shards:
                     bad.add_bad(path, reason, detail)
             samples = []
-            for i in cache[epoch][j]:
+            raws = latent_order.read_members([self.index[i] for i in cache[epoch][j]], self.remote_cfg)
+            for i, raw in zip(cache[epoch][j], raws):
                 entry = self.index[i]
                 try:
-                    s = decode_sample(latent_order.read_member(entry), self.expect)
+                    if isinstance(raw, OSError):
+                        raise raw
+                    s = decode_sample(raw, self.expect)
+                except remote.RemoteError as e:
+                    bad.add_bad(f"{entry.shard}:{entry.key}", e.reason, e.detail[:300])
+                    continue
                 except OSError as e:  # the shard went away or broke after it was indexed
                     bad.add_bad(f"{entry.shard}:{entry.key}", latent_order.UNREADABLE, str(e)[:200])
                     continue

@@ -96,9 +96,9 @@ class _HttpSource:
     def __init__(self, url: str, cfg: RemoteConfig):
         self.url, self.cfg = url, cfg
 
-    def open(self, start: int):
-        """(body, total size or None, bytes to drop before `start` is reached)."""
-        headers = {"Range": f"bytes={start}-"} if start else {}
+    def open(self, start: int, end: int | None = None):
+        """(body, the object's size or None, bytes to drop before `start` is reached)."""
+        headers = {"Range": _range(start, end)} if start or end is not None else {}
         try:
             resp = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers), timeout=self.cfg.timeout_s)
         except urllib.error.HTTPError as e:
@@ -203,10 +203,10 @@ class _S3Source:
         self.url, self.cfg = url, cfg
         self.bucket, self.key = _s3_parts(url)
 
-    def open(self, start: int):
+    def open(self, start: int, end: int | None = None):
         from botocore.exceptions import ClientError, EndpointConnectionError
 
-        kw = {"Bucket": self.bucket, "Key": self.key, **({"Range": f"bytes={start}-"} if start else {})}
+        kw = {"Bucket": self.bucket, "Key": self.key, **({"Range": _range(start, end)} if start or end is not None else {})}
         try:
             r = s3_client(self.cfg).get_object(**kw)
         except ClientError as e:
@@ -231,7 +231,12 @@ class _S3Source:
             r["Body"].close()
             raise RemoteError(self.url, REFUSED, f"asked for bytes from {start}, got ContentRange {r.get('ContentRange')!r}")
         total = int(m.group(3)) if m else r.get("ContentLength")
-        return _S3Body(r["Body"]), total, 0
+        skip = start if not m else 0  # a store that ignored the range
+        return _S3Body(r["Body"]), total, skip
+
+
+def _range(start: int, end: int | None) -> str:
+    return f"bytes={start}-" + (str(end - 1) if end is not None else "")
 
 
 def _caused_by(e: BaseException, kind: type) -> bool:
@@ -254,12 +259,15 @@ class ResumingReader(io.RawIOBase):
     every further read raises it again: the tar parser above never gets a second, partial run.
     """
 
-    def __init__(self, url: str, cfg: RemoteConfig, source=None, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, url: str, cfg: RemoteConfig, source=None, sleep: Callable[[float], None] = time.sleep,
+                 start: int = 0, end: int | None = None):
         super().__init__()
         self.url, self.cfg, self.sleep = url, cfg, sleep
         self.source = source or (_S3Source(url, cfg) if url.startswith(S3) else _HttpSource(url, cfg))
-        self.pos = 0  # bytes handed out so far
-        self.size: int | None = None
+        self.pos = start  # the next byte to hand out
+        self.end = end  # read bytes [start, end) only; None: to the object's end
+        self.total: int | None = None  # the object's size
+        self.size: int | None = end  # where the stream ends
         self.body = None
         self.failed: RemoteError | None = None
         self.retries = 0  # of this stream
@@ -269,12 +277,17 @@ class ResumingReader(io.RawIOBase):
         return True
 
     def _open(self) -> None:
-        body, total, skip = self.source.open(self.pos)
+        body, total, skip = self.source.open(self.pos, self.end)
+        if self.total is None:
+            self.total = total
+        elif total is not None and total != self.total:
+            body.close()
+            raise RemoteError(self.url, REFUSED, f"the object changed size from {self.total} to {total} bytes mid-read")
         if self.size is None:
             self.size = total
-        elif total is not None and total != self.size:
+        elif total is not None and self.size > total:
             body.close()
-            raise RemoteError(self.url, REFUSED, f"the object changed size from {self.size} to {total} bytes mid-read")
+            raise RemoteError(self.url, REFUSED, f"asked for bytes up to {self.size}, the object has {total}")
         while skip:  # a server that ignored the range: drop what was already handed out
             chunk = body.read(min(skip, 1 << 20))
             if not chunk:
@@ -311,6 +324,8 @@ class ResumingReader(io.RawIOBase):
     def _read_some(self, b) -> int:
         if self.size is not None and self.pos >= self.size:
             return 0
+        if self.size is not None and len(b) > self.size - self.pos:  # a server that sent more than asked
+            b = memoryview(b)[: self.size - self.pos]
         n = self.body.readinto(b)  # at most one socket read (see _Http1): what arrived is kept
         if not n:
             if self.size is None:
@@ -456,3 +471,31 @@ class OutputFolder:
         path = os.path.join(self.local, name)
         s3_client(self.cfg).upload_file(path, self.bucket, self.prefix + name)
         os.remove(path)
+
+
+def read_ranges(url: str, spans: list[tuple[int, int]], cfg: RemoteConfig | None = None,
+                gap: int = 1 << 16) -> list[bytes]:
+    """The bytes of each (offset, size) span of one object, by range requests: spans closer than `gap`
+    bytes are fetched together, so a run of neighbouring samples costs one request. Each request
+    resumes and retries as a shard stream does; a failure raises `RemoteError`."""
+    cfg = cfg or RemoteConfig()
+    order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+    out: list[bytes] = [b""] * len(spans)
+    i = 0
+    while i < len(order):
+        j, lo, hi = i, spans[order[i]][0], sum(spans[order[i]])
+        while j + 1 < len(order) and spans[order[j + 1]][0] <= hi + gap:
+            j += 1
+            hi = max(hi, sum(spans[order[j]]))
+        reader = ResumingReader(url, cfg, start=lo, end=hi)
+        try:
+            data = io.BufferedReader(reader, buffer_size=1 << 20).read()
+        finally:
+            reader.close()
+        if len(data) != hi - lo:
+            raise RemoteError(url, REFUSED, f"bytes {lo}-{hi - 1}: got {len(data)} bytes")
+        for k in order[i:j + 1]:
+            off, size = spans[k]
+            out[k] = data[off - lo: off - lo + size]
+        i = j + 1
+    return out
