@@ -17,6 +17,8 @@ The reader is a list of small generator stages: shard list -> per-(rank, worker)
 tar members -> decode + validate -> seeded shuffle buffer -> pick one image draw ->
 same-shape batches. Bad samples are counted by reason and named by `__key__`; a shard that is not
 a tar or was cut short is counted too, named by its path, and its complete samples are still read.
+Shards behind http(s):// and s3:// URLs are read through `i2v.data.remote`, which resumes a broken
+connection at the byte it reached and counts a missing or denied shard by URL and reason.
 """
 
 from __future__ import annotations
@@ -192,10 +194,11 @@ def _shard_problem(exn: BaseException) -> tuple[str, str]:
 class LatentDataset(torch.utils.data.IterableDataset):
     """Same-shape batches of latent samples for one rank, in one of two orders.
 
-    `order="global"` (local shard files): the global micro-batch sequence is a function of
-    (seed, epoch, index) only (see `latent_order`); rank r takes every world_size-th micro-batch
-    from position `start_global + r`. The order is the same at any world size or worker count, and
-    a resume starts at its position without reading what came before.
+    `order="global"` (local shard files, or http(s)/s3 shards indexed by their manifest.json): the
+    global micro-batch sequence is a function of (seed, epoch, index) only (see `latent_order`); rank
+    r takes every world_size-th micro-batch from position `start_global + r`. The order is the same at
+    any world size or worker count, and a resume starts at its position without reading what came
+    before. Remote samples are read by byte ranges (`latent_order.read_members`).
 
     `order="stream"` (any source, e.g. remote URLs): each (rank, worker) slot streams its own
     shards (disjoint across slots in an epoch); with `resampled`, shards are drawn with replacement
