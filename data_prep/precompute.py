@@ -522,7 +522,8 @@ def run(cfg: Config, rank: int = 0, world: int = 1, device: str | None = None, p
             or out_dir.startswith("pipe:"):
         raise ConfigError(f"data.latent_shards: is {out_dir!r}; the precompute job writes to a local directory "
                           "or an s3://bucket/prefix")
-    urls = expand_shards(cfg.data.video_shards, key="data.video_shards", allow_pipe=cfg.data.allow_pipe)
+    urls = expand_shards(cfg.data.video_shards, key="data.video_shards", allow_pipe=cfg.data.allow_pipe,
+                         remote_cfg=cfg.data.remote)
     if os.path.isdir(cfg.data.video_shards) and os.path.realpath(cfg.data.video_shards) == os.path.realpath(out_dir):
         raise ConfigError("data.latent_shards: must be a different directory from data.video_shards")
     if not out_dir.startswith("s3://") and os.path.exists(out_dir) and not os.path.isdir(out_dir):

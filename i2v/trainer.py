@@ -62,7 +62,8 @@ class Trainer:
         # ranks together: a rank stopping alone would leave the others waiting in a collective.
         self.lock = None
         with all_ranks_agree(env, "input checks"):
-            self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe)
+            self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe,
+                                            remote_cfg=cfg.data.remote)
             pairs = load_pairs(cfg) if cfg.validation.every_steps > 0 else None
             if env.is_main:  # one run per output folder, before anything is written into it
                 self.lock = RunLock.acquire(self.out, cfg.run.lock_timeout_s, self.log)

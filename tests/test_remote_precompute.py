@@ -65,8 +65,9 @@ def test_precompute_reads_s3_survives_sigkill_and_encodes_each_clip_once(tmp_pat
         ds = LatentDataset("s3://videos/latents/latents-{000000..000002}.tar", order="stream", batch_size=1,
                            shuffle_buffer=0, resampled=False)
         keys = [b["keys"][0] for b in itertools.islice(make_loader(ds, 0), 6)]
-        # The manifest's sample offsets serve the global order by range reads.
-        ds = LatentDataset("s3://videos/latents/latents-{000000..000002}.tar", order="global", batch_size=1)
+        # The manifest's sample offsets serve the global order by range reads; a folder URL is listed.
+        ds = LatentDataset("s3://videos/latents/", order="global", batch_size=1)
+        assert ds.urls == [f"s3://videos/latents/latents-{i:06d}.tar" for i in range(3)]
         global_keys = [b["keys"][0] for b in itertools.islice(make_loader(ds, 0), 6)]
         # Training over these shards takes its encoders from the uploaded manifest, as from a local one.
         encoders_there, _ = manifest_encoders("s3://videos/latents/latents-{000000..000002}.tar")

@@ -228,7 +228,8 @@ class LatentDataset(torch.utils.data.IterableDataset):
         remote_cfg: RemoteConfig | None = None,
     ):
         super().__init__()
-        self.urls = expand_shards(shards, key=key, allow_pipe=allow_pipe)
+        self.remote_cfg = remote_cfg or RemoteConfig()
+        self.urls = expand_shards(shards, key=key, allow_pipe=allow_pipe, remote_cfg=self.remote_cfg)
         self.order = order = latent_order.resolve_order(order, self.urls, key)
         self.start_global = start_global
         self.rank, self.world_size = rank, world_size
@@ -237,7 +238,6 @@ class LatentDataset(torch.utils.data.IterableDataset):
         self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples_for_bad_check
         self.expect = expect
         self.start_batch = start_batch
-        self.remote_cfg = remote_cfg or RemoteConfig()
         self.num_workers = num_workers
         self.bad_shards: list[tuple[str, str, str]] = []  # (path, reason, detail) found by the index
         if order == "global" and not latent_order.is_local(self.urls):  # remote: offsets from the manifest

@@ -499,3 +499,18 @@ def read_ranges(url: str, spans: list[tuple[int, int]], cfg: RemoteConfig | None
             out[k] = data[off - lo: off - lo + size]
         i = j + 1
     return out
+
+
+def list_s3(folder: str, suffix: str, cfg: RemoteConfig | None = None) -> list[str]:
+    """The objects directly under `s3://bucket/prefix/` whose names end in `suffix`, sorted, as URLs."""
+    bucket, _, prefix = folder[len("s3://"):].partition("/")
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    urls: list[str] = []
+    try:
+        for page in s3_client(cfg or RemoteConfig()).get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            urls += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []) if o["Key"].endswith(suffix)]
+    except (ClientError, BotoCoreError) as e:
+        raise RemoteError(folder, REFUSED, f"cannot list it: {e}") from None
+    return sorted(urls)

@@ -631,7 +631,7 @@ def build_video_dataset(cfg: Config, rank: int | None, world_size: int | None, t
     check_video_config(d.video)
     if not d.video_shards:
         raise DataError("data.video_shards: not set (a directory, a .tar path, a brace pattern or a URL)")
-    urls = expand_shards(d.video_shards, "data.video_shards", allow_pipe=d.allow_pipe)
+    urls = expand_shards(d.video_shards, "data.video_shards", allow_pipe=d.allow_pipe, remote_cfg=d.remote)
     bad = BadSamples(d.max_bad_fraction, d.min_samples_for_bad_check)
     group = cfg.train.micro_batch_size if d.video.buckets else 1
     return VideoClips(urls, d.video, rank=rank, world_size=world_size, seed=cfg.run.seed, train=train,
