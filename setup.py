@@ -31,5 +31,6 @@ setup(
         "numpy",
         "pillow",
     ],
-    extras_require={"triton": ["triton>=3.6,<3.9"]},
+    # s3:// shards (and S3-compatible stores) are read through boto3; http(s):// needs nothing extra.
+    extras_require={"triton": ["triton>=3.6,<3.9"], "s3": ["boto3>=1.28"]},
 )

@@ -14,7 +14,9 @@ reading whole shards; the bad-sample counts of a shard come back from its worker
 shard's end, so records, manifest and log lines count every worker's rejects.
 
 Resume: a shard is finished when both `latents-N.tar` and its record `latents-N.json` exist
-(the tar is renamed into place first, so a record never describes a missing tar). Anything else
+(the tar is renamed into place first, so a record never describes a missing tar). An `s3://bucket/prefix`
+output is written the same way into a local staging folder, and each finished shard is uploaded, then
+its record, then (once all are there) rejects.jsonl and manifest.json last. Anything else
 is redone; stale temporary files of a killed run are removed. The rank that completes the last
 shard merges the records into `manifest.json` and `rejects.jsonl`; no collective is needed.
 """
@@ -28,6 +30,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import sys
 import threading
 import time
@@ -37,7 +40,9 @@ import torch
 from tqdm import tqdm
 
 from i2v.config import Config
-from i2v.data.latents import LatentShardWriter, save_empty_prompt, write_manifest
+from i2v.data import latent_order
+from i2v.data.latents import EMPTY_PROMPT_FILE, MANIFEST_FILE, LatentShardWriter, save_empty_prompt, write_manifest
+from i2v.data.remote import OutputFolder
 from i2v.data.shards import BadSamples, expand_shards, sum_by_reason
 from i2v.data.videos import iter_shard_clips
 from i2v.data_prep import encoders
@@ -278,13 +283,13 @@ def prefetched(iterable, depth: int = 8) -> Iterator:
         thread.join(timeout=5)
 
 
-def is_finished(out_dir: str, name: str, job: "Precompute") -> bool:
+def is_finished(out: OutputFolder, name: str, job: "Precompute") -> bool:
     """True when the shard and its record exist; a record from other settings is an error naming them."""
-    tar, rec = os.path.join(out_dir, name), record_path(out_dir, name)
-    if not (os.path.isfile(tar) and os.path.isfile(rec)):
+    rec = record_path(out.spec, name)
+    data = out.read(os.path.basename(rec))
+    if data is None or not out.exists(name):
         return False
-    with open(rec) as f:
-        record = json.load(f)
+    record = json.loads(data)
     if record.get("fingerprint") != job.fingerprint:
         theirs = record.get("settings", {})
         differ = [f"{k}: {_brief(theirs.get(k))} there, {_brief(v)} here"
@@ -332,7 +337,7 @@ class ShardClips(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls: list[str], cfg: Config):
-        self.urls, self.video, self.seed = urls, cfg.data.video, cfg.run.seed
+        self.urls, self.video, self.seed, self.remote = urls, cfg.data.video, cfg.run.seed, cfg.data.remote
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -340,7 +345,8 @@ class ShardClips(torch.utils.data.IterableDataset):
         for j in range(worker, len(self.urls), workers):
             # Rejected samples are listed, not fatal: the manifest reports them and the trainer's own limit applies.
             bad = BadSamples(max_fraction=1.0, min_samples=1, keep_keys=10**9)
-            for clip in iter_shard_clips(self.urls[j], self.video, train=False, seed=self.seed, bad=bad):
+            for clip in iter_shard_clips(self.urls[j], self.video, train=False, seed=self.seed, bad=bad,
+                                         remote_cfg=self.remote):
                 yield {"shard": j, "clip": clip}
             yield {"shard": j, "bad": bad.summary()}
 
@@ -358,9 +364,10 @@ def decoded_shards(cfg: Config, urls: list[str]) -> Iterator[dict]:
 class ShardOutput:
     """One output shard being written: same-shape clips are encoded `batch_size` at a time."""
 
-    def __init__(self, job: Precompute, url: str, out_dir: str, name: str, rank: int):
+    def __init__(self, job: Precompute, url: str, out: OutputFolder, name: str, rank: int):
+        out_dir = out.local
         _remove_stale(out_dir, name)
-        self.job, self.url, self.out_dir, self.name, self.rank = job, url, out_dir, name, rank
+        self.job, self.url, self.out, self.out_dir, self.name, self.rank = job, url, out, out_dir, name, rank
         self.shard = os.path.basename(url)
         self.shapes: dict[str, int] = {}
         self.pending: list[dict] = []
@@ -401,6 +408,8 @@ class ShardOutput:
             "bytes": os.path.getsize(tar),
             "sha256": sha256_file(tar),
             "shapes": self.shapes,
+            # Each sample's byte offsets: data.order=global reads remote shards by range requests.
+            "index": latent_order.shard_index(tar),
             "rejected": bad["bad"],
             "rejected_by_reason": dict(bad["by_reason"]),
             "rejects": [{"shard": self.shard, **e} for e in bad["examples"]],
@@ -409,14 +418,18 @@ class ShardOutput:
             "settings": self.job.portable,
             "rank": self.rank,
         }
-        write_json_atomic(record_path(self.out_dir, self.name), record)
+        rec = record_path(self.out_dir, self.name)
+        write_json_atomic(rec, record)
+        # Remote output: the shard is uploaded before its record, so a record never names a missing shard.
+        self.out.publish(self.name)
+        self.out.publish(os.path.basename(rec))
         return record, written
 
     def abort(self) -> None:
         self.writer.abort()
 
 
-def run_shards(job: Precompute, todo: list[tuple[str, str]], out_dir: str, progress=None, rank: int = 0) -> list[dict]:
+def run_shards(job: Precompute, todo: list[tuple[str, str]], out: OutputFolder, progress=None, rank: int = 0) -> list[dict]:
     """Encode `todo` [(input url, output name)] and write each shard's record as it completes.
 
     With several workers, up to that many shards are open at once, each filled in its own order.
@@ -427,7 +440,7 @@ def run_shards(job: Precompute, todo: list[tuple[str, str]], out_dir: str, progr
         for item in decoded_shards(job.cfg, [u for u, _ in todo]):
             j = item["shard"]
             if j not in open_:
-                open_[j] = ShardOutput(job, todo[j][0], out_dir, todo[j][1], rank)
+                open_[j] = ShardOutput(job, todo[j][0], out, todo[j][1], rank)
             if "clip" in item:
                 written = open_[j].add(item["clip"])
             else:
@@ -443,15 +456,14 @@ def run_shards(job: Precompute, todo: list[tuple[str, str]], out_dir: str, progr
     return records
 
 
-def write_dataset_manifest(job: Precompute, urls: list[str], out_dir: str) -> dict | None:
-    """Merge the shard records into manifest.json + rejects.jsonl once every shard is finished."""
+def write_dataset_manifest(job: Precompute, urls: list[str], out: OutputFolder) -> dict | None:
+    """Merge the shard records into manifest.json + rejects.jsonl once every shard is finished
+    (published last to a remote folder: a reader that sees the manifest sees every shard)."""
     names = [output_name(u) for u in urls]
-    if not all(is_finished(out_dir, n, job) for n in names):
+    if not all(is_finished(out, n, job) for n in names):
         return None
-    records = []
-    for n in names:
-        with open(record_path(out_dir, n)) as f:
-            records.append(json.load(f))
+    records = [json.loads(out.read(os.path.basename(record_path(out.spec, n)))) for n in names]
+    out_dir = out.local
     shapes: dict[str, int] = {}
     for r in records:
         for s, c in r["shapes"].items():
@@ -464,6 +476,7 @@ def write_dataset_manifest(job: Precompute, urls: list[str], out_dir: str) -> di
             for item in r["rejects"]:
                 f.write(json.dumps(item, sort_keys=True) + "\n")
     os.replace(tmp, rejects)
+    out.publish(REJECTS_FILE)
     manifest = {
         **{k: v for k, v in job.settings.items()},
         "source": job.cfg.data.video_shards,
@@ -473,12 +486,13 @@ def write_dataset_manifest(job: Precompute, urls: list[str], out_dir: str) -> di
         "empty_shards": [r["name"] for r in records if r["empty"]],
         "shapes": [{"video_latents": json.loads(s)[0], "image_latents": json.loads(s)[1],
                     "prompt_embeds": json.loads(s)[2], "samples": c} for s, c in sorted(shapes.items())],
-        "shards": [{k: r[k] for k in ("name", "source", "samples", "empty", "bytes", "sha256", "rejected")}
-                   for r in records],
+        "shards": [{k: r[k] for k in ("name", "source", "samples", "empty", "bytes", "sha256", "rejected", "index")
+                    if k in r} for r in records],
         "empty_prompt": "empty_prompt.safetensors",
         "fingerprint": job.fingerprint,
     }
     write_manifest(out_dir, manifest)
+    out.publish(MANIFEST_FILE)
     return manifest
 
 
@@ -504,12 +518,15 @@ def run(cfg: Config, rank: int = 0, world: int = 1, device: str | None = None, p
     if not cfg.data.video_shards:
         raise ConfigError("data.video_shards: required by the precompute job (a directory, .tar path or pattern)")
     out_dir = cfg.data.latent_shards
-    if "{" in out_dir or out_dir.endswith(".tar") or out_dir.startswith(("pipe:", "http://", "https://", "s3://")):
-        raise ConfigError(f"data.latent_shards: is {out_dir!r}; the precompute job writes to a local directory")
-    urls = expand_shards(cfg.data.video_shards, key="data.video_shards", allow_pipe=cfg.data.allow_pipe)
+    if "{" in out_dir or out_dir.endswith(".tar") or ("://" in out_dir and not out_dir.startswith("s3://")) \
+            or out_dir.startswith("pipe:"):
+        raise ConfigError(f"data.latent_shards: is {out_dir!r}; the precompute job writes to a local directory "
+                          "or an s3://bucket/prefix")
+    urls = expand_shards(cfg.data.video_shards, key="data.video_shards", allow_pipe=cfg.data.allow_pipe,
+                         remote_cfg=cfg.data.remote)
     if os.path.isdir(cfg.data.video_shards) and os.path.realpath(cfg.data.video_shards) == os.path.realpath(out_dir):
         raise ConfigError("data.latent_shards: must be a different directory from data.video_shards")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    if not out_dir.startswith("s3://") and os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"data.latent_shards: {out_dir}: a file exists and is not a directory")
     if device is None:
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -518,18 +535,24 @@ def run(cfg: Config, rank: int = 0, world: int = 1, device: str | None = None, p
     # config or encoder error must not leave an empty folder behind.
     job = Precompute(cfg, device)
     empty_prompt = job.empty_prompt()
-    os.makedirs(out_dir, exist_ok=True)
-    save_empty_prompt(out_dir, empty_prompt)
+    out = OutputFolder(out_dir, cfg.data.remote)  # s3://: staged in a local temporary folder, then uploaded
+    if out.remote:
+        shutil.rmtree(out.local, ignore_errors=True)  # what a killed run of this rank left there
+    os.makedirs(out.local, exist_ok=True)
+    save_empty_prompt(out.local, empty_prompt)
+    out.publish(EMPTY_PROMPT_FILE)
 
     mine = assignment(urls, rank, world)
-    todo = [(u, n) for u, n in mine if not is_finished(out_dir, n, job)]
+    todo = [(u, n) for u, n in mine if not is_finished(out, n, job)]
     expected = [_expected_samples(u) for u, _ in todo]
     total = sum(expected) if all(e is not None for e in expected) else None
     bar = tqdm(total=total, unit="clip", desc=f"precompute rank {rank}", disable=not progress or rank != 0,
                dynamic_ncols=True, file=sys.stderr)
-    done = run_shards(job, todo, out_dir, bar, rank)
+    done = run_shards(job, todo, out, bar, rank)
     bar.close()
-    manifest = write_dataset_manifest(job, urls, out_dir)
+    manifest = write_dataset_manifest(job, urls, out)
+    if out.remote:
+        shutil.rmtree(out.local, ignore_errors=True)
     return {
         "rank": rank,
         "world": world,

@@ -136,6 +136,17 @@ class VideoConfig:
 
 
 @dataclass
+class RemoteConfig:
+    retries: int = doc(5, "Retries in a row (no byte read between them) of a remote shard read after a drop, a stall, "
+                          "a 429 or a 5xx; then the shard counts as bad (data.max_bad_fraction).")
+    timeout_s: float = doc(60.0, "Seconds a remote connect or read may wait for a byte before it is retried.")
+    backoff_s: float = doc(1.0, "Wait before the first retry; doubled for each retry in a row (at most 30 s).")
+    endpoint_url: Optional[str] = doc(
+        None, "S3 endpoint of an S3-compatible store (MinIO, Ceph, ...); unset: boto3's own (AWS_ENDPOINT_URL, ~/.aws)."
+    )
+
+
+@dataclass
 class DataConfig:
     latent_shards: str = doc(REQUIRED, "Latent shards: a directory, a .tar path, a brace pattern or a URL.")
     video_shards: Optional[str] = doc(None, "Video shards read by the precompute job (directory, pattern or URL).")
@@ -143,8 +154,8 @@ class DataConfig:
     order: Literal["auto", "global", "stream"] = doc(
         "auto",
         "Latent sample order. global: a function of (seed, epoch, index), the same at any world size "
-        "(local files only). stream: per-rank shard streams with a shuffle buffer (any URL). auto: global "
-        "for local files.",
+        "(local files, or http(s)/s3 shards whose manifest.json records sample offsets). stream: per-rank shard "
+        "streams with a shuffle buffer (any URL). auto: global for local files, stream for URLs.",
     )
     shuffle_buffer: int = doc(64, "Size of the seeded sample shuffle buffer; 0 or 1 disables sample shuffling.")
     resampled: bool = doc(True, "Draw shards with replacement forever (infinite training stream).")
@@ -152,6 +163,9 @@ class DataConfig:
     max_bad_fraction: float = doc(0.05, "Stop with an error when more than this fraction of samples is bad.")
     min_samples_for_bad_check: int = doc(20, "Judge the bad fraction only after this many samples were seen.")
     video: VideoConfig = doc(help="Decoding, frame sampling and geometry of video clips.", default_factory=VideoConfig)
+    log_keys: bool = doc(False, "Each rank appends the keys of every micro-batch it trains to "
+                                "run.output_dir/keys-rank<R>.jsonl (an audit of what was trained, and when).")
+    remote: RemoteConfig = doc(help="Reading shards from http(s):// and s3:// URLs.", default_factory=RemoteConfig)
 
 
 @dataclass
@@ -440,6 +454,9 @@ _RANGES = {
     "data.video.width": (1, None),
     "data.video.stride": (1, None),
     "data.video.max_upscale": (1e-6, None),
+    "data.remote.retries": (0, None),
+    "data.remote.timeout_s": (1e-3, None),
+    "data.remote.backoff_s": (0.0, None),
     "checkpoint.every_steps": (0, None),
     "checkpoint.keep_last": (1, None),
     "precompute.image_draws": (1, None),

@@ -117,20 +117,33 @@ def describe(ident: dict) -> str:
 # --------------------------------------------------------------------------- the manifest
 
 
-def manifest_encoders(latent_shards: str) -> tuple[dict | None, str]:
-    """({"vae": identity, "text_encoder": identity} or None, manifest path) of a local latent dataset.
+def manifest_encoders(latent_shards: str, remote_cfg=None) -> tuple[dict | None, str]:
+    """({"vae": identity, "text_encoder": identity} or None, manifest path) of a latent dataset: a local
+    directory, or the folder of a remote shard pattern (`s3://b/latents/latents-{0..7}.tar`).
 
-    None when the shards are not a local directory with a manifest (remote shards, hand-made ones),
-    or when the manifest predates recorded identities: then the config alone decides, as before.
+    None when there is no manifest there (hand-made shards), or when the manifest predates recorded
+    identities: then the config alone decides, as before.
     """
-    path = os.path.join(latent_shards, MANIFEST_FILE) if isinstance(latent_shards, str) else ""
-    if not path or not os.path.isfile(path):
-        return None, path
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"data.latent_shards: cannot read {path}: {e}") from None
+    from i2v.data import remote
+
+    if isinstance(latent_shards, str) and remote.is_remote(latent_shards):
+        path = f"{remote.parent_url(latent_shards)}/{MANIFEST_FILE}"
+        try:
+            data = remote.read_object(path, remote_cfg)
+            manifest = json.loads(data) if data is not None else None
+        except (OSError, ValueError) as e:
+            raise DataError(f"data.latent_shards: cannot read {path}: {e}") from None
+        if manifest is None:
+            return None, path
+    else:
+        path = os.path.join(latent_shards, MANIFEST_FILE) if isinstance(latent_shards, str) else ""
+        if not path or not os.path.isfile(path):
+            return None, path
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"data.latent_shards: cannot read {path}: {e}") from None
     found = {w: manifest.get(w) for w in ENCODERS}
     if not all(isinstance(v, dict) and v.get("source") in ("pretrained", "arch") and
                ("files_sha256" in v or "arch" in v) for v in found.values()):
@@ -185,7 +198,7 @@ def _mismatch(key: str, mine: dict, theirs: dict, where: str, what: str, named_h
 
 def resolve_for_training(cfg) -> list[str]:
     """Take the encoders of the run from its latent manifest (see `adopt`); lines to log."""
-    recorded, path = manifest_encoders(cfg.data.latent_shards)
+    recorded, path = manifest_encoders(cfg.data.latent_shards, cfg.data.remote)
     if recorded is None:
         return []
     return adopt(cfg, recorded, path, "the latents")
@@ -194,7 +207,7 @@ def resolve_for_training(cfg) -> list[str]:
 def recorded_identities(cfg) -> dict:
     """{"vae": ..., "text_encoder": ...} of a resolved config: what a checkpoint records. Files the latent
     manifest already hashed, unchanged since, are not read again."""
-    known, _ = manifest_encoders(cfg.data.latent_shards)
+    known, _ = manifest_encoders(cfg.data.latent_shards, cfg.data.remote)
     return {w: identity(cfg, w, known=(known or {}).get(w)) for w in ENCODERS if named(cfg, w)}
 
 

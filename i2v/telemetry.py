@@ -10,7 +10,8 @@ replicated text tokens are a rounding error), and its samples and tokens count o
 Throughput: `tflops` is model FLOPs (forward + backward, no recompute) per second per rank; `mfu`
 divides it by `train.peak_tflops` (default from the device name) and `hfu` adds the gradient-
 checkpointing recompute; both are left out where no peak is known. `tokens_per_s` and
-`samples_per_s` are of the whole run.
+`samples_per_s` are of the whole run. `remote_retries` (`data/remote_retries`) is the number of
+remote shard reads retried (i2v.data.remote) over all ranks since the run (re)started.
 
 metrics.jsonl holds each logged step once, in step order: when the loop starts at step N (a resume),
 rank 0 rewrites the file with the records of steps up to N only, since a killed run may have logged
@@ -92,6 +93,9 @@ class StepLogger:
         """One logged step; `counters` are extra integer fields (position, skipped, bad samples)."""
         cfg, env, window = self.cfg, self.env, self.window
         loss = all_mean(local_loss, env.device)
+        # Remote retries happen on whichever rank reads the shard: the record holds all ranks' total.
+        counters = {**counters, "remote_retries": round(all_mean(counters.get("remote_retries", 0), env.device)
+                                                        * env.world_size)}
         flops, hw_flops, tokens = (all_mean(window[k], env.device) for k in ("flops", "hw_flops", "tokens"))
         self._reset()
         lr = engine.get_lr()[0]
@@ -113,6 +117,7 @@ class StepLogger:
                    "perf/samples_per_s": samples_per_s, "perf/step_time_s": step_time,
                    "perf/data_wait_frac": wait_frac, "perf/tflops_per_s": tflops, "perf/tokens_per_s": tokens_per_s,
                    "data/bad_samples": counters.get("bad_samples", 0),
+                   "data/remote_retries": counters["remote_retries"],
                    "train/skipped_micro_batches": counters.get("skipped", 0)}
         if self.peak_tflops:
             record["mfu"] = scalars["perf/mfu"] = tflops / self.peak_tflops
@@ -138,6 +143,21 @@ class StepLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class KeyLog:
+    """data.log_keys: this rank's trained micro-batches, one JSON line each, in
+    output_dir/keys-rank<R>.jsonl: {"step", "position", "keys", "epochs"}. Appended as trained, so a
+    resumed run appends the steps it trains again after its checkpoint."""
+
+    def __init__(self, output_dir: str, rank: int):
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, f"keys-rank{rank}.jsonl")
+
+    def write(self, step: int, position: int, batch: dict) -> None:
+        record = {"step": step, "position": position, "keys": batch.get("keys", []), "epochs": batch.get("epochs", [])}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def trim_metrics(path: str, step: int) -> tuple[int, int, int]:

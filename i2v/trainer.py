@@ -42,7 +42,7 @@ from i2v.objective import resolve_noise_backend, training_loss
 from i2v.optim import build_engine
 from i2v.parallel import build_layout
 from i2v.run_lock import RunLock
-from i2v.telemetry import StepLogger
+from i2v.telemetry import KeyLog, StepLogger
 from i2v.validation import load_pairs
 
 PREEMPTED_EXIT = 143  # SIGTERM / SIGUSR1: the scheduler's preemption
@@ -62,7 +62,8 @@ class Trainer:
         # ranks together: a rank stopping alone would leave the others waiting in a collective.
         self.lock = None
         with all_ranks_agree(env, "input checks"):
-            self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe)
+            self.shard_urls = expand_shards(cfg.data.latent_shards, "data.latent_shards", cfg.data.allow_pipe,
+                                            remote_cfg=cfg.data.remote)
             pairs = load_pairs(cfg) if cfg.validation.every_steps > 0 else None
             if env.is_main:  # one run per output folder, before anything is written into it
                 self.lock = RunLock.acquire(self.out, cfg.run.lock_timeout_s, self.log)
@@ -117,11 +118,13 @@ class Trainer:
             max_bad_fraction=cfg.data.max_bad_fraction, min_samples_for_bad_check=cfg.data.min_samples_for_bad_check,
             expect=expect, start_batch=self.position // self.layout.dp_size, start_global=self.position,
             num_workers=cfg.data.num_workers, allow_pipe=cfg.data.allow_pipe, order=cfg.data.order,
+            remote_cfg=cfg.data.remote,
         )
-        empty = load_empty_prompt(cfg.data.latent_shards)
+        empty = load_empty_prompt(cfg.data.latent_shards, cfg.data.remote)
         self.empty_prompt = empty.to(env.device) if empty is not None else None
         self.telemetry = StepLogger(cfg, env, self.engine.module.config)
         self.writer = self.telemetry.writer  # rank 0 only; None elsewhere
+        self.keys = KeyLog(self.out, env.rank) if cfg.data.log_keys else None
         self._preempt = 0  # the first stopping signal received, 0 for none
         self.validator = None
         if pairs is not None:
@@ -220,6 +223,8 @@ class Trainer:
                 # This micro-batch's global position keys its noise, timesteps and dropout.
                 offset = self.position + self.layout.dp_rank
                 self.position += self.layout.dp_size
+                if self.keys is not None:
+                    self.keys.write(self.step + 1, offset, batch)
                 if batch.get("empty"):  # every sample of it was bad (counted by the reader)
                     loss = torch.tensor(float("nan"))
                 else:
@@ -250,8 +255,10 @@ class Trainer:
 
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                 bad = sum(sum(b["by_reason"].values()) for b in self.bad_by_worker.values())
+                retries = sum(b.get("remote_retries", 0) for b in self.bad_by_worker.values())
                 self.telemetry.log(self.step, torch.stack(losses).mean().item(), self.engine,
-                                   {"skipped": self.skipped, "bad_samples": bad, "position": self.position})
+                                   {"skipped": self.skipped, "bad_samples": bad, "position": self.position,
+                                    "remote_retries": retries})
             every = cfg.checkpoint.every_steps
             if (every and self.step % every == 0) or (self.step == cfg.train.max_steps and cfg.checkpoint.save_at_end):
                 self.save()

@@ -1,4 +1,4 @@
-"""A global sample order for local latent shards that does not depend on ranks or workers.
+"""A global sample order for latent shards that does not depend on ranks or workers.
 
 The dataset is indexed once: every sample's shard, byte range and tensor shapes (read from the
 safetensors header, 8 bytes plus a small JSON, without loading the tensors). Epoch e's order is a
@@ -7,6 +7,9 @@ list of *global micro-batches*: samples of one shape, permuted with a generator 
 is a function of (seed, epoch, micro-batch index) only. Rank r of W takes global micro-batches
 r, r + W, r + 2W, ...: at any world size or worker count the same micro-batches are trained, in
 the same global order, and a run that has consumed G of them resumes at G exactly.
+
+Remote shards (http(s)://, s3://) are indexed from their manifest.json, where the precompute job
+records each sample's byte offsets (`shard_index`), and read by byte ranges (`read_members`).
 """
 
 from __future__ import annotations
@@ -37,11 +40,16 @@ def is_local(urls: list[str]) -> bool:
 
 
 def resolve_order(order: str, urls: list[str], key: str = "data.latent_shards") -> str:
-    """`data.order` made concrete: auto means global for local files, stream otherwise."""
+    """`data.order` made concrete: auto means global for local files, stream otherwise. Global over
+    http(s):// or s3:// shards is asked for by name: it reads the sample offsets of the shards'
+    manifest.json (see `index_from_manifest`)."""
+    from i2v.data import remote
+
     if order == "auto":
         return "global" if is_local(urls) else "stream"
-    if order == "global" and not is_local(urls):
-        raise DataError(f"{key}: the global sample order needs local shard files; use data.order=stream for URLs")
+    if order == "global" and not is_local(urls) and not all(remote.is_remote(u) for u in urls):
+        raise DataError(f"{key}: the global sample order needs local shard files, or http(s):// or s3:// shards "
+                        "with a manifest.json of sample offsets; use data.order=stream for these URLs")
     return order
 
 
@@ -127,6 +135,30 @@ def index_shards(urls: list[str]) -> tuple[list[Entry], list[tuple[str, str, str
     return entries, bad
 
 
+def shard_index(path: str) -> list[list]:
+    """One local shard's samples as the manifest records them, for range reads from object storage:
+    [key, latents offset, latents size, json offset, json size, video_latents shape, prompt_embeds shape]."""
+    entries, _ = index_shards([path])
+    return [[e.key, *(e.latents or (None, None)), *(e.meta or (None, None)),
+             *([list(e.shape[0]), list(e.shape[1])] if e.shape else [None, None])] for e in entries]
+
+
+def index_from_manifest(urls: list[str], manifest: dict | None, where: str, key: str = "data.latent_shards") -> list[Entry]:
+    """The index of remote shards from the per-sample offsets their manifest records (`shard_index`)."""
+    by_name = {s.get("name"): s for s in (manifest or {}).get("shards", [])}
+    entries: list[Entry] = []
+    for url in urls:
+        shard = by_name.get(os.path.basename(url))
+        if shard is None or "index" not in shard:
+            what = "no manifest" if manifest is None else f"no sample offsets for {os.path.basename(url)} in it"
+            raise DataError(f"{key}: data.order=global over URLs reads the samples' byte offsets from {where}: "
+                            f"{what} (precompute writes them); use data.order=stream")
+        for k, lo, ls, mo, ms, vshape, pshape in shard["index"]:
+            entries.append(Entry(url, k, (lo, ls) if lo is not None else None, (mo, ms) if mo is not None else None,
+                                 (tuple(vshape), tuple(pshape)) if vshape is not None else None))
+    return entries
+
+
 def _generator(seed: int, epoch: int) -> torch.Generator:
     digest = hashlib.sha256(f"latent-order:{seed}:{epoch}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF)
@@ -150,6 +182,38 @@ def epoch_batches(index: list[Entry], batch_size: int, seed: int, epoch: int) ->
         batches += [[members[p] for p in perm[i : i + batch_size]] for i in range(0, full, batch_size)]
     order = torch.randperm(len(batches), generator=gen).tolist()
     return [batches[i] for i in order]
+
+
+def read_members(entries: list[Entry], remote_cfg=None) -> list:
+    """The raw members of each entry (as `read_member`), or the OSError that stopped it. Remote shards
+    are read by range requests, one per run of neighbouring samples of a shard (remote.read_ranges)."""
+    from i2v.data import remote
+
+    out: list = [None] * len(entries)
+    by_shard: dict[str, list[int]] = {}
+    for i, e in enumerate(entries):
+        by_shard.setdefault(e.shard, []).append(i)
+    for shard, idx in by_shard.items():
+        if not remote.is_remote(shard):
+            for i in idx:
+                try:
+                    out[i] = read_member(entries[i])
+                except OSError as e:
+                    out[i] = e
+            continue
+        parts = [(i, ext, where) for i in idx for ext, where in (("latents.safetensors", entries[i].latents),
+                                                                  ("json", entries[i].meta)) if where is not None]
+        try:
+            data = remote.read_ranges(shard, [where for _, _, where in parts], remote_cfg)
+        except OSError as e:
+            for i in idx:
+                out[i] = e
+            continue
+        for i in idx:
+            out[i] = {"__key__": entries[i].key, "__url__": shard}
+        for (i, ext, _), blob in zip(parts, data):
+            out[i][ext] = blob
+    return out
 
 
 def read_member(entry: Entry) -> dict:

@@ -17,6 +17,8 @@ The reader is a list of small generator stages: shard list -> per-(rank, worker)
 tar members -> decode + validate -> seeded shuffle buffer -> pick one image draw ->
 same-shape batches. Bad samples are counted by reason and named by `__key__`; a shard that is not
 a tar or was cut short is counted too, named by its path, and its complete samples are still read.
+Shards behind http(s):// and s3:// URLs are read through `i2v.data.remote`, which resumes a broken
+connection at the byte it reached and counts a missing or denied shard by URL and reason.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ import time
 from typing import Iterator
 
 import torch
-import webdataset as wds
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import load_file, save_file
 
-from i2v.data import latent_order
+from i2v.config import RemoteConfig
+from i2v.data import latent_order, remote
 from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for
 from i2v.errors import DataError
 from i2v.fsutil import write_json_atomic
@@ -108,8 +110,11 @@ def save_empty_prompt(directory: str | os.PathLike, prompt_embeds: torch.Tensor)
     return path
 
 
-def load_empty_prompt(spec: str) -> torch.Tensor | None:
-    """The dataset's empty-prompt embedding [L, D], if the shard directory holds one."""
+def load_empty_prompt(spec: str, remote_cfg: RemoteConfig | None = None) -> torch.Tensor | None:
+    """The dataset's empty-prompt embedding [L, D], if the shard directory (or URL folder) holds one."""
+    if remote.is_remote(spec):
+        data = remote.read_object(f"{remote.parent_url(spec)}/{EMPTY_PROMPT_FILE}", remote_cfg)
+        return None if data is None else st_load(data)["prompt_embeds"]
     directory = spec if os.path.isdir(spec) else os.path.dirname(spec.split("{")[0])
     path = os.path.join(directory, EMPTY_PROMPT_FILE)
     if not os.path.isfile(path):
@@ -180,6 +185,8 @@ def decode_sample(sample: dict, expect: dict | None = None) -> dict:
 def _shard_problem(exn: BaseException) -> tuple[str, str]:
     """(reason, detail) of a shard that failed while webdataset streamed it."""
     # webdataset appends " @ <file object>" and the url to the message; the url is named by the caller.
+    if isinstance(exn, remote.RemoteError):  # missing, denied, unreachable or retried out: said as such
+        return exn.reason, exn.detail[:300]
     message = str(exn.args[0]).split(" @ ")[0] if exn.args else str(exn)
     cut = isinstance(exn, EOFError) or "unexpected end" in message or "truncated" in message
     return (latent_order.TRUNCATED if cut else latent_order.UNREADABLE), f"{type(exn).__name__}: {message}"[:200]
@@ -188,10 +195,11 @@ def _shard_problem(exn: BaseException) -> tuple[str, str]:
 class LatentDataset(torch.utils.data.IterableDataset):
     """Same-shape batches of latent samples for one rank, in one of two orders.
 
-    `order="global"` (local shard files): the global micro-batch sequence is a function of
-    (seed, epoch, index) only (see `latent_order`); rank r takes every world_size-th micro-batch
-    from position `start_global + r`. The order is the same at any world size or worker count, and
-    a resume starts at its position without reading what came before.
+    `order="global"` (local shard files, or http(s)/s3 shards indexed by their manifest.json): the
+    global micro-batch sequence is a function of (seed, epoch, index) only (see `latent_order`); rank
+    r takes every world_size-th micro-batch from position `start_global + r`. The order is the same at
+    any world size or worker count, and a resume starts at its position without reading what came
+    before. Remote samples are read by byte ranges (`latent_order.read_members`).
 
     `order="stream"` (any source, e.g. remote URLs): each (rank, worker) slot streams its own
     shards (disjoint across slots in an epoch); with `resampled`, shards are drawn with replacement
@@ -218,9 +226,11 @@ class LatentDataset(torch.utils.data.IterableDataset):
         allow_pipe: bool = False,
         order: str = "auto",
         key: str = "data.latent_shards",
+        remote_cfg: RemoteConfig | None = None,
     ):
         super().__init__()
-        self.urls = expand_shards(shards, key=key, allow_pipe=allow_pipe)
+        self.remote_cfg = remote_cfg or RemoteConfig()
+        self.urls = expand_shards(shards, key=key, allow_pipe=allow_pipe, remote_cfg=self.remote_cfg)
         self.order = order = latent_order.resolve_order(order, self.urls, key)
         self.start_global = start_global
         self.rank, self.world_size = rank, world_size
@@ -231,8 +241,14 @@ class LatentDataset(torch.utils.data.IterableDataset):
         self.start_batch = start_batch
         self.num_workers = num_workers
         self.bad_shards: list[tuple[str, str, str]] = []  # (path, reason, detail) found by the index
-        if order == "global":
+        if order == "global" and not latent_order.is_local(self.urls):  # remote: offsets from the manifest
+            where = f"{remote.parent_url(shards if isinstance(shards, str) else shards[0])}/{MANIFEST_FILE}"
+            data = remote.read_object(where, self.remote_cfg)
+            manifest = json.loads(data) if data is not None else None
+            self.index = latent_order.index_from_manifest(self.urls, manifest, where, key)
+        elif order == "global":
             self.index, self.bad_shards = latent_order.index_shards(self.urls)
+        if order == "global":
             self.batches_per_epoch = len(latent_order.epoch_batches(self.index, batch_size, seed, 0))
             named = "; ".join(f"{p}: {r} ({d})" for p, r, d in self.bad_shards)
             if self.batches_per_epoch == 0:
@@ -261,6 +277,7 @@ class LatentDataset(torch.utils.data.IterableDataset):
 
     def _samples(self, shard_stream, bad: BadSamples) -> Iterator[dict]:
         scanned: dict[str, tuple[str, str] | None] = {}  # local shard -> what is wrong with it, looked at once
+        warned: set[str] = set()  # remote shards said to be bad on stderr, once each
         for epoch, url in shard_stream:
             # tarfile ends a local shard cut between members quietly; its headers tell (see scan_tar).
             if url not in scanned and os.path.isfile(url):
@@ -274,10 +291,14 @@ class LatentDataset(torch.utils.data.IterableDataset):
             def handler(exn, url=url, counted=counted):
                 if not counted[0]:
                     counted[0] = True
+                    if isinstance(exn, remote.RemoteError) and url not in warned:
+                        warned.add(url)
+                        print(f"warning: data.latent_shards: {exn}; counted as a bad read (data.max_bad_fraction)",
+                              file=sys.stderr, flush=True)
                     bad.add_bad(url, *_shard_problem(exn))
                 return True  # skip the rest of this shard, keep training
 
-            raw = wds.tarfile_to_samples(handler=handler)([{"url": url}])
+            raw = remote.tar_samples([{"url": url}], handler, self.remote_cfg)
             for sample in raw:
                 try:
                     out = decode_sample(sample, self.expect)
@@ -340,10 +361,16 @@ class LatentDataset(torch.utils.data.IterableDataset):
                 for path, reason, detail in self.bad_shards:
                     bad.add_bad(path, reason, detail)
             samples = []
-            for i in cache[epoch][j]:
+            raws = latent_order.read_members([self.index[i] for i in cache[epoch][j]], self.remote_cfg)
+            for i, raw in zip(cache[epoch][j], raws):
                 entry = self.index[i]
                 try:
-                    s = decode_sample(latent_order.read_member(entry), self.expect)
+                    if isinstance(raw, OSError):
+                        raise raw
+                    s = decode_sample(raw, self.expect)
+                except remote.RemoteError as e:
+                    bad.add_bad(f"{entry.shard}:{entry.key}", e.reason, e.detail[:300])
+                    continue
                 except OSError as e:  # the shard went away or broke after it was indexed
                     bad.add_bad(f"{entry.shard}:{entry.key}", latent_order.UNREADABLE, str(e)[:200])
                     continue
@@ -358,7 +385,8 @@ class LatentDataset(torch.utils.data.IterableDataset):
             # A micro-batch whose samples were all bad still takes its turn, so positions stay aligned.
             batch = collate(samples) if samples else {"empty": True}
             batch["position"] = position
-            batch["bad"] = {"worker": worker, "good": bad.good, "by_reason": dict(bad.by_reason)}
+            batch["bad"] = {"worker": worker, "good": bad.good, "by_reason": dict(bad.by_reason),
+                            "remote_retries": remote.retry_count()}
             yield batch
             local += workers
 
@@ -384,7 +412,8 @@ class LatentDataset(torch.utils.data.IterableDataset):
         for i, batch in enumerate(self._batches(stream)):
             if i < skip:
                 continue
-            batch["bad"] = {"worker": worker, "good": bad.good, "by_reason": dict(bad.by_reason)}
+            batch["bad"] = {"worker": worker, "good": bad.good, "by_reason": dict(bad.by_reason),
+                            "remote_retries": remote.retry_count()}
             yield batch
 
 

@@ -23,8 +23,10 @@ from i2v.errors import DataError
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "gcs://", "ais://", "hf://")
 
 
-def expand_shards(spec: str | list[str], key: str, allow_pipe: bool = False, suffix: str = ".tar") -> list[str]:
-    """Resolve a shard spec to a sorted list of URLs or paths; `key` names the config key in errors."""
+def expand_shards(spec: str | list[str], key: str, allow_pipe: bool = False, suffix: str = ".tar",
+                  remote_cfg=None) -> list[str]:
+    """Resolve a shard spec to a sorted list of URLs or paths; `key` names the config key in errors.
+    An `s3://bucket/prefix/` folder (ending in /) is listed, like a local directory."""
     if not spec:
         raise DataError(f"{key}: no shards given (set it to a directory, a .tar path or a brace pattern)")
     specs = spec if isinstance(spec, list) else [spec]
@@ -37,6 +39,13 @@ def expand_shards(spec: str | list[str], key: str, allow_pipe: bool = False, suf
                     "set data.allow_pipe=true to allow it"
                 )
             urls.extend(braceexpand.braceexpand(item))
+        elif item.startswith("s3://") and item.endswith("/"):
+            from i2v.data import remote
+
+            found = remote.list_s3(item, suffix, remote_cfg)
+            if not found:
+                raise DataError(f"{key}: {item} holds no *{suffix} objects")
+            urls.extend(found)
         elif item.startswith(REMOTE_PREFIXES):
             urls.extend(braceexpand.braceexpand(item))
         elif os.path.isdir(item):

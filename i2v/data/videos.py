@@ -36,9 +36,8 @@ from typing import Any, Callable, Iterable, Iterator
 import av
 import torch
 from av.video.reformatter import VideoReformatter
-from webdataset import tariterators
-
-from i2v.config import Config, VideoConfig
+from i2v.config import Config, RemoteConfig, VideoConfig
+from i2v.data import remote
 from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for, sum_by_reason
 from i2v.errors import ConfigError, DataError
 
@@ -420,16 +419,18 @@ class CountingHandler:
     def __call__(self, exn: Exception) -> bool:
         if self.counted != self.url:
             self.counted = self.url
-            self.bad.add_bad(str(self.url), SHARD_ERROR, f"{type(exn).__name__}: {exn}")
+            if isinstance(exn, remote.RemoteError):  # missing, denied, unreachable or retried out
+                self.bad.add_bad(str(self.url), exn.reason, exn.detail)
+            else:
+                self.bad.add_bad(str(self.url), SHARD_ERROR, f"{type(exn).__name__}: {exn}")
         return True
 
 
-def raw_samples(urls: Iterable[str], bad: BadSamples) -> Iterator[dict]:
-    """Shard URLs -> raw samples ({"__key__", "mp4", "txt", "json", ...}), shard errors counted."""
+def raw_samples(urls: Iterable[str], bad: BadSamples, remote_cfg: RemoteConfig | None = None) -> Iterator[dict]:
+    """Shard URLs (paths, http(s)://, s3://) -> raw samples ({"__key__", "mp4", "txt", "json", ...}),
+    shard errors counted; remote reads resume through network faults (i2v.data.remote)."""
     handler = CountingHandler(bad)
-    stream = tariterators.url_opener(handler.track(urls), handler=handler)
-    files = tariterators.tar_file_expander(stream, handler=handler)
-    return tariterators.group_by_keys(files, handler=handler)
+    return remote.tar_samples(handler.track(urls), handler, remote_cfg)
 
 
 def decoded(samples: Iterable[dict], video: VideoConfig, bad: BadSamples, train: bool, seed: int,
@@ -538,7 +539,7 @@ def check_video_config(video: VideoConfig) -> None:
 
 
 def iter_shard_clips(url: str, video: VideoConfig, *, train: bool = False, seed: int = 0,
-                     bad: BadSamples | None = None) -> Iterator[dict]:
+                     bad: BadSamples | None = None, remote_cfg: RemoteConfig | None = None) -> Iterator[dict]:
     """Clips of ONE shard in stored order (no shuffle, no split); bad samples counted and skipped.
 
     With train=False the clip is centred in time and centre-cropped; `seed` only matters
@@ -547,7 +548,7 @@ def iter_shard_clips(url: str, video: VideoConfig, *, train: bool = False, seed:
     """
     check_video_config(video)
     bad = bad if bad is not None else BadSamples()
-    yield from decoded(raw_samples([url], bad), video, bad, train, seed)
+    yield from decoded(raw_samples([url], bad, remote_cfg), video, bad, train, seed)
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -568,8 +569,10 @@ class VideoClips(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls: list[str], video: VideoConfig, *, rank: int, world_size: int, seed: int,
-                 train: bool, shuffle_buffer: int, resampled: bool, bad: BadSamples, batch_group: int = 1):
+                 train: bool, shuffle_buffer: int, resampled: bool, bad: BadSamples, batch_group: int = 1,
+                 remote_cfg: RemoteConfig | None = None):
         self.urls, self.video, self.rank, self.world_size = urls, video, rank, world_size
+        self.remote_cfg = remote_cfg
         self.seed, self.train, self.buffer, self.resampled = seed, train, shuffle_buffer, resampled
         self.bad, self.batch_group, self.epoch = bad, batch_group, 0
 
@@ -599,7 +602,7 @@ class VideoClips(torch.utils.data.IterableDataset):
         mine = split_for(self.urls, self.rank, self.world_size, worker, workers)
         slot_seed = sample_rng(self.seed, f"slot:{self.rank}:{worker}", self.epoch).getrandbits(32)
         bad = self._counter()
-        stream: Iterable[dict] = raw_samples(self._shard_stream(mine, slot_seed), bad)
+        stream: Iterable[dict] = raw_samples(self._shard_stream(mine, slot_seed), bad, self.remote_cfg)
         # Resampled streams revisit keys, so each visit draws its own start and crop.
         salt = random.Random(slot_seed + 2) if self.resampled else self.epoch
         stream = decoded(stream, self.video, bad, self.train, self.seed, salt=salt)
@@ -628,8 +631,9 @@ def build_video_dataset(cfg: Config, rank: int | None, world_size: int | None, t
     check_video_config(d.video)
     if not d.video_shards:
         raise DataError("data.video_shards: not set (a directory, a .tar path, a brace pattern or a URL)")
-    urls = expand_shards(d.video_shards, "data.video_shards", allow_pipe=d.allow_pipe)
+    urls = expand_shards(d.video_shards, "data.video_shards", allow_pipe=d.allow_pipe, remote_cfg=d.remote)
     bad = BadSamples(d.max_bad_fraction, d.min_samples_for_bad_check)
     group = cfg.train.micro_batch_size if d.video.buckets else 1
     return VideoClips(urls, d.video, rank=rank, world_size=world_size, seed=cfg.run.seed, train=train,
-                      shuffle_buffer=d.shuffle_buffer, resampled=d.resampled and train, bad=bad, batch_group=group)
+                      shuffle_buffer=d.shuffle_buffer, resampled=d.resampled and train, bad=bad, batch_group=group,
+                      remote_cfg=d.remote)
