@@ -56,18 +56,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Content-Type", "application/x-tar")
         self.end_headers()
-        if fault and fault[0] == "drop":
-            self.wfile.write(body[: fault[1]])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        if fault and fault[0] == "stall":
-            self.wfile.write(body[: fault[1]])
-            self.wfile.flush()
-            server.stopping.wait(fault[2])
-            self.close_connection = True
-            return
-        self.wfile.write(body)
+        self._send(body, fault, server)
 
     def _relay(self, server, fault) -> None:
         """Proxy mode: the upstream's answer (headers and all), cut short by a "drop" fault."""
@@ -83,9 +72,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if fault and fault[0] == "drop":
+        self._send(body, fault, server)
+
+    def _send(self, body: bytes, fault, server) -> None:
+        """The body, or its first N bytes and then a dropped connection ("drop"), or after a stall ("stall")."""
+        if fault and fault[0] in ("drop", "stall"):
             self.wfile.write(body[: fault[1]])
             self.wfile.flush()
+            if fault[0] == "stall":
+                server.stopping.wait(fault[2])
             self.close_connection = True
             return
         self.wfile.write(body)
