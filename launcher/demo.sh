@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on synthetic data, on a CPU, in about 5 minutes on 2 cores (`make demo`):
+# The whole pipeline on synthetic data, on a CPU, in 4-6 minutes on 2 cores (`make demo`):
 #   1 synthetic clips -> 2 video shards -> 3 fit the tiny VAE -> 4 latent shards -> 5 train -> 6 sample -> 7 evaluate
 # Everything lands in $DEMO_DIR (default runs/demo). Other settings through the environment:
 #   DEMO_DIR, DEMO_CLIPS (192), DEMO_PER_SHARD (48),
