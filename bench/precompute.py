@@ -27,7 +27,7 @@ sys.path.insert(0, REPO)
 
 from i2v.config import load_config  # noqa: E402
 from i2v.data.videos import iter_shard_clips  # noqa: E402
-from i2v.data_prep import encoders  # noqa: E402
+from i2v import encoders  # noqa: E402
 from i2v.data_prep.make_shards import make_shards  # noqa: E402
 from i2v.data_prep.precompute import batches, run  # noqa: E402
 from i2v.data_prep.synthetic import make_clips  # noqa: E402

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from i2v.config import Config, load_config
 from i2v.data.shards import BadSamples, expand_shards
 from i2v.data.videos import iter_shard_clips
-from i2v.data_prep.encoders import build_vae, stable_seed
+from i2v.encoders import build_vae, stable_seed
 from i2v.errors import ConfigError, DataError
 
 DEFAULT_STEPS = 500

@@ -224,7 +224,7 @@ class RunSampler:
 
     def __init__(self, cfg, checkpoint: str, steps: int | None = None, guidance: float | None = None):
         from i2v.checkpoint import load_trained_transformer
-        from i2v.data_prep.encoders import build_text_encoder, build_vae
+        from i2v.encoders import build_text_encoder, build_vae
         from i2v.sampling import PIPELINE_OFS, build_scheduler
 
         self.cfg = cfg
@@ -251,7 +251,7 @@ class RunSampler:
         (run.seed, indices[i]) only, so a pair samples the same in any batch."""
         import torch
 
-        from i2v.data_prep.encoders import stable_seed
+        from i2v.encoders import stable_seed
         from i2v.sampling import sample_videos, to_uint8
 
         images = torch.from_numpy(first_frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0

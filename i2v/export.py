@@ -152,7 +152,7 @@ def build_pipeline(cfg: Config, transformer):
     """A `CogVideoXImageToVideoPipeline` from the trained DiT and the run's VAE, T5 and schedule."""
     from diffusers import CogVideoXImageToVideoPipeline
 
-    from i2v.data_prep.encoders import build_text_encoder, build_vae
+    from i2v.encoders import build_text_encoder, build_vae
     from i2v.sampling import build_scheduler
 
     text = build_text_encoder(cfg)

@@ -26,7 +26,7 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
 from i2v.config import DiffusionConfig
-from i2v.data_prep.encoders import image_latent_scale
+from i2v.encoders import image_latent_scale
 from i2v.model import predict, rotary_embeddings
 
 # The I2V pipelines feed this ofs value to CogVideoX 1.5 models (those with an ofs embedding).
@@ -197,7 +197,7 @@ def sample_from_checkpoint(cfg, checkpoint: str, image: torch.Tensor, prompt: st
     "live" or "ema". The exported pipeline, called as its README.md says, draws the same frames.
     """
     from i2v.checkpoint import load_trained_transformer
-    from i2v.data_prep.encoders import build_text_encoder, build_vae
+    from i2v.encoders import build_text_encoder, build_vae
     from i2v.lineage import adopt_checkpoint
 
     adopt_checkpoint(cfg, checkpoint)

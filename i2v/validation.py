@@ -87,7 +87,7 @@ class Validator:
         ShardedEMA, sampled with under `validation.weights: ema`."""
         from diffusers.video_processor import VideoProcessor
 
-        from i2v.data_prep import encoders
+        from i2v import encoders
 
         self.cfg, self.env, self.ema = cfg, env, ema
         v = cfg.validation
@@ -279,6 +279,6 @@ def _block_of(name: str) -> str:
 
 def _pair_seed(seed: int, index: int) -> int:
     """The same noise for a pair at every step, so its videos are comparable over training."""
-    from i2v.data_prep.encoders import stable_seed
+    from i2v.encoders import stable_seed
 
     return stable_seed(seed, "validation", index)

@@ -180,7 +180,7 @@ def tiny_file(tmp_path, vae: dict, text_encoder_pretrained=None):
 
 
 def test_a_command_line_member_replaces_the_files_other_member(tmp_path):
-    from i2v.data_prep import encoders
+    from i2v import encoders
 
     # The file's inline VAE is dropped: the command line names a VAE directory.
     cfg = load_config(tiny_file(tmp_path, {"arch": {"latent_channels": 4}}), ["precompute.vae.pretrained=configs/tiny-vae"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from i2v.config import load_config
-from i2v.data_prep import encoders
+from i2v import encoders
 from i2v.errors import ConfigError
 
 from conftest import REPO

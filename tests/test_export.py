@@ -83,7 +83,7 @@ def test_export_loads_in_pipeline_and_generates(runs, stage, tmp_path):
     from diffusers import CogVideoXImageToVideoPipeline
 
     from i2v.checkpoint import consolidated_state_dict
-    from i2v.data_prep.encoders import build_text_encoder
+    from i2v.encoders import build_text_encoder
     from i2v.export import export_pipeline
     from i2v.model import build_transformer
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import REPO
 from i2v.config import load_config
-from i2v.data_prep.encoders import build_vae
+from i2v.encoders import build_vae
 from i2v.data_prep.fit_vae import latent_std, load_clips, main, posterior_std, reconstruction_error
 from i2v.data_prep.make_shards import make_shards
 from i2v.data_prep.synthetic import make_clips

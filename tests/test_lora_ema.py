@@ -213,7 +213,7 @@ def test_lora_exports_load_in_diffusers_and_generate_the_trained_models_frames(r
     from safetensors import safe_open
 
     from i2v.checkpoint import load_trained_transformer
-    from i2v.data_prep.encoders import build_text_encoder, build_vae
+    from i2v.encoders import build_text_encoder, build_vae
     from i2v.export import export_pipeline
     from i2v.sampling import build_scheduler, sample_video
 

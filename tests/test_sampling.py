@@ -15,7 +15,7 @@ from diffusers import CogVideoXImageToVideoPipeline
 from PIL import Image
 
 from i2v.config import load_config
-from i2v.data_prep import encoders
+from i2v import encoders
 from i2v.diffusion import alphas_cumprod
 from i2v.model import build_transformer
 from i2v.sampling import build_scheduler, sample_video, sample_videos, save_video

@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO
 from i2v.config import load_config
-from i2v.data_prep.encoders import build_vae
+from i2v.encoders import build_vae
 from i2v.data_prep.synthetic import heldout_specs, render
 from i2v.evaluation import score_pair
 from i2v.sampling import decode_latents, encode_image, to_uint8

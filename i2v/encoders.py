@@ -1,4 +1,5 @@
-"""The frozen encoders of the precompute job and the sampler: the video VAE and the T5 text encoder.
+"""The frozen encoders of the precompute job, the sampler, validation and export (Config.validate has
+already checked that each is named once): the video VAE and the T5 text encoder.
 
 - VAE: diffusers `AutoencoderKLCogVideoX`, from a diffusers directory (`precompute.vae.pretrained`)
   or an inline constructor (`precompute.vae.arch`, random init seeded from its `seed`, else `run.seed`).
@@ -103,8 +104,6 @@ def dit_dims(cfg: Config) -> dict:
 def build_vae(cfg: Config) -> AutoencoderKLCogVideoX:
     """The frozen VAE in eval mode, checked against the DiT's latent channels."""
     v = cfg.precompute.vae
-    if v.pretrained and v.arch:
-        raise ConfigError("precompute.vae: set only one of precompute.vae.pretrained and precompute.vae.arch")
     if not v.pretrained and not v.arch:
         raise ConfigError("precompute.vae: set precompute.vae.pretrained (a diffusers VAE directory) or precompute.vae.arch")
     dims = dit_dims(cfg)
@@ -227,8 +226,6 @@ def _t5_dirs(root: str) -> tuple[str, str]:
 
 def build_text_encoder(cfg: Config) -> TextEncoder:
     t = cfg.precompute.text_encoder
-    if t.pretrained and t.arch:
-        raise ConfigError("precompute.text_encoder: set only one of precompute.text_encoder.pretrained and .arch")
     if not t.pretrained and not t.arch:
         raise ConfigError("precompute.text_encoder: set precompute.text_encoder.pretrained or precompute.text_encoder.arch")
     dims = dit_dims(cfg)
