@@ -31,7 +31,7 @@ TINY_VAE_RUN := runs/tiny-vae
 # Its shape, random-init from run.seed before the fit (launcher/demo.sh's DEMO_VAE=fit uses the same one).
 TINY_VAE_ARCH := {in_channels: 3, out_channels: 3, down_block_types: [CogVideoXDownBlock3D, CogVideoXDownBlock3D, CogVideoXDownBlock3D], up_block_types: [CogVideoXUpBlock3D, CogVideoXUpBlock3D, CogVideoXUpBlock3D], block_out_channels: [8, 16, 32], latent_channels: 4, layers_per_block: 1, norm_num_groups: 1, temporal_compression_ratio: 4, sample_height: 64, sample_width: 64}
 tiny-vae: $(STAMP)
-	$(PY) -m i2v.data_prep.synthetic --output $(TINY_VAE_RUN)/clips --clips 768 --seed 1000 --frames 9 --height 64 --width 64
+	$(PY) -m i2v.data.synthetic --output $(TINY_VAE_RUN)/clips --clips 768 --seed 1000 --frames 9 --height 64 --width 64
 	$(PY) launcher/make_shards.py --input $(TINY_VAE_RUN)/clips --output $(TINY_VAE_RUN)/shards --samples-per-shard 96
 	OMP_NUM_THREADS=1 $(PY) -m i2v.data_prep.fit_vae --config configs/tiny.yaml --clips $(TINY_VAE_RUN)/shards \
 	  --out configs/tiny-vae --steps 5000 --image-batch-size 8 --crop-at mixed run.seed=1000 \

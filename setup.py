@@ -10,7 +10,8 @@ setup(
     version="0.1.0",
     description="Training system for CogVideoX-style image-to-video diffusion transformers",
     python_requires=">=3.10",
-    packages=["i2v", "i2v.data", "i2v.kernels", "i2v.data_prep"],
+    packages=["i2v", "i2v.core", "i2v.config", "i2v.kernels", "i2v.data", "i2v.model", "i2v.checkpoint",
+              "i2v.sample", "i2v.train", "i2v.plan", "i2v.data_prep"],
     package_dir={"i2v": "i2v", "i2v.data_prep": "data_prep"},
     # Loose on purpose: users bring their own CUDA torch and triton. The exact CPU
     # environment used by `make test` is pinned in requirements-dev.txt.

@@ -37,12 +37,13 @@ def main(argv=None) -> dict:
     from PIL import Image
 
     from i2v.config import load_config
-    from i2v.data_prep.synthetic import heldout_specs, render
-    from i2v.export import export_pipeline, pipeline_call, resolve_checkpoint
-    from i2v.sampling import sample_from_checkpoint
+    from i2v.data.synthetic import heldout_specs, render
+    from i2v.checkpoint.commit import resolve_committed
+    from i2v.sample.export import export_pipeline, pipeline_call
+    from i2v.sample.sampling import sample_from_checkpoint
 
     cfg = load_config(os.path.join(a.run, "config.yaml"))
-    checkpoint = resolve_checkpoint(os.path.join(a.run, "checkpoints"))
+    checkpoint = resolve_committed(os.path.join(a.run, "checkpoints"))
     out = os.path.join(a.run, "export")
     if not os.path.isfile(os.path.join(out, "README.md")):
         export_pipeline(cfg, checkpoint, out)

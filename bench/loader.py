@@ -33,7 +33,7 @@ import torch
 from i2v.config import VideoConfig
 from i2v.data.shards import BadSamples, expand_shards
 from i2v.data.videos import VIDEO_EXTS, VideoClips
-from i2v.errors import I2VError
+from i2v.core.errors import I2VError
 
 
 class Timed(torch.utils.data.IterableDataset):

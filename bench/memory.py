@@ -9,8 +9,8 @@ go on the four attention projections at ranks 64 and 128 (alpha = rank / 2), as
 prints and records: trainable parameters, optimizer-state bytes per rank (fp32 master copy and AdamW
 moments), EMA bytes per rank, and the bytes of one checkpoint (all ranks' files together).
 
-The figures are the planner's (`i2v.plan.make_plan`, i.e. `i2v.memory.state_bytes`) and
-`i2v.memory.checkpoint_bytes`. The test suite checks
+The figures are the planner's (`i2v.plan.planner.make_plan`, i.e. `i2v.plan.memory.state_bytes`) and
+`i2v.plan.memory.checkpoint_bytes`. The test suite checks
 them on the CPU against what a real two-rank engine holds (tests/test_memory.py) and against the
 tensors a LoRA and a full checkpoint of the tiny model write (tests/test_lora_ema.py).
 """
@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _kernels import REPO, RESULTS, git_commit, write_result  # noqa: E402
 
 from i2v.config import load_config  # noqa: E402
-from i2v.memory import checkpoint_bytes  # noqa: E402
-from i2v.plan import make_plan  # noqa: E402
+from i2v.plan.memory import checkpoint_bytes  # noqa: E402
+from i2v.plan.planner import make_plan  # noqa: E402
 
 MODELS = {"CogVideoX-5b-I2V": "cogvideox-5b-i2v.yaml", "CogVideoX-2b-I2V": "cogvideox-2b-i2v.yaml"}
 VARIANTS = {"full": [], "lora-r64": ["model.lora.rank=64", "model.lora.alpha=32"],
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
                 print(f"{model:18s} {variant:10s} {world_size:5d}  {row['trainable']:>13,}  "
                       f"{gib(row['optimizer_state_bytes_per_rank']):>14s}  {gib(row['ema_bytes_per_rank']):>8s}  "
                       f"{gib(row['checkpoint_bytes']):>10s}")
-    commit, dirty = git_commit("i2v/memory.py", "i2v/adapters.py", "bench/memory.py")
+    commit, dirty = git_commit("i2v/plan/memory.py", "i2v/model/adapters.py", "bench/memory.py")
     record = {"commit": commit, "dirty": dirty, "settings": SETTINGS,
               "lora_targets": ["to_q", "to_k", "to_v", "to_out.0"], "rows": rows}
     write_result("memory", "cpu", False, record, out=args.out)

@@ -30,7 +30,7 @@ from i2v.data.videos import iter_shard_clips  # noqa: E402
 from i2v import encoders  # noqa: E402
 from i2v.data_prep.make_shards import make_shards  # noqa: E402
 from i2v.data_prep.precompute import batches, run  # noqa: E402
-from i2v.data_prep.synthetic import make_clips  # noqa: E402
+from i2v.data.synthetic import make_clips  # noqa: E402
 
 
 def bare_loop(cfg, clips: list[dict]) -> float:

@@ -5,11 +5,11 @@
 1. From the architecture (configs/arch/*.json), micro-batch 1, bf16, for SP 1, 2, 4 and 8, at the
    CogVideoX-5B shape (49x480x720 clips: 13x60x90 latents) and a CogVideoX-1.5 shape
    (81x768x1360 clips: 21x96x170 latents):
-   - all-to-all bytes each rank sends per layer and step (`i2v.parallel.all_to_all_bytes`);
-   - activation memory per rank (`i2v.memory.activation_bytes`, the planner's model) without and
+   - all-to-all bytes each rank sends per layer and step (`i2v.model.parallel.all_to_all_bytes`);
+   - activation memory per rank (`i2v.plan.memory.activation_bytes`, the planner's model) without and
      with gradient checkpointing, and its ratio to SP 1 (goal: <= 0.55 at SP 2);
    - the communication overhead: the step's all-to-all time at an *assumed* per-rank bandwidth
-     over the rank's compute time at an *assumed* throughput (FLOPs from `i2v.flops`). The
+     over the rank's compute time at an *assumed* throughput (FLOPs from `i2v.model.flops`). The
      all-to-alls are not overlapped with compute, so this is added step time.
 2. Measured (gloo on the CPU; NCCL wherever CUDA is): the tiny model of configs/tiny.yaml on longer
    latents (--shape, latent frames x height x width), ZeRO-2 fp32, SP 1 on 1 rank and SP 2 on 2
@@ -50,9 +50,9 @@ ASSUMED_THROUGHPUT = 400e12  # FLOP/s a rank sustains (about 40% of the H200's d
 
 
 def from_architecture() -> list[dict]:
-    from i2v.flops import training_flops
-    from i2v.memory import activation_bytes
-    from i2v.parallel import all_to_all_bytes
+    from i2v.model.flops import training_flops
+    from i2v.plan.memory import activation_bytes
+    from i2v.model.parallel import all_to_all_bytes
 
     rows = []
     for name, (arch_file, f, h, w) in SHAPES.items():
@@ -82,14 +82,14 @@ def from_architecture() -> list[dict]:
 
 def worker(args) -> None:
     """One rank of the measured part (started by `measure` with its rank in the environment)."""
-    from i2v import diffusion
+    from i2v.core import diffusion
     from i2v.config import load_config
-    from i2v.distributed import init_distributed, shutdown
-    from i2v.memory import activation_bytes
-    from i2v.model import build_transformer, set_attention
-    from i2v.objective import training_loss
-    from i2v.optim import build_engine
-    from i2v.parallel import all_to_all_bytes, build_layout
+    from i2v.core.distributed import init_distributed, shutdown
+    from i2v.plan.memory import activation_bytes
+    from i2v.model.transformer import build_transformer, set_attention
+    from i2v.train.objective import training_loss
+    from i2v.train.optim import build_engine
+    from i2v.model.parallel import all_to_all_bytes, build_layout
 
     env = init_distributed()
     f, h, w = map(int, args.shape.split("x"))

@@ -26,7 +26,7 @@ checkpointing, one micro-batch per step. Two sides, each on its own fresh model:
 Both read the same random latent shards. It reports s/step, samples/s, TFLOP/s, MFU, HFU and
 peak memory (allocated and reserved) per side, `speedup` = stock / i2v step time (goal >= 1.3),
 and the planner's peak estimate for the i2v side against torch.cuda.max_memory_allocated.
-FLOPs come from i2v.flops; MFU is against --peak-tflops or the device's dense bf16 peak.
+FLOPs come from i2v.model.flops; MFU is against --peak-tflops or the device's dense bf16 peak.
 Writes bench/results/train_step-5b-<gpu>.json. Without CUDA it runs the same code on the tiny
 config (fp32) as a smoke test and writes train_step-5b-cpu-smoke.json ("mode": "cpu-smoke").
 """
@@ -47,16 +47,16 @@ import time
 
 import torch
 
-from i2v import diffusion
+from i2v.core import diffusion
 from i2v.config import load_config
 from i2v.data.latents import LatentDataset, LatentShardWriter, make_loader, save_empty_prompt
-from i2v.distributed import init_distributed
-from i2v.flops import default_peak_tflops, training_flops
-from i2v.model import build_transformer, predict, read_arch_file, rotary_embeddings, transformer_arch
-from i2v.objective import training_loss
-from i2v.optim import build_optimizer
-from i2v.plan import latent_shape, make_plan
-from i2v.trainer import Trainer
+from i2v.core.distributed import init_distributed
+from i2v.model.flops import default_peak_tflops, training_flops
+from i2v.model.transformer import build_transformer, predict, read_arch_file, rotary_embeddings, transformer_arch
+from i2v.train.objective import training_loss
+from i2v.train.optim import build_optimizer
+from i2v.plan.planner import latent_shape, make_plan
+from i2v.train.trainer import Trainer
 
 from _kernels import REPO, git_commit, write_result  # noqa: E402  (bench/ is the script's directory)
 from noise import stock_chain  # noqa: E402
@@ -111,7 +111,7 @@ def bare_engine_loop(cfg, steps: int, device, world_size: int) -> list[float]:
     """The same DeepSpeed engine and config as the trainer, driven by a bare loop (no trainer logic)."""
     import deepspeed
 
-    from i2v.ds_config import build_deepspeed_config
+    from i2v.train.ds_config import build_deepspeed_config
 
     model = build_transformer(cfg.model, seed=cfg.run.seed)
     opt, abar, data = _optimizer_and_data(cfg, model)

@@ -37,8 +37,8 @@ from tqdm import tqdm
 from i2v.config import Config, load_config
 from i2v.data.shards import BadSamples, expand_shards
 from i2v.data.videos import iter_shard_clips
-from i2v.encoders import build_vae, stable_seed
-from i2v.errors import ConfigError, DataError
+from i2v.model.encoders import build_vae, stable_seed
+from i2v.core.errors import ConfigError, DataError
 
 DEFAULT_STEPS = 500
 # The error before and after, and the latent spread the scaling factor undoes, are measured on
@@ -316,6 +316,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from i2v.cli import run
+    from i2v.core.cli import run
 
     run(main)

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from i2v.data.videos import VIDEO_EXTS, BadSample
 from i2v.data_prep.probe import probe_file
-from i2v.errors import DataError
-from i2v.fsutil import write_text_atomic
+from i2v.core.errors import DataError
+from i2v.core.fsutil import write_text_atomic
 
 MISSING = "missing"
 NO_CAPTION = "no caption"

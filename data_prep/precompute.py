@@ -45,9 +45,9 @@ from i2v.data.latents import EMPTY_PROMPT_FILE, MANIFEST_FILE, LatentShardWriter
 from i2v.data.remote import OutputFolder
 from i2v.data.shards import BadSamples, expand_shards, sum_by_reason
 from i2v.data.videos import iter_shard_clips
-from i2v import encoders
-from i2v.fsutil import sha256_file, write_json_atomic
-from i2v.errors import ConfigError, DataError
+from i2v.model import encoders
+from i2v.core.fsutil import sha256_file, write_json_atomic
+from i2v.core.errors import ConfigError, DataError
 from i2v.kernels.noise import condition_noise
 
 FORMAT = "i2v-latents-v1"

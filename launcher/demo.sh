@@ -94,7 +94,7 @@ OVERRIDES=(
 [ -n "${DEMO_SAMPLE_STEPS:-}" ] && OVERRIDES+=("validation.num_inference_steps=$DEMO_SAMPLE_STEPS")
 # A random-init VAE decodes everything to texture noise; a fitted one makes the latents, and so every
 # video below, show the shapes. Precompute encodes with it; training, sampling and evaluation take it from the
-# latents' manifest (i2v/lineage.py). The inline shape of DEMO_VAE=random and =fit is configs/tiny-vae's
+# latents' manifest (i2v/data/lineage.py). The inline shape of DEMO_VAE=random and =fit is configs/tiny-vae's
 # (8-16-32 channels; `make tiny-vae` fits it the same way).
 ARCH="{in_channels: 3, out_channels: 3, down_block_types: [CogVideoXDownBlock3D, CogVideoXDownBlock3D, CogVideoXDownBlock3D], up_block_types: [CogVideoXUpBlock3D, CogVideoXUpBlock3D, CogVideoXUpBlock3D], block_out_channels: [8, 16, 32], latent_channels: 4, layers_per_block: 1, norm_num_groups: 1, temporal_compression_ratio: 4, sample_height: $HEIGHT, sample_width: $WIDTH}"
 case "$VAE" in
@@ -122,7 +122,7 @@ LATEST="$DIR/checkpoints/latest"
 FINAL=$(printf 'step-%08d' "$TRAIN_STEPS")
 
 step "1/7 synthetic clips -> $DIR/clips (held-out first frame in $DIR/heldout)"
-"$PY" -m i2v.data_prep.synthetic --output "$DIR/clips" --clips "$CLIPS" --directions-per-frame "$DIRECTIONS" --seed "$SEED" --frames "$FRAMES" --height "$HEIGHT" \
+"$PY" -m i2v.data.synthetic --output "$DIR/clips" --clips "$CLIPS" --directions-per-frame "$DIRECTIONS" --seed "$SEED" --frames "$FRAMES" --height "$HEIGHT" \
   --width "$WIDTH" --heldout "$DIR/heldout"
 done_stage clips ran
 
@@ -168,7 +168,7 @@ else
   )
   if [ "$LAUNCHER" = deepspeed ]; then
     # A free port, not the launcher's fixed 29500: a demo must not collide with a job already on the box.
-    PORT=${MASTER_PORT:-$("$PY" -c "from i2v.distributed import free_port; print(free_port())")}
+    PORT=${MASTER_PORT:-$("$PY" -c "from i2v.core.distributed import free_port; print(free_port())")}
     "$DEEPSPEED" --num_gpus "$RANKS" --master_port "$PORT" launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}" "${VALIDATION[@]}"
   else
     "$PY" launcher/train.py --config "$CONFIG" "${OVERRIDES[@]}" "${VALIDATION[@]}"
@@ -221,5 +221,5 @@ The T5 and the VAE are tiny stand-ins (random-init, and $([ "$VAE" = fit ] && ec
 precompute.text_encoder and model at real CogVideoX weights for real videos.
 
 EOF
-"$PY" -c "import json, sys; from i2v.evaluation import headline; print(headline(json.load(open(sys.argv[1]))))" "$DIR/eval.json"
+"$PY" -c "import json, sys; from i2v.sample.evaluation import headline; print(headline(json.load(open(sys.argv[1]))))" "$DIR/eval.json"
 echo "picture: $DIR/eval.png  (per pair: true first frame | sampled frames | true frames)"

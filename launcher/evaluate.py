@@ -4,15 +4,15 @@
         [--pairs 16] [--ablation zero_image] [--ablation swap_caption]
 
 Writes RUN/eval.json, RUN/eval.png (and eval-<ablation>.png) and the pictures to RUN/tensorboard;
-see i2v/evaluation.py for the metric and the report's fields.
+see i2v/sample/evaluation.py for the metric and the report's fields.
 """
 
-from i2v.cli import run
+from i2v.core.cli import run
 from i2v.config import parse_args
 
 
 def _flags(p):
-    from i2v.evaluation import ABLATIONS
+    from i2v.sample.evaluation import ABLATIONS
 
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint directory (runs/X/checkpoints/step-N), or checkpoints/ to take its `latest`")
@@ -27,10 +27,10 @@ def _flags(p):
 def main():
     cfg, args = parse_args(description=__doc__.splitlines()[0], extra=_flags)
 
-    from i2v.evaluation import evaluate, headline
-    from i2v.export import resolve_checkpoint
+    from i2v.sample.evaluation import evaluate, headline
+    from i2v.checkpoint.commit import resolve_committed
 
-    report = evaluate(cfg, resolve_checkpoint(args.checkpoint), pairs=args.pairs, ablations=tuple(args.ablation),
+    report = evaluate(cfg, resolve_committed(args.checkpoint), pairs=args.pairs, ablations=tuple(args.ablation),
                       out_dir=args.out, steps=args.steps, guidance=args.guidance)
     out = args.out or cfg.run.output_dir
     print(f"evaluated {report['checkpoint']} in {report['seconds']:.0f} s -> {out}/eval.json", flush=True)

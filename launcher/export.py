@@ -10,7 +10,7 @@ writes the base pipeline plus pytorch_lora_weights.safetensors (`pipe.load_lora_
 or with `--merge-lora` the merged transformer.
 """
 
-from i2v.cli import run
+from i2v.core.cli import run
 from i2v.config import parse_args
 
 
@@ -26,7 +26,7 @@ def _flags(parser):
 def main():
     cfg, args = parse_args(description=__doc__, extra=_flags)
 
-    from i2v.export import export_pipeline, usage_lines
+    from i2v.sample.export import export_pipeline, usage_lines
 
     out = export_pipeline(cfg, args.checkpoint, args.out, weights=args.weights, merge_lora=args.merge_lora)
     print(f"exported {args.checkpoint} ({args.weights} weights) to {out}", flush=True)

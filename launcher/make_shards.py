@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from i2v.data_prep.make_shards import make_shards
-from i2v.errors import I2VError
+from i2v.core.errors import I2VError
 
 
 def main(argv=None) -> int:

@@ -6,9 +6,9 @@ Reads only the architecture (model.arch, model.arch_file or model.pretrained's c
 weights or data, and needs no GPU. Overrides are the training config's: deepspeed.zero_stage=3 ...
 """
 
-from i2v.cli import run
+from i2v.core.cli import run
 from i2v.config import parse_args
-from i2v.errors import ConfigError
+from i2v.core.errors import ConfigError
 
 
 def _flags(parser):
@@ -27,7 +27,7 @@ def main():
         if not ok:
             raise ConfigError(f"{flag}: {value} is out of range")
 
-    from i2v.plan import make_plan, render
+    from i2v.plan.planner import make_plan, render
 
     plan = make_plan(cfg, args.gpus, args.gpu_mem_gb, mfu=args.mfu, peak_tflops=args.peak_tflops)
     print(render(cfg, plan), flush=True)

@@ -7,7 +7,7 @@ none behind. An encoder named on the command line replaces the config file's, e.
 `precompute.text_encoder.pretrained=models/CogVideoX-5b-I2V` drops an inline `precompute.text_encoder.arch`.
 """
 
-from i2v.cli import run
+from i2v.core.cli import run
 from i2v.config import parse_args
 
 

@@ -12,8 +12,8 @@ for large models, whose conversion would outlast the other ranks' wait in a coll
 import argparse
 import os
 
-from i2v.cli import run
-from i2v.errors import CheckpointError
+from i2v.core.cli import run
+from i2v.core.errors import CheckpointError
 
 
 def main():
@@ -22,7 +22,7 @@ def main():
     parser.add_argument("--workers", type=int, default=1, help="processes extracting and merging shards (default 1)")
     args = parser.parse_args()
 
-    from i2v.reshard import convert
+    from i2v.checkpoint.reshard import convert
 
     path = os.path.abspath(args.checkpoint.rstrip("/"))
     if os.path.isfile(os.path.join(path, "latest")):

@@ -6,9 +6,9 @@
 
 import os
 
-from i2v.cli import run
+from i2v.core.cli import run
 from i2v.config import parse_args
-from i2v.errors import ConfigError
+from i2v.core.errors import ConfigError
 
 
 def _flags(p):
@@ -34,9 +34,9 @@ def main():
         if os.path.splitext(out)[1].lower() not in (".mp4", ".gif"):
             raise ConfigError(f"--out: {out} must end in .mp4 or .gif")
 
-    from i2v.export import resolve_checkpoint
-    from i2v.frames import load_first_frame
-    from i2v.sampling import sample_from_checkpoint, save_video
+    from i2v.checkpoint.commit import resolve_committed
+    from i2v.data.frames import load_first_frame
+    from i2v.sample.sampling import sample_from_checkpoint, save_video
 
     v = cfg.validation
     steps = args.steps or v.num_inference_steps
@@ -44,7 +44,7 @@ def main():
     seed = cfg.run.seed if args.seed is None else args.seed
     frames = args.frames or v.num_frames or cfg.data.video.frames
     image = load_first_frame(args.image, cfg.data.video.height, cfg.data.video.width, "--image")
-    checkpoint = resolve_checkpoint(args.checkpoint)  # committed checkpoints only
+    checkpoint = resolve_committed(args.checkpoint)  # committed checkpoints only
     print(f"sampling {frames} frames, {steps} {args.scheduler} steps, guidance {guidance}, seed {seed}, "
           f"{args.weights} weights from {checkpoint}", flush=True)
     frames_out = sample_from_checkpoint(cfg, checkpoint, image, args.prompt, num_frames=frames,

@@ -2,15 +2,15 @@
 
 import os
 
-from i2v.cli import run
+from i2v.core.cli import run
 from i2v.config import parse_args
 
 
 def main():
     cfg, _ = parse_args(description=__doc__)  # config errors surface before any process group starts
 
-    from i2v.checkpoint import finished_step
-    from i2v.lineage import resolve_for_training
+    from i2v.checkpoint.commit import finished_step
+    from i2v.data.lineage import resolve_for_training
 
     main_rank = os.environ.get("RANK", "0") == "0"
     # The VAE and text encoder are the ones that made the latents (or the run stops here, exit 2).
@@ -25,8 +25,8 @@ def main():
                   flush=True)
         return 0
 
-    from i2v.distributed import init_distributed, shutdown
-    from i2v.trainer import Trainer
+    from i2v.core.distributed import init_distributed, shutdown
+    from i2v.train.trainer import Trainer
 
     env = init_distributed()
     trainer = None

@@ -11,10 +11,10 @@ from diffusers import CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel
 
 from conftest import REPO
 
-from i2v.adapters import diffusers_lora_state_dict, trainable_names, trainable_parameters, with_lora
+from i2v.model.adapters import diffusers_lora_state_dict, trainable_names, trainable_parameters, with_lora
 from i2v.config import load_config
-from i2v.errors import ConfigError
-from i2v.model import build_transformer, rotary_embeddings
+from i2v.core.errors import ConfigError
+from i2v.model.transformer import build_transformer, rotary_embeddings
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 LORA = ["run.output_dir=/tmp/unused", "model.lora.rank=4", "model.lora.alpha=8", "model.lora.extra_trainable=[proj_out]"]
@@ -117,7 +117,7 @@ def test_lora_file_has_diffusers_keys_and_restores_alpha_over_rank(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from i2v.export import LORA_FILE, write_lora_weights
+    from i2v.sample.export import LORA_FILE, write_lora_weights
 
     cfg, model = _lora_model("model.init_std=0.2")
     with torch.no_grad():

@@ -8,7 +8,7 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
-from i2v.attention import CogVideoXFlashAttnProcessor, apply_attention_backend
+from i2v.model.attention import CogVideoXFlashAttnProcessor, apply_attention_backend
 
 HEADS, HEAD_DIM, FRAMES, HEIGHT, WIDTH, TEXT = 2, 16, 2, 8, 12, 7
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 from i2v.data.latents import LatentDataset, make_loader
 from i2v.data.shards import BadSamples
-from i2v.errors import DataError
+from i2v.core.errors import DataError
 from latent_shards import make_latent_shards
 
 ORDERS = ["stream", "global"]

@@ -18,7 +18,7 @@ from i2v.data.latents import load_empty_prompt
 from i2v.data.videos import iter_shard_clips
 from i2v.data_prep.make_shards import make_shards
 from i2v.data_prep.precompute import run as precompute
-from i2v.errors import DataError
+from i2v.core.errors import DataError
 
 LAUNCHER = str(REPO / "launcher" / "make_shards.py")
 CAPTIONS = {"a.mp4": "a red square moving left", "b.mp4": "", "c.mp4": "  \n\t "}

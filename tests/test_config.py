@@ -4,8 +4,9 @@ import sys
 import pytest
 import yaml
 
-from i2v.config import Config, ConfigError, dump_yaml, from_dict, load_config, to_dict
-from i2v.ds_config import build_deepspeed_config
+from i2v.core.errors import ConfigError
+from i2v.config import Config, dump_yaml, from_dict, load_config, to_dict
+from i2v.train.ds_config import build_deepspeed_config
 from conftest import REPO
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -93,8 +94,8 @@ def test_accumulation_follows_the_global_batch_at_every_world_size():
 def test_biases_and_norm_weights_get_no_weight_decay():
     import torch
 
-    from i2v.model import build_transformer
-    from i2v.optim import param_groups
+    from i2v.model.transformer import build_transformer
+    from i2v.train.optim import param_groups
 
     cfg = load("train.weight_decay=0.01")
     model = build_transformer(cfg.model, seed=0)
@@ -180,7 +181,7 @@ def tiny_file(tmp_path, vae: dict, text_encoder_pretrained=None):
 
 
 def test_a_command_line_member_replaces_the_files_other_member(tmp_path):
-    from i2v import encoders
+    from i2v.model import encoders
 
     # The file's inline VAE is dropped: the command line names a VAE directory.
     cfg = load_config(tiny_file(tmp_path, {"arch": {"latent_channels": 4}}), ["precompute.vae.pretrained=configs/tiny-vae"])

@@ -3,7 +3,8 @@ line: a misspelled key gets the same did-you-mean, a duplicated key is an error 
 
 import pytest
 
-from i2v.config import ConfigError, load_config
+from i2v.config import load_config
+from i2v.core.errors import ConfigError
 from conftest import REPO
 
 TINY_TEXT = (REPO / "configs" / "tiny.yaml").read_text()

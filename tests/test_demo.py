@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import REPO
 from i2v.config import load_config
-from i2v.evaluation import ABLATIONS, PAIR_FIELDS, REPORT_FIELDS, SUMMARY_FIELDS
+from i2v.sample.evaluation import ABLATIONS, PAIR_FIELDS, REPORT_FIELDS, SUMMARY_FIELDS
 
 SIZE = load_config(str(REPO / "configs" / "tiny.yaml")).data.video.width  # the demo's frames (DEMO_SIZE unset)
 

@@ -3,9 +3,9 @@ import torch
 from diffusers import CogVideoXDDIMScheduler
 from diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video import get_resize_crop_region_for_grid
 
-from i2v import diffusion
+from i2v.core import diffusion
 from i2v.config import DiffusionConfig
-from i2v.model import _resize_crop_region
+from i2v.model.transformer import _resize_crop_region
 
 
 def scheduler_for(cfg: DiffusionConfig) -> CogVideoXDDIMScheduler:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from i2v.config import load_config
-from i2v import encoders
-from i2v.errors import ConfigError
+from i2v.model import encoders
+from i2v.core.errors import ConfigError
 
 from conftest import REPO
 from random_vae import RANDOM_VAE

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from i2v.data_prep.synthetic import COLOURS, DIRECTIONS, heldout_specs, render
-from i2v.evaluation import (PAIR_FIELDS, SUMMARY_FIELDS, nearest_colour, picture, score_pair, summarise, track,
+from i2v.data.synthetic import COLOURS, DIRECTIONS, heldout_specs, render
+from i2v.sample.evaluation import (PAIR_FIELDS, SUMMARY_FIELDS, nearest_colour, picture, score_pair, summarise, track,
                             true_centroids)
 
 W = H = 64
@@ -102,11 +102,11 @@ def test_colour_of_a_blurred_object_comes_from_its_core(clips, monkeypatch):
     """A decoder's blur blends an object's edge with the background; the colour must still be the object's."""
     from scipy import ndimage
 
-    import i2v.evaluation
+    import i2v.sample.evaluation
 
     blurred = [(spec, ndimage.gaussian_filter(frames[0].astype(np.float32), sigma=(2, 2, 0)).round().astype(np.uint8))
                for spec, frames in clips]
     assert all(track(f).colour == spec.colour for spec, f in blurred)
     # The whole region's median (the core taken as wide as the region) misreads some of them.
-    monkeypatch.setattr(i2v.evaluation, "CORE_FRACTION", 0.5)
+    monkeypatch.setattr(i2v.sample.evaluation, "CORE_FRACTION", 0.5)
     assert sum(track(f).colour != spec.colour for spec, f in blurred) > 0

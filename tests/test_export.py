@@ -21,9 +21,9 @@ from PIL import Image
 from latent_shards import make_latent_shards
 from random_vae import RANDOM_VAE
 
-from i2v import diffusion
+from i2v.core import diffusion
 from i2v.config import load_config
-from i2v.errors import CheckpointError, ConfigError
+from i2v.core.errors import CheckpointError, ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -82,10 +82,10 @@ def _image(seed=0, size=64):
 def test_export_loads_in_pipeline_and_generates(runs, stage, tmp_path):
     from diffusers import CogVideoXImageToVideoPipeline
 
-    from i2v.checkpoint import consolidated_state_dict
-    from i2v.encoders import build_text_encoder
-    from i2v.export import export_pipeline
-    from i2v.model import build_transformer
+    from i2v.checkpoint.reader import consolidated_state_dict
+    from i2v.model.encoders import build_text_encoder
+    from i2v.sample.export import export_pipeline
+    from i2v.model.transformer import build_transformer
 
     run = runs[stage]
     ckpt = _checkpoint(run)
@@ -135,7 +135,7 @@ def test_export_loads_in_pipeline_and_generates(runs, stage, tmp_path):
 def test_export_on_finish_writes_the_final_weights(runs):
     from diffusers import CogVideoXTransformer3DModel
 
-    from i2v.checkpoint import consolidated_state_dict
+    from i2v.checkpoint.reader import consolidated_state_dict
 
     run = runs[3]
     out = os.path.join(run, "export")
@@ -172,7 +172,7 @@ def test_export_cli_replaces_atomically_and_reports_errors(runs, tmp_path):
 
 
 def test_export_refuses_mismatched_config_and_foreign_output(runs, tmp_path):
-    from i2v.export import export_pipeline
+    from i2v.sample.export import export_pipeline
 
     run = runs[2]
     config = os.path.join(run, "config.yaml")
@@ -233,9 +233,9 @@ def test_image_latent_convention_matches_pipeline(variant, tmp_path):
     from diffusers import CogVideoXImageToVideoPipeline
 
     from i2v.data_prep.precompute import Precompute
-    from i2v.export import build_pipeline
+    from i2v.sample.export import build_pipeline
     from i2v.kernels.noise import inject_noise
-    from i2v.model import build_transformer
+    from i2v.model.transformer import build_transformer
 
     cfg = _variant_config(variant, tmp_path)
     job = Precompute(cfg)  # the encoders exactly as the precompute job builds them

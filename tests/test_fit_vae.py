@@ -8,10 +8,10 @@ import torch
 
 from conftest import REPO
 from i2v.config import load_config
-from i2v.encoders import build_vae
+from i2v.model.encoders import build_vae
 from i2v.data_prep.fit_vae import latent_std, load_clips, main, posterior_std, reconstruction_error
 from i2v.data_prep.make_shards import make_shards
-from i2v.data_prep.synthetic import make_clips
+from i2v.data.synthetic import make_clips
 from random_vae import RANDOM_VAE
 
 # 32 x 32 clips keep the fit cheap on one thread; the VAE starts from a random init of the tiny shape.

@@ -9,8 +9,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import REPO
-from i2v.flops import default_peak_tflops, training_flops
-from i2v.model import rotary_embeddings
+from i2v.model.flops import default_peak_tflops, training_flops
+from i2v.model.transformer import rotary_embeddings
 
 
 # A mid-size model: 4 heads x 64 (d = 256), 3 layers, wider text, 1.0-style (Conv2d patch embedding).
@@ -95,7 +95,7 @@ def test_default_peak_by_device_name_knows_only_the_table(name, peak):
 
 def test_peak_tflops_must_be_positive():
     from i2v.config import load_config
-    from i2v.errors import ConfigError
+    from i2v.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.peak_tflops"):
         load_config(REPO / "configs" / "tiny.yaml", ["train.peak_tflops=0"])

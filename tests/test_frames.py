@@ -1,4 +1,4 @@
-"""First frames from image and video files (i2v/frames.py): the clip loader's geometry, clear errors."""
+"""First frames from image and video files (i2v/data/frames.py): the clip loader's geometry, clear errors."""
 
 import json
 import os
@@ -12,8 +12,8 @@ from PIL import Image
 import clips
 from i2v.config import VideoConfig
 from i2v.data.videos import decode_sample
-from i2v.errors import ConfigError
-from i2v.frames import first_frame_pil, load_first_frame
+from i2v.core.errors import ConfigError
+from i2v.data.frames import first_frame_pil, load_first_frame
 
 
 def pixels(rgb: np.ndarray) -> torch.Tensor:

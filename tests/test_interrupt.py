@@ -14,8 +14,8 @@ import time
 import pytest
 
 from conftest import REPO
-from i2v.distributed import free_port
-from i2v.run_lock import LOCK_FILE
+from i2v.core.distributed import free_port
+from i2v.train.run_lock import LOCK_FILE
 from latent_shards import make_latent_shards
 
 DEEPSPEED = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -95,7 +95,7 @@ def test_ctrl_c_commits_and_exits_130(tmp_path, shards, launcher, workers):
 def test_a_second_ctrl_c_raises_at_once_and_a_first_only_asks():
     from types import SimpleNamespace
 
-    from i2v.trainer import Trainer
+    from i2v.train.trainer import Trainer
 
     state = SimpleNamespace(_preempt=0)
     Trainer._on_signal(state, signal.SIGINT, None)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from i2v.data.latents import LatentDataset, LatentShardWriter, decode_sample, load_empty_prompt, make_loader
-from i2v.errors import DataError
+from i2v.core.errors import DataError
 from latent_shards import make_latent_shards, sample_tensors
 
 

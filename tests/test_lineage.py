@@ -1,4 +1,4 @@
-"""Encoder identities (i2v.lineage): a recorded VAE is adopted when the config leaves it unset, a moved copy is
+"""Encoder identities (i2v.data.lineage): a recorded VAE is adopted when the config leaves it unset, a moved copy is
 the same VAE, a changed or missing one is refused naming it, and an inline one is known by arch and seed."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 from conftest import REPO
-from i2v import lineage
+from i2v.data import lineage
 from i2v.config import load_config
-from i2v.errors import ConfigError
+from i2v.core.errors import ConfigError
 from random_vae import RANDOM_VAE
 
 TINY = str(REPO / "configs" / "tiny.yaml")

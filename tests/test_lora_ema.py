@@ -24,11 +24,11 @@ from conftest import REPO
 from latent_shards import make_latent_shards
 from lora_runs import ENV, LORA, TORCHRUN, step_dir, train
 
-from i2v.adapters import with_lora
+from i2v.model.adapters import with_lora
 from i2v.config import load_config
-from i2v.memory import ParamCounts, checkpoint_bytes
-from i2v.model import build_transformer
-from i2v.errors import CheckpointError, ConfigError
+from i2v.plan.memory import ParamCounts, checkpoint_bytes
+from i2v.model.transformer import build_transformer
+from i2v.core.errors import CheckpointError, ConfigError
 
 RUN_B = (*LORA, "deepspeed.zero_stage=3", "train.ema.decay=0.8", "train.ema.warmup=true", "train.ema.start_step=2",
          "train.ema.update_every=2", "train.max_steps=6", "checkpoint.every_steps=1", "checkpoint.keep_last=6",
@@ -116,7 +116,7 @@ def _tensor_bytes(path) -> int:
 def test_lora_run_trains_the_adapters_only_and_its_checkpoints_are_under_half_a_full_runs(runs, lora_run):
     from test_train import losses
 
-    from i2v.checkpoint import consolidated_state_dict
+    from i2v.checkpoint.reader import consolidated_state_dict
 
     run, full = runs["A"], runs["C"]
     cfg = _config(run)
@@ -148,8 +148,8 @@ def test_ema_equals_an_ema_of_the_consolidated_weights_after_each_step(runs, nam
     """ZeRO-2 LoRA, ZeRO-3 LoRA (warmup, start_step 2, every 2nd step) and ZeRO-2 full: the EMA the ranks
     kept of their own fragments equals, within fp32 rounding, one computed here from each step's
     consolidated fp32 weights."""
-    from i2v.checkpoint import consolidated_state_dict
-    from i2v.ema import stitch
+    from i2v.checkpoint.reader import consolidated_state_dict
+    from i2v.model.ema import stitch
 
     run = runs[name]
     cfg = _config(run)
@@ -176,7 +176,7 @@ def test_ema_equals_an_ema_of_the_consolidated_weights_after_each_step(runs, nam
 def test_ema_shards_are_read_by_name_and_range_from_any_layout(runs, tmp_path):
     """The files are world-size-free: any element range reads back across the ranks' fragments, and a
     missing shard is an error naming the range it leaves uncovered."""
-    from i2v.ema import EMAFiles, stitch
+    from i2v.model.ema import EMAFiles, stitch
 
     ckpt = step_dir(runs["C"], 3)
     full = stitch(ckpt)
@@ -212,10 +212,10 @@ def test_lora_exports_load_in_diffusers_and_generate_the_trained_models_frames(r
     from diffusers import CogVideoXImageToVideoPipeline
     from safetensors import safe_open
 
-    from i2v.checkpoint import load_trained_transformer
-    from i2v.encoders import build_text_encoder, build_vae
-    from i2v.export import export_pipeline
-    from i2v.sampling import build_scheduler, sample_video
+    from i2v.checkpoint.reader import load_trained_transformer
+    from i2v.model.encoders import build_text_encoder, build_vae
+    from i2v.sample.export import export_pipeline
+    from i2v.sample.sampling import build_scheduler, sample_video
 
     run = runs[name]
     cfg, ckpt = _config(run), step_dir(run, STEPS[name])
@@ -260,7 +260,7 @@ def test_lora_exports_load_in_diffusers_and_generate_the_trained_models_frames(r
 
 
 def test_export_errors_name_what_is_missing(runs, tmp_path):
-    from i2v.export import export_pipeline
+    from i2v.sample.export import export_pipeline
 
     with pytest.raises(ConfigError, match=r"--merge-lora: the run has no LoRA adapters \(model\.lora\.rank is 0\)"):
         export_pipeline(_config(runs["C"]), runs["C"] + "/checkpoints", str(tmp_path / "a"), merge_lora=True)
@@ -292,8 +292,8 @@ def test_validation_samples_with_the_ema_at_zero3(runs):
 
 
 def test_resume_refuses_another_base_rank_or_layout(runs, lora_run, tmp_path):
-    from i2v.adapters import base_identity, check_resume
-    from i2v.checkpoint import saved_client_state
+    from i2v.model.adapters import base_identity, check_resume
+    from i2v.checkpoint.commit import saved_client_state
 
     ckpt = step_dir(runs["A"], 8)
     recorded = saved_client_state(ckpt)
@@ -326,8 +326,8 @@ def test_resume_refuses_another_base_rank_or_layout(runs, lora_run, tmp_path):
 
 
 def test_base_identity_of_a_pretrained_base_names_its_weight_files(tmp_path):
-    from i2v.adapters import base_identity
-    from i2v.model import build_transformer
+    from i2v.model.adapters import base_identity
+    from i2v.model.transformer import build_transformer
 
     tiny = load_config(os.path.join(REPO, "configs", "tiny.yaml"))
     build_transformer(tiny.model, seed=0).save_pretrained(tmp_path / "t")
@@ -349,8 +349,8 @@ def test_base_identity_of_a_pretrained_base_names_its_weight_files(tmp_path):
 CONTRACT = textwrap.dedent("""
     import os, sys, time, torch, torch.distributed as dist
     from i2v.config import load_config
-    from i2v.distributed import init_distributed, shutdown
-    from i2v.trainer import Trainer
+    from i2v.core.distributed import init_distributed, shutdown
+    from i2v.train.trainer import Trainer
 
     env = init_distributed()
     for stage in (2, 3):

@@ -12,7 +12,7 @@ import pytest
 
 import clips
 from i2v.data_prep.make_shards import list_inputs, make_shards
-from i2v.errors import DataError
+from i2v.core.errors import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

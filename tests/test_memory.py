@@ -11,9 +11,9 @@ from diffusers import CogVideoXTransformer3DModel
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import REPO
-from i2v.diffusion import loss_v_mse
-from i2v.memory import activation_bytes
-from i2v.model import predict, rotary_embeddings
+from i2v.core.diffusion import loss_v_mse
+from i2v.plan.memory import activation_bytes
+from i2v.model.transformer import predict, rotary_embeddings
 from test_flops import MID, tiny_arch
 from test_train import ENV, TORCHRUN
 

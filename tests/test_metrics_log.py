@@ -1,4 +1,4 @@
-"""metrics.jsonl holds each logged step once, in order, across kills and resumes (i2v/telemetry.py)."""
+"""metrics.jsonl holds each logged step once, in order, across kills and resumes (i2v/train/telemetry.py)."""
 
 import json
 import os
@@ -47,7 +47,7 @@ def test_killed_run_resumed_logs_each_step_once_in_order(tmp_path):
 
 
 def test_trim_keeps_the_last_record_of_each_step_in_order_and_leaves_a_clean_file_alone(tmp_path):
-    from i2v.telemetry import trim_metrics
+    from i2v.train.telemetry import trim_metrics
 
     path = tmp_path / "metrics.jsonl"
     assert trim_metrics(str(path), 3) == (0, 0, 0) and not path.exists()

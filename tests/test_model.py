@@ -5,8 +5,8 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 
 from i2v.config import ModelConfig, load_config
-from i2v.errors import ConfigError
-from i2v.model import build_transformer, rotary_embeddings
+from i2v.core.errors import ConfigError
+from i2v.model.transformer import build_transformer, rotary_embeddings
 from conftest import REPO
 
 TINY = load_config(REPO / "configs" / "tiny.yaml")

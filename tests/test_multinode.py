@@ -23,11 +23,11 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from i2v.distributed import free_port
+from i2v.core.distributed import free_port
 from latent_shards import make_latent_shards
 from test_train import ENV, losses
 
-# The kill test's ZeRO-2 state, written by 2 ranks, is resharded for the 1-rank resume (i2v.reshard);
+# The kill test's ZeRO-2 state, written by 2 ranks, is resharded for the 1-rank resume (i2v.checkpoint.reshard);
 # the global batch keeps 8 samples an optimizer step on either (micro-batch 2: accumulation 2, then 4).
 KILL_RUN = ("deepspeed.zero_stage=2", "train.global_batch_size=8", "checkpoint.every_steps=2")
 
@@ -193,7 +193,7 @@ def test_two_deepspeed_launchers_with_a_hostfile_train_and_commit(tmp_path, data
 def video_shards(tmp_path_factory):
     """Six synthetic clips in three video shards of two."""
     from i2v.data_prep.make_shards import make_shards
-    from i2v.data_prep.synthetic import random_spec, render, write_mp4
+    from i2v.data.synthetic import random_spec, render, write_mp4
 
     root = tmp_path_factory.mktemp("videos")
     os.makedirs(root / "clips")

@@ -1,4 +1,4 @@
-"""i2v/parallel.py in one process: the SP forward at SP 1 is diffusers' forward; the token split; config errors.
+"""i2v/model/parallel.py in one process: the SP forward at SP 1 is diffusers' forward; the token split; config errors.
 
 The multi-rank maths (all-to-all, head gather, ZeRO gradient scales) is tested through the trainer
 in tests/test_sequence_parallel.py.
@@ -9,11 +9,12 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 
 from conftest import REPO
-from i2v import diffusion
+from i2v.core import diffusion
 from i2v.config import load_config
-from i2v.errors import ConfigError
-from i2v.model import predict, rotary_embeddings
-from i2v.parallel import Layout, VideoShard, check_sequence_parallel, enable_sharded_forward, patchify, sharded_loss
+from i2v.core.errors import ConfigError
+from i2v.model.transformer import predict, rotary_embeddings
+from i2v.config.schema import check_sequence_parallel
+from i2v.model.parallel import Layout, VideoShard, enable_sharded_forward, patchify, sharded_loss
 
 TINY = REPO / "configs" / "tiny.yaml"
 BASE = dict(num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=16,

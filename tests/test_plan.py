@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO
 from i2v.config import load_config
-from i2v.plan import GiB, make_plan
+from i2v.plan.planner import GiB, make_plan
 
 
 def plan_command(capsys, monkeypatch, *argv):
@@ -35,7 +35,7 @@ def test_too_small_gpus_do_not_fit_and_the_plan_names_what_would():
     plan = make_plan(cfg, gpus=8, gpu_mem_gb=40)
     assert not plan.fits
     assert plan.activations[False].peak > 10 * plan.activations[True].peak  # what checkpointing buys at 17,776 tokens
-    from i2v.plan import alternatives
+    from i2v.plan.planner import alternatives
 
     assert alternatives(cfg, plan)[0].startswith("model.gradient_checkpointing=true ")
 

@@ -22,11 +22,11 @@ from safetensors.torch import load as st_load
 from i2v.config import load_config
 from i2v.data.latents import LatentDataset, load_empty_prompt
 from i2v.data.videos import iter_shard_clips
-from i2v import encoders
+from i2v.model import encoders
 from i2v.data_prep.precompute import assignment, output_name, run, summary_lines
 from i2v.data_prep.make_shards import make_shards
-from i2v.data_prep.synthetic import random_spec, render, write_mp4
-from i2v.errors import ConfigError, DataError
+from i2v.data.synthetic import random_spec, render, write_mp4
+from i2v.core.errors import ConfigError, DataError
 
 from conftest import REPO
 

@@ -17,7 +17,7 @@ from i2v.config import RemoteConfig
 from i2v.data import latent_order, remote
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards, shuffled
-from i2v.errors import DataError
+from i2v.core.errors import DataError
 from latent_shards import make_latent_shards
 from remote_servers import FaultyHTTPServer, moto_s3
 

@@ -17,9 +17,9 @@ from i2v.config import RemoteConfig
 from i2v.data import latent_order, remote
 from i2v.data.latents import LatentDataset, make_loader
 from i2v.data_prep.make_shards import make_shards
-from i2v.lineage import manifest_encoders
+from i2v.data.lineage import manifest_encoders
 from i2v.data_prep.precompute import run
-from i2v.data_prep.synthetic import random_spec, render, write_mp4
+from i2v.data.synthetic import random_spec, render, write_mp4
 from remote_servers import moto_s3
 from test_precompute import BACKGROUNDS, SMALL, _launch, cfg_for, read_shard, tars
 

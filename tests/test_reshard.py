@@ -30,10 +30,10 @@ RESHARD = ("train.max_steps=12", "train.log_every=1", "checkpoint.every_steps=6"
 # (at this world size) into another directory, then training goes on.
 RESUME_AND_SAVE = textwrap.dedent("""
     import sys
-    from i2v.checkpoint import Checkpointer
+    from i2v.checkpoint.checkpointer import Checkpointer
     from i2v.config import load_config
-    from i2v.distributed import init_distributed, shutdown
-    from i2v.trainer import Trainer
+    from i2v.core.distributed import init_distributed, shutdown
+    from i2v.train.trainer import Trainer
 
     env = init_distributed()
     tr = Trainer(load_config("configs/tiny.yaml", sys.argv[2:]), env)
@@ -85,8 +85,8 @@ def assert_losses_follow(ref, run):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_resume_on_3_and_on_1_rank_follows_the_2_rank_trajectory(tmp_path, shards, stage):
-    from i2v.checkpoint import saved_client_state
-    from i2v.reshard import convert, universal_path
+    from i2v.checkpoint.commit import saved_client_state
+    from i2v.checkpoint.reshard import convert, universal_path
 
     common = (*RESHARD, f"deepspeed.zero_stage={stage}")
     ref = tmp_path / "ref"
@@ -126,7 +126,7 @@ def test_zero_resume_on_3_and_on_1_rank_follows_the_2_rank_trajectory(tmp_path, 
 
 
 def test_offline_conversion_commits_once_and_a_corrupt_or_stale_one_is_made_again(tmp_path, shards):
-    from i2v.reshard import convert, converted, universal_path
+    from i2v.checkpoint.reshard import convert, converted, universal_path
 
     out = tmp_path / "run"
     r = train([sys.executable], out, shards, "train.max_steps=2", "checkpoint.every_steps=2", "train.micro_batch_size=2")

@@ -1,4 +1,4 @@
-"""Faults, kills and resume: every fault is injected with I2V_FAULT (see i2v/faults.py)."""
+"""Faults, kills and resume: every fault is injected with I2V_FAULT (see i2v/core/faults.py)."""
 
 import os
 import signal
@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import REPO
-from i2v.distributed import free_port
+from i2v.core.distributed import free_port
 from latent_shards import make_latent_shards
 from lora_runs import RUN_A, step_dir
 from test_train import ENV, TORCHRUN, losses, train
@@ -77,7 +77,7 @@ def test_lora_sigkill_then_relaunch_is_bit_exact_with_its_ema(tmp_path, lora_run
     import torch
     from safetensors import safe_open
 
-    from i2v.checkpoint import consolidated_state_dict
+    from i2v.checkpoint.reader import consolidated_state_dict
 
     run, ref = tmp_path / "run", lora_run["run"]
     # rank 1 is SIGKILLed after a backward of the sixth step (last commit: step 5)
@@ -157,8 +157,8 @@ def test_sigterm_on_one_rank_commits_a_checkpoint_and_exits_143(tmp_path, shards
 NAN_SCRIPT = textwrap.dedent("""
     import os, sys, torch
     from i2v.config import load_config
-    from i2v.distributed import init_distributed
-    from i2v.trainer import Trainer, TooManySkips
+    from i2v.core.distributed import init_distributed
+    from i2v.train.trainer import Trainer, TooManySkips
 
     cfg = load_config("configs/tiny.yaml", sys.argv[1:])
     env = init_distributed()
@@ -186,7 +186,7 @@ NAN_SCRIPT = textwrap.dedent("""
     tr.train()
     assert tr.step == 4 and tr.engine.global_steps == 4 and tr.skipped == 2
     print(f"NAN-GUARD-OK rank {env.rank}", flush=True)
-    from i2v.distributed import shutdown
+    from i2v.core.distributed import shutdown
     shutdown()
 """)
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import REPO
-from i2v.run_lock import LOCK_FILE, RunLock, RunLocked
+from i2v.train.run_lock import LOCK_FILE, RunLock, RunLocked
 from latent_shards import make_latent_shards
 
 

@@ -1,4 +1,4 @@
-"""Sequence parallelism (i2v/parallel.py) against the single-rank maths, through the real trainer.
+"""Sequence parallelism (i2v/model/parallel.py) against the single-rank maths, through the real trainer.
 
 One process launch builds several trainers in turn (start-up dominates on a CPU), and one
 reference run serves several comparisons:
@@ -45,8 +45,8 @@ RUNS_SCRIPT = textwrap.dedent("""
     from deepspeed.utils import safe_get_full_grad
     from safetensors.torch import save_file
     from i2v.config import load_config
-    from i2v.distributed import init_distributed, shutdown
-    from i2v.trainer import Trainer
+    from i2v.core.distributed import init_distributed, shutdown
+    from i2v.train.trainer import Trainer
 
     spec = json.loads(sys.argv[1])
     env = init_distributed()
@@ -79,7 +79,7 @@ def setup(tmp_path_factory):
     make_latent_shards(shards, shards=2, per_shard=8)
     make_latent_shards(shards, shards=2, per_shard=8, first_shard=2, height=6, width=6)
     # The tiny architecture, every weight random (the output layer included), as a diffusers directory.
-    from i2v.model import build_transformer
+    from i2v.model.transformer import build_transformer
 
     model = build_transformer(load_config(REPO / "configs" / "tiny.yaml").model, seed=0)
     gen = torch.Generator().manual_seed(7)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from i2v.data_prep.synthetic import SPECS_FILE, make_clips, render
+from i2v.data.synthetic import SPECS_FILE, make_clips, render
 
 
 def test_two_directions_per_frame_share_the_first_frame(tmp_path):

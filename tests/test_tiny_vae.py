@@ -9,10 +9,10 @@ import torch
 
 from conftest import REPO
 from i2v.config import load_config
-from i2v.encoders import build_vae
-from i2v.data_prep.synthetic import heldout_specs, render
-from i2v.evaluation import score_pair
-from i2v.sampling import decode_latents, encode_image, to_uint8
+from i2v.model.encoders import build_vae
+from i2v.data.synthetic import heldout_specs, render
+from i2v.sample.evaluation import score_pair
+from i2v.sample.sampling import decode_latents, encode_image, to_uint8
 
 VAE = REPO / "configs" / "tiny-vae"
 

@@ -4,12 +4,12 @@
 import pytest
 import torch
 
-from i2v import diffusion
+from i2v.core import diffusion
 from i2v.config import load_config
 from i2v.data.latents import LatentDataset, make_loader
 from i2v.kernels.noise import inject_noise_ref
-from i2v.model import build_transformer
-from i2v.objective import loss_from_inputs, prepare_inputs
+from i2v.model.transformer import build_transformer
+from i2v.train.objective import loss_from_inputs, prepare_inputs
 from conftest import REPO
 from latent_shards import make_latent_shards
 
@@ -51,7 +51,7 @@ def test_cogvideox_15_pads_latent_frames_to_patch_size_t(tmp_path):
     assert inputs["model_input"].shape == (2, 4, 8, 16, 16)
     assert torch.equal(inputs["x0"][:, 0], inputs["x0"][:, 1])  # the repeated first latent frame
     assert torch.count_nonzero(inputs["model_input"][:, 1:, 4:]) == 0  # image latent only at frame 0
-    from i2v.objective import training_loss
+    from i2v.train.objective import training_loss
 
     loss = training_loss(model, batch, abar, cfg, 0, 0, None, "cpu")
     assert torch.isfinite(loss)

@@ -41,7 +41,7 @@ def _run(*args, timeout=300):
 def path(tmp_path_factory):
     """{dir, latents, run, export, image, prompt}: the README's path taken once, with nothing but the config."""
     root = tmp_path_factory.mktemp("user_path")
-    r = _run("-m", "i2v.data_prep.synthetic", "--output", str(root / "clips"), "--clips", "24", "--seed", "5",
+    r = _run("-m", "i2v.data.synthetic", "--output", str(root / "clips"), "--clips", "24", "--seed", "5",
              "--frames", "9", "--height", "64", "--width", "64", "--heldout", str(root / "heldout"))
     assert r.returncode == 0, r.stderr[-2000:]
     r = _run("launcher/make_shards.py", "--input", str(root / "clips"), "--output", str(root / "shards"),
@@ -69,7 +69,7 @@ def test_training_validation_and_export_use_the_vae_that_made_the_latents(path):
     import yaml
     from diffusers import AutoencoderKLCogVideoX
 
-    from i2v.checkpoint import saved_client_state
+    from i2v.checkpoint.commit import saved_client_state
 
     manifest = json.loads((path["latents"] / "manifest.json").read_text())
     assert manifest["vae"]["source"] == "pretrained" and manifest["vae"]["path"] == TINY_VAE
@@ -115,9 +115,9 @@ def test_export_samples_in_diffusers_as_i2v_samples(path):
     from diffusers import CogVideoXImageToVideoPipeline
 
     from i2v.config import load_config
-    from i2v.export import pipeline_call
-    from i2v.frames import load_first_frame
-    from i2v.sampling import sample_from_checkpoint
+    from i2v.sample.export import pipeline_call
+    from i2v.data.frames import load_first_frame
+    from i2v.sample.sampling import sample_from_checkpoint
 
     cfg = load_config(str(path["run"] / "config.yaml"), ["validation.num_inference_steps=10",
                                                          "validation.guidance_scale=3.0"])

@@ -25,8 +25,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from latent_shards import make_latent_shards
 
 from i2v.config import load_config
-from i2v.distributed import free_port
-from i2v.errors import ConfigError
+from i2v.core.distributed import free_port
+from i2v.core.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -94,12 +94,12 @@ def _events(run):
 
 def _reference_gifs(run, step, weights="live") -> dict[int, bytes]:
     """Each pair sampled here from the consolidated checkpoint of `step` (or its EMA), as a GIF."""
-    from i2v.checkpoint import load_trained_transformer
-    from i2v.distributed import DistEnv
-    from i2v.model import set_attention
-    from i2v.sampling import sample_video
-    from i2v.tb_video import gif_bytes
-    from i2v.validation import Validator, _pair_seed
+    from i2v.checkpoint.reader import load_trained_transformer
+    from i2v.core.distributed import DistEnv
+    from i2v.model.transformer import set_attention
+    from i2v.sample.sampling import sample_video
+    from i2v.sample.tb_video import gif_bytes
+    from i2v.sample.validation import Validator, _pair_seed
 
     cfg = load_config(os.path.join(run, "config.yaml"))
     val = Validator(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
@@ -127,7 +127,7 @@ def _mp4_frames(path):
 def test_gif_summary_round_trips_through_tensorboard(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
-    from i2v.tb_video import add_video
+    from i2v.sample.tb_video import add_video
 
     f, h, w = 5, 16, 24
     frames = torch.full((f, 3, h, w), -1.0)
@@ -153,8 +153,8 @@ def test_gif_summary_round_trips_through_tensorboard(tmp_path):
 
 
 def test_validator_rejects_bad_pairs(tmp_path):
-    from i2v.distributed import DistEnv
-    from i2v.validation import Validator
+    from i2v.core.distributed import DistEnv
+    from i2v.sample.validation import Validator
 
     env = DistEnv(0, 1, 0, torch.device("cpu"))
     (good,) = _images(str(tmp_path), 1)

@@ -13,7 +13,7 @@ from i2v.config import VideoConfig, from_dict
 from i2v.data.shards import BadSamples
 from i2v.data.videos import build_video_dataset, collate_clips, iter_shard_clips, with_worker_counts
 from i2v.data_prep.make_shards import make_shards
-from i2v.errors import DataError
+from i2v.core.errors import DataError
 
 
 def config(shards, **video):

@@ -1,8 +1,8 @@
-"""Bytes a real DeepSpeed engine holds, next to what `i2v.memory.state_bytes` predicts.
+"""Bytes a real DeepSpeed engine holds, next to what `i2v.plan.memory.state_bytes` predicts.
 
     python tests/zero_state_probe.py STAGE:PRECISION[:offload] ...     (or under torchrun)
 
-For each case: the run's own engine (i2v.optim.build_engine on the generated DeepSpeed config)
+For each case: the run's own engine (i2v.train.optim.build_engine on the generated DeepSpeed config)
 around the mid-size test model, two optimizer steps on a small input, then a walk over every
 tensor the engine's module and optimizer reach (parameters, their gradients and ZeRO shards, the
 optimizer's state, master copies, gradient partitions and buckets), each storage counted once.
@@ -22,11 +22,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from i2v.config import load_config  # noqa: E402
-from i2v.distributed import init_distributed, shutdown  # noqa: E402
-from i2v.ds_config import build_deepspeed_config  # noqa: E402
-from i2v.memory import ParamCounts, ZeroSettings, state_bytes  # noqa: E402
-from i2v.model import build_transformer  # noqa: E402
-from i2v.optim import build_engine  # noqa: E402
+from i2v.core.distributed import init_distributed, shutdown  # noqa: E402
+from i2v.train.ds_config import build_deepspeed_config  # noqa: E402
+from i2v.plan.memory import ParamCounts, ZeroSettings, state_bytes  # noqa: E402
+from i2v.model.transformer import build_transformer  # noqa: E402
+from i2v.train.optim import build_engine  # noqa: E402
 
 # d = 512: the attention projections are above ZeRO-3's persistence threshold, the norms below.
 ARCH = dict(num_attention_heads=8, attention_head_dim=64, in_channels=8, out_channels=4, time_embed_dim=64,
@@ -115,7 +115,7 @@ def main() -> None:
     # Measured and printed; once every rank is here, leave without tearing the engines' groups down. The
     # teardown once aborted after a ZeRO-3 case ("terminate called without an active exception", from a
     # communication thread's destructor), which is not what this probe measures. The trainer's own
-    # teardown is i2v.distributed.shutdown.
+    # teardown is i2v.core.distributed.shutdown.
     torch.distributed.barrier()
     sys.stdout.flush()
     sys.stderr.flush()

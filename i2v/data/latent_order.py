@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from i2v.errors import DataError
+from i2v.core.errors import DataError
 
 
 @dataclass(frozen=True)

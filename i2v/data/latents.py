@@ -41,8 +41,8 @@ from safetensors.torch import load_file, save_file
 from i2v.config import RemoteConfig
 from i2v.data import latent_order, remote
 from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for
-from i2v.errors import DataError
-from i2v.fsutil import write_json_atomic
+from i2v.core.errors import DataError
+from i2v.core.fsutil import write_json_atomic
 
 TENSORS = ("video_latents", "image_latents", "prompt_embeds")
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"

@@ -18,7 +18,7 @@ import threading
 
 import braceexpand
 
-from i2v.errors import DataError
+from i2v.core.errors import DataError
 
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "gcs://", "ais://", "hf://")
 

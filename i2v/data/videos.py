@@ -39,7 +39,7 @@ from av.video.reformatter import VideoReformatter
 from i2v.config import Config, RemoteConfig, VideoConfig
 from i2v.data import remote
 from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for, sum_by_reason
-from i2v.errors import ConfigError, DataError
+from i2v.core.errors import ConfigError, DataError
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "ogv", "wmv", "gif")
 

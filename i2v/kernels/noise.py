@@ -59,7 +59,7 @@ import os
 
 import torch
 
-from i2v import diffusion
+from i2v.core import diffusion
 
 try:
     import triton

@@ -1,0 +1,17 @@
+"""The run configuration: `schema` (the typed tree, its field docs and the checks that need only the
+tree) and `loader` (YAML, overrides, the command line). The names below are the public interface."""
+
+from i2v.config.loader import dump_yaml, from_dict, load_config, parse_args, to_dict
+from i2v.config.schema import (
+    REQUIRED, CheckpointConfig, Config, DataConfig, DeepSpeedConfig, DiffusionConfig, EMAConfig, KernelsConfig,
+    LoRAConfig, ModelConfig, ParallelConfig, PrecomputeConfig, RemoteConfig, RunConfig, TextEncoderConfig,
+    TrainConfig, VAEConfig, ValidationConfig, VideoConfig, accumulation_steps, check_sequence_parallel, doc,
+    get_dotted,
+)
+
+__all__ = [
+    "REQUIRED", "CheckpointConfig", "Config", "DataConfig", "DeepSpeedConfig", "DiffusionConfig", "EMAConfig",
+    "KernelsConfig", "LoRAConfig", "ModelConfig", "ParallelConfig", "PrecomputeConfig", "RemoteConfig", "RunConfig",
+    "TextEncoderConfig", "TrainConfig", "VAEConfig", "ValidationConfig", "VideoConfig", "accumulation_steps",
+    "check_sequence_parallel", "doc", "dump_yaml", "from_dict", "get_dotted", "load_config", "parse_args", "to_dict",
+]

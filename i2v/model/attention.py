@@ -1,0 +1,143 @@
+"""Attention backends for the DiT: a CogVideoX attention processor on our fused Triton kernel.
+
+`CogVideoXFlashAttnProcessor` computes exactly what diffusers' `CogVideoXAttnProcessor2_0`
+computes (joint text+video tokens, QK layer norm, 3D RoPE on the video tokens only, output
+projection and dropout, then the split back into video and text streams); only the
+attention core changes, to `i2v.kernels.attention.flash_attention` with backend "triton", or
+torch SDPA with backend "sdpa". It also accepts modules with fused QKV projections.
+
+Under sequence parallelism (`video_shard` given, see `i2v.model.parallel`) the video tokens are this
+rank's run only: Q, K and V go through the shard's all-to-all to the whole sequence for this rank's
+heads before QK-norm, RoPE and the core, and the output comes back to local tokens, all heads.
+
+RoPE and the QK layer norm stay in PyTorch: fusing them into the kernel saves a pass over Q
+and K each, which has not been measured to matter next to attention at S ~ 17.8k.
+
+`apply_attention_backend(transformer, backend)` is what the model builder calls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("auto", "triton", "sdpa")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class CogVideoXFlashAttnProcessor:
+    """Drop-in replacement for diffusers' CogVideoXAttnProcessor2_0 (same inputs, same outputs)."""
+
+    def __init__(self, backend: str = "triton"):
+        if backend not in ("triton", "sdpa"):
+            raise ValueError(f"CogVideoXFlashAttnProcessor backend must be 'triton' or 'sdpa', got {backend!r}")
+        self.backend = backend
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None,
+                 video_shard=None):
+        """`video_shard` (an `i2v.model.parallel.VideoShard`): `hidden_states` are this rank's video tokens only."""
+        text_seq_length = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch_size, sequence_length, _ = hidden_states.shape
+
+        if attention_mask is not None:
+            if video_shard is not None:
+                raise ValueError("an attention mask over a sequence-parallel shard is not supported")
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if getattr(attn, "fused_projections", False):
+            qkv = attn.to_qkv(hidden_states)
+            query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
+        else:
+            query = attn.to_q(hidden_states)
+            key = attn.to_k(hidden_states)
+            value = attn.to_v(hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim) for t in (query, key, value))
+        if video_shard is not None:
+            # Sequence parallel: from here on the whole sequence, this rank's heads.
+            query, key, value = video_shard.to_heads(query, key, value, text_seq_length)
+        # [B, S, H, D] viewed as [B, H, S, D]: the kernel reads strides, so no copy here.
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
+
+        if self.backend == "triton" and attention_mask is None:
+            from i2v.kernels.attention import flash_attention
+
+            hidden_states = flash_attention(query, key, value, backend="triton")
+        else:
+            # The kernel has no mask input; CogVideoX never passes one, and SDPA gives the same math.
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+
+        hidden_states = hidden_states.transpose(1, 2)
+        if video_shard is not None:
+            hidden_states = video_shard.to_tokens(hidden_states, text_seq_length)
+        # Free for the triton output ([B, S, H, D] storage); one copy for SDPA, as in diffusers.
+        hidden_states = hidden_states.flatten(2)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+
+        encoder_hidden_states, hidden_states = hidden_states.split(
+            [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1
+        )
+        return hidden_states, encoder_hidden_states
+
+
+def apply_attention_backend(transformer: torch.nn.Module, backend: str, device=None) -> str:
+    """Install the attention processors for `backend` on a CogVideoXTransformer3DModel; return the one used.
+
+    "triton": our fused kernel everywhere (raises if triton is missing).
+    "sdpa": diffusers' default processors (ours, if installed earlier, are replaced by them).
+    "auto": "triton" when the model's parameters are on CUDA and triton imports, else "sdpa".
+    `device`, if given, is where the model will run and replaces its parameters' device in
+    that choice (for a model built on the CPU and moved to the GPU afterwards).
+    """
+    from diffusers.models.attention_processor import (
+        Attention,
+        CogVideoXAttnProcessor2_0,
+        FusedCogVideoXAttnProcessor2_0,
+    )
+
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"kernels.attention must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device is None:
+            param = next(transformer.parameters(), None)
+            device = param.device if param is not None else "cpu"
+        on_cuda = torch.device(device).type == "cuda"
+        backend = "triton" if on_cuda and _triton_available() else "sdpa"
+    if backend == "triton" and not _triton_available():
+        raise ValueError("kernels.attention is 'triton' but triton is not installed (pip install i2v[triton])")
+
+    modules = [m for m in transformer.modules() if isinstance(m, Attention)]
+    if not modules:
+        raise ValueError(f"apply_attention_backend: {type(transformer).__name__} has no diffusers Attention modules")
+    for module in modules:
+        if backend == "triton":
+            module.set_processor(CogVideoXFlashAttnProcessor("triton"))
+        elif isinstance(module.processor, CogVideoXFlashAttnProcessor):
+            fused = getattr(module, "fused_projections", False)
+            module.set_processor(FusedCogVideoXAttnProcessor2_0() if fused else CogVideoXAttnProcessor2_0())
+    return backend

@@ -1,0 +1,182 @@
+"""Know before launch: parameters, per-rank memory, FLOPs and step time of a run config.
+
+`make_plan` builds the DiT on the meta device from the configured architecture (an inline
+`model.arch`, `model.arch_file`, or the `config.json` of `model.pretrained`; never the weights),
+then prices one optimizer step with the cost model (`i2v.model.flops`) and the memory model
+(`i2v.plan.memory`) at the config's clip geometry (the largest bucket when there are buckets).
+`render` prints it; `launcher/plan.py` is the command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from i2v.config import Config
+from i2v.train.ds_config import build_deepspeed_config
+from i2v.model.flops import SampleFlops, training_flops
+from i2v.plan.memory import DTYPE_BYTES, ParamCounts, StateBytes, ZeroSettings, activation_bytes, state_bytes
+from i2v.model.transformer import transformer_arch
+
+GiB = 2**30
+# Left free for what the allocator does not count as tensors: the CUDA context, library workspaces,
+# communication buffers, fragmentation.
+RESERVE_FRACTION = 0.10
+SPATIAL_COMPRESSION = 8  # the CogVideoX VAE: 8x in height and width (its temporal factor is in the DiT config)
+
+
+@dataclass(frozen=True)
+class Plan:
+    arch: dict
+    counts: ParamCounts
+    gpus: int
+    gpu_mem_bytes: int
+    latent: tuple  # (frames, height, width) of the latents priced
+    flops: SampleFlops
+    samples_per_step: int
+    state: StateBytes
+    activations: dict  # gradient checkpointing on/off -> ActivationBytes
+    checkpointing: bool
+    mfu: float
+    peak_tflops: float
+
+    @property
+    def peak_bytes(self) -> int:
+        """The estimated per-rank peak on the accelerator at the configured checkpointing."""
+        return self.state.device + self.activations[self.checkpointing].peak
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.gpu_mem_bytes * (1 - RESERVE_FRACTION))
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.usable_bytes
+
+    @property
+    def step_flops(self) -> int:
+        """Model FLOPs of one optimizer step, all ranks together."""
+        return self.flops.model * self.samples_per_step
+
+    @property
+    def step_seconds(self) -> float:
+        """One optimizer step if every rank runs at `mfu` of `peak_tflops`."""
+        return self.step_flops / self.gpus / (self.mfu * self.peak_tflops * 1e12)
+
+
+def latent_shape(cfg: Config, temporal_compression: int) -> tuple:
+    """Latent (frames, height, width) of the clip geometry with the most tokens."""
+    v = cfg.data.video
+    clips = [(v.frames, v.height, v.width)] + [(f, h, w) for h, w, f in v.buckets]
+    frames, height, width = max(clips, key=lambda c: c[0] * c[1] * c[2])
+    return ((frames - 1) // temporal_compression + 1, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+
+
+def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_tflops: float | None = None) -> Plan:
+    """Price one optimizer step of `cfg` on `gpus` accelerators of `gpu_mem_gb` GiB each.
+
+    Sequence parallelism (`parallel.sequence_parallel_size`) splits each clip's video tokens over an
+    SP group: activations per rank shrink, and an SP group trains one micro-batch. LoRA
+    (`model.lora.rank`) leaves only the adapters trainable; an EMA (`train.ema.decay`) adds an fp32
+    copy of the trainable weights.
+    """
+    from diffusers import CogVideoXTransformer3DModel
+
+    from i2v.model.adapters import with_lora
+
+    cfg.validate(gpus)
+    arch = transformer_arch(cfg.model)
+    with torch.device("meta"):
+        model = with_lora(CogVideoXTransformer3DModel(**arch), cfg.model)
+    zero = ZeroSettings.from_deepspeed(build_deepspeed_config(cfg, gpus)["zero_optimization"])
+    counts = ParamCounts.of(model, zero.param_persistence_threshold)
+    latent = latent_shape(cfg, arch["temporal_compression_ratio"])
+    t, d = cfg.train, cfg.deepspeed
+    sequence_parallel_size = cfg.parallel.sequence_parallel_size
+    checkpointing = cfg.model.gradient_checkpointing
+    act_bytes = 2 if d.precision in ("bf16", "fp16") else DTYPE_BYTES[cfg.model.dtype]
+    activations = {
+        ckpt: activation_bytes(model.config, *latent, micro_batch=t.micro_batch_size, dtype_bytes=act_bytes,
+                               gradient_checkpointing=ckpt, attention="sdpa" if cfg.kernels.attention == "sdpa"
+                               else "triton", sequence_parallel_size=sequence_parallel_size)
+        for ckpt in (False, True)
+    }
+    return Plan(
+        arch=arch, counts=counts, gpus=gpus, gpu_mem_bytes=int(gpu_mem_gb * GiB), latent=latent,
+        flops=training_flops(model.config, *latent, gradient_checkpointing=checkpointing),
+        samples_per_step=t.micro_batch_size * t.grad_accum_steps * gpus // sequence_parallel_size,
+        state=state_bytes(counts, zero, d.precision, gpus, ema=t.ema.decay > 0, model_dtype=cfg.model.dtype),
+        activations=activations, checkpointing=checkpointing, mfu=mfu,
+        peak_tflops=peak_tflops or t.peak_tflops or 989.0,
+    )
+
+
+def alternatives(cfg: Config, plan: Plan) -> list[str]:
+    """Changes, cheapest first, under which a plan that does not fit would fit."""
+    trials = [("model.gradient_checkpointing=true", {"model": {"gradient_checkpointing": True}}),
+              ("deepspeed.zero_stage=3", {"deepspeed": {"zero_stage": 3}}),
+              ("deepspeed.zero_stage=3 deepspeed.offload_optimizer=true",
+               {"deepspeed": {"zero_stage": 3, "offload_optimizer": True}})]
+    found = []
+    for line, change in trials:
+        new = cfg
+        for section, values in change.items():
+            new = replace(new, **{section: replace(getattr(new, section), **values)})
+        if not plan.checkpointing and "gradient_checkpointing" not in line:
+            new = replace(new, model=replace(new.model, gradient_checkpointing=True))
+            line = "model.gradient_checkpointing=true " + line
+        trial = make_plan(new, plan.gpus, plan.gpu_mem_bytes / GiB, plan.mfu, plan.peak_tflops)
+        if trial.fits:
+            found.append(f"{line} (peak {trial.peak_bytes / GiB:.1f} GiB)")
+    return found
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:7.2f} GiB"
+
+
+def render(cfg: Config, plan: Plan) -> str:
+    a, c, s, d = plan.arch, plan.counts, plan.state, cfg.deepspeed
+    f, (lf, lh, lw) = plan.flops, plan.latent
+    v = cfg.data.video
+    frozen = c.total - c.trainable
+    lines = [
+        f"model       {a['num_layers']} layers, {a['num_attention_heads']} heads x {a['attention_head_dim']}, "
+        f"in_channels {a['in_channels']}" + (f", patch_size_t {a['patch_size_t']}" if a.get("patch_size_t") else ""),
+        f"parameters  {c.total:,} total, {c.trainable:,} trainable" + (f" ({frozen:,} frozen)" if frozen else ""),
+        f"run         {plan.gpus} GPU(s) x {plan.gpu_mem_bytes / GiB:g} GiB | ZeRO-{d.zero_stage} {d.precision}"
+        + (" + optimizer offload" if d.offload_optimizer else "")
+        + f" | micro-batch {cfg.train.micro_batch_size} x accumulation {cfg.train.grad_accum_steps}"
+        f" = {plan.samples_per_step} samples per step",
+        f"sample      " + (f"the largest of {len(v.buckets)} buckets" if v.buckets else f"clips {v.frames} x {v.height} x {v.width}")
+        + f" -> latents {lf} x {lh} x {lw}: "
+        f"{f.text_tokens} text + {f.video_tokens:,} video = {f.tokens:,} tokens",
+        f"FLOPs       {f.model / 1e15:.4f} PFLOP per sample (forward + backward)"
+        + (f", {f.hardware / 1e15:.4f} with the checkpointing recompute" if f.recompute else "")
+        + f"; {plan.step_flops / 1e15:.3f} PFLOP per optimizer step",
+        f"step time   {plan.step_seconds:.2f} s at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s per GPU "
+        f"({plan.samples_per_step / plan.step_seconds:.2f} samples/s)",
+        "memory per rank (accelerator):",
+        f"  {'weights':32s}{_gib(s.weights)}",
+        f"  {'gradients':32s}{_gib(s.gradients)}",
+        f"  {'optimizer states':32s}{_gib(s.optimizer)}" + ("   (offloaded: see host)" if d.offload_optimizer else ""),
+    ]
+    if s.ema:
+        lines.append(f"  {'EMA':32s}{_gib(s.ema)}" + ("   (in host memory)" if s.ema_on_host else ""))
+    lines.append(f"  {'ZeRO buffers':32s}{_gib(s.buckets)}")
+    for ckpt in (True, False):
+        label = f"activations, {'with' if ckpt else 'no'} checkpointing"
+        mark = "   <- configured" if ckpt == plan.checkpointing else ""
+        lines.append(f"  {label:32s}{_gib(plan.activations[ckpt].peak)} per micro-batch{mark}")
+    lines.append(f"  {'peak estimate':32s}{_gib(plan.peak_bytes)} of {plan.usable_bytes / GiB:.1f} GiB usable "
+                 f"({RESERVE_FRACTION:.0%} of {plan.gpu_mem_bytes / GiB:g} GiB kept free)")
+    if s.host:
+        lines.append(f"host memory per rank {_gib(s.host)} (optimizer states and, at ZeRO-1/2, fp32 gradients)")
+    if plan.fits:
+        lines.append(f"verdict     FITS, {(plan.usable_bytes - plan.peak_bytes) / GiB:.1f} GiB to spare per GPU")
+    else:
+        lines.append(f"verdict     DOES NOT FIT: {(plan.peak_bytes - plan.usable_bytes) / GiB:.1f} GiB over per GPU")
+        found = alternatives(cfg, plan)
+        lines += [f"            fits with: {alt}" for alt in found] or ["            no ZeRO-3/offload/checkpointing variant fits either"]
+    return "\n".join(lines)
