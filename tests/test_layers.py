@@ -87,6 +87,17 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def test_every_project_import_names_a_module_that_exists():
+    known = source_modules()
+    missing = []
+    for m, path in known.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            missing += [f"{m} imports {n}" for n in names if n.startswith("i2v.") and n not in known]
+    assert missing == [], "a lazy import of a moved module fails only when it runs:\n" + "\n".join(missing)
+
+
 def test_every_module_has_a_layer():
     assert [m for m in source_modules() if m != "i2v" and layer_of(m) is None] == []
 

@@ -136,7 +136,7 @@ class Checkpointer:
         """Load `tag` into the engine (and `ema`); returns its client state. RNG states are restored last.
 
         `reshard_blocker` names what prevents loading at another world size (None: nothing does).
-        ZeRO-1/2/3 state written at another world size goes through its universal form (i2v.reshard).
+        ZeRO-1/2/3 state written at another world size goes through its universal form (i2v.checkpoint.reshard).
         """
         path = os.path.join(self.root, tag)
         with open(os.path.join(path, MARKER)) as f:
@@ -149,7 +149,7 @@ class Checkpointer:
                 "or export the weights and start a new run"
             )
         if resharding and engine.zero_optimization_stage() > 0:
-            from i2v.reshard import load_resharded
+            from i2v.checkpoint.reshard import load_resharded
 
             load_path, client_state = load_resharded(engine, self.root, tag, self.env,
                                                      strict=not self.trainable_only)

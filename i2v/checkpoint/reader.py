@@ -39,9 +39,9 @@ def load_trained_transformer(cfg, checkpoint_dir: str, weights: str = "live"):
     EMA over the trainable parameters). A LoRA checkpoint holds only the trainable parameters: the
     frozen base comes from `model.pretrained` / `model.arch`.
     """
-    from i2v.adapters import lora_enabled, trainable_names, with_lora
-    from i2v.ema import stitch
-    from i2v.model import build_transformer
+    from i2v.model.adapters import lora_enabled, trainable_names, with_lora
+    from i2v.model.ema import stitch
+    from i2v.model.transformer import build_transformer
 
     model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed), cfg.model, seed=cfg.run.seed)
     state = consolidated_state_dict(checkpoint_dir)

@@ -281,7 +281,7 @@ def from_dict(data: dict, world_size: int | None = None) -> Config:
 
 def dump_yaml(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (another run reads it)."""
-    from i2v.fsutil import write_text_atomic
+    from i2v.core.fsutil import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
