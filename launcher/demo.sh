@@ -97,11 +97,22 @@ OVERRIDES=(
 # latents' manifest (i2v/data/lineage.py). The inline shape of DEMO_VAE=random and =fit is configs/tiny-vae's
 # (8-16-32 channels; `make tiny-vae` fits it the same way).
 ARCH="{in_channels: 3, out_channels: 3, down_block_types: [CogVideoXDownBlock3D, CogVideoXDownBlock3D, CogVideoXDownBlock3D], up_block_types: [CogVideoXUpBlock3D, CogVideoXUpBlock3D, CogVideoXUpBlock3D], block_out_channels: [8, 16, 32], latent_channels: 4, layers_per_block: 1, norm_num_groups: 1, temporal_compression_ratio: 4, sample_height: $HEIGHT, sample_width: $WIDTH}"
+# VAE_SHOWN and VAE_NOTE only word the closing summary: what this run's VAE is and where it came from.
 case "$VAE" in
-  random) VAE_DIR=; OVERRIDES+=("precompute.vae.pretrained=null" "precompute.vae.arch=$ARCH") ;;
-  fit) VAE_DIR=$DIR/vae; OVERRIDES+=("precompute.vae.pretrained=$VAE_DIR") ;;
+  random) VAE_DIR=; OVERRIDES+=("precompute.vae.pretrained=null" "precompute.vae.arch=$ARCH")
+    VAE_SHOWN="none: random-init from run.seed, inline (DEMO_VAE=random)"
+    VAE_NOTE="the VAE is random-init (DEMO_VAE=random), so it decodes to texture noise" ;;
+  fit) VAE_DIR=$DIR/vae; OVERRIDES+=("precompute.vae.pretrained=$VAE_DIR")
+    VAE_SHOWN="$VAE_DIR/  (fitted on this demo's clips, DEMO_VAE=fit; fit.json: how)"
+    VAE_NOTE="the VAE was fitted on these clips (DEMO_VAE=fit)" ;;
   *)
     VAE_DIR=$VAE
+    VAE_SHOWN="$VAE_DIR/  (pretrained, loaded as it is)"
+    VAE_NOTE="the VAE was loaded pretrained from $VAE_DIR"
+    if [ "$VAE_DIR" = configs/tiny-vae ]; then
+      VAE_SHOWN="$VAE_DIR/  (pretrained, loaded as it is; fit.json: how \`make tiny-vae\` fitted it)"
+      VAE_NOTE="$VAE_NOTE, fitted offline by \`make tiny-vae\` on clips no demo draws"
+    fi
     if [ ! -f "$VAE_DIR/config.json" ]; then
       echo "demo: DEMO_VAE=$VAE: no diffusers VAE there (no config.json); expected a directory, fit or random" >&2
       exit 2
@@ -207,7 +218,7 @@ cat <<EOF
 == demo finished in $TOTAL s ($(printf '%s; ' "${TIMES[@]}" | sed 's/ ran;/ s;/g; s/ kept;/ s kept;/g'))
   clips + captions:   $DIR/clips/            (specs.json: true trajectories; held-out frame: $DIR/heldout/heldout.png, "$PROMPT")
   video shards:       $DIR/shards/
-  VAE:                ${VAE_DIR:-random-init}/  (fit.json: how it was fitted)
+  VAE:                $VAE_SHOWN
   latent shards:      $DIR/latents/          (manifest.json, rejects.jsonl)
   checkpoints:        $DIR/checkpoints/      (newest: $(cat "$LATEST" 2>/dev/null || echo '?'))
   metrics:            $DIR/metrics.jsonl
@@ -217,7 +228,7 @@ cat <<EOF
   evaluation:         $DIR/eval.json  (ablations: $DIR/eval-zero_image.png  $DIR/eval-swap_caption.png)
 Open TensorBoard with:
   $(dirname "$PY")/tensorboard --logdir $DIR/tensorboard    # then browse http://localhost:6006
-The T5 and the VAE are tiny stand-ins (random-init, and $([ "$VAE" = fit ] && echo "fitted on these clips" || echo "pretrained offline: configs/tiny-vae")); point precompute.vae,
+The T5 and the VAE are tiny stand-ins (the T5 is random-init; $VAE_NOTE); point precompute.vae,
 precompute.text_encoder and model at real CogVideoX weights for real videos.
 
 EOF
