@@ -21,7 +21,7 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 TINY_VAE = str(REPO / "configs" / "tiny-vae")
 STEPS = 40
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-# The README's LoRA line for the tiny model, with an EMA; the random-init base's zero output layer trains in full.
+# docs/lora-ema.md's LoRA line for the tiny model, with an EMA; the random-init base's zero output layer trains in full.
 LORA = ["model.lora.rank=4", "model.lora.extra_trainable=[proj_out]", "train.ema.decay=0.9", "train.lr=5e-3"]
 
 
