@@ -53,7 +53,9 @@ class _OutOfTime(Exception):
 
 
 def sample_dir(output_dir: str, step: int) -> str:
-    return os.path.join(output_dir, "samples", f"step-{step:08d}")
+    from i2v.checkpoint.commit import tag_for
+
+    return os.path.join(output_dir, "samples", tag_for(step))
 
 
 def load_pairs(cfg: Config) -> list[dict]:
