@@ -22,16 +22,12 @@ def main():
     parser.add_argument("--workers", type=int, default=1, help="processes extracting and merging shards (default 1)")
     args = parser.parse_args()
 
+    from i2v.checkpoint.commit import resolve_committed
     from i2v.checkpoint.reshard import convert
 
-    path = os.path.abspath(args.checkpoint.rstrip("/"))
-    if os.path.isfile(os.path.join(path, "latest")):
-        with open(os.path.join(path, "latest")) as f:
-            root, tag = path, f.read().strip()
-    else:
-        root, tag = os.path.split(path)
-    if not os.path.isdir(os.path.join(root, tag)):
-        raise CheckpointError(f"--checkpoint: not a checkpoint directory: {os.path.join(root, tag)}")
+    if not os.path.isdir(args.checkpoint):
+        raise CheckpointError(f"--checkpoint: not a checkpoint directory: {os.path.abspath(args.checkpoint)}")
+    root, tag = os.path.split(resolve_committed(args.checkpoint))  # committed checkpoints only
     out = convert(root, tag, workers=args.workers, log=lambda m: print(m, flush=True))
     print(f"universal checkpoint: {out}", flush=True)
 

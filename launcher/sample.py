@@ -35,15 +35,15 @@ def main():
             raise ConfigError(f"--out: {out} must end in .mp4 or .gif")
 
     from i2v.checkpoint.commit import resolve_committed
-    from i2v.data.frames import load_first_frame
     from i2v.sample.sampling import sample_from_checkpoint, save_video
+    from i2v.sample.setup import first_frame
 
     v = cfg.validation
     steps = args.steps or v.num_inference_steps
     guidance = v.guidance_scale if args.guidance is None else args.guidance
     seed = cfg.run.seed if args.seed is None else args.seed
     frames = args.frames or v.num_frames or cfg.data.video.frames
-    image = load_first_frame(args.image, cfg.data.video.height, cfg.data.video.width, "--image")
+    image = first_frame(cfg, args.image, "--image")
     checkpoint = resolve_committed(args.checkpoint)  # committed checkpoints only
     print(f"sampling {frames} frames, {steps} {args.scheduler} steps, guidance {guidance}, seed {seed}, "
           f"{args.weights} weights from {checkpoint}", flush=True)

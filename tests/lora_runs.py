@@ -31,4 +31,6 @@ def train(cmd_prefix, out, shards, *overrides, env=None, timeout=600) -> subproc
 
 
 def step_dir(run, step: int) -> str:
-    return os.path.join(run, "checkpoints", f"step-{step:08d}")
+    from i2v.checkpoint.commit import tag_for
+
+    return os.path.join(run, "checkpoints", tag_for(step))

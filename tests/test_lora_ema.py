@@ -215,7 +215,8 @@ def test_lora_exports_load_in_diffusers_and_generate_the_trained_models_frames(r
     from i2v.checkpoint.reader import load_trained_transformer
     from i2v.model.encoders import build_text_encoder, build_vae
     from i2v.sample.export import export_pipeline
-    from i2v.sample.sampling import build_scheduler, sample_video
+    from i2v.sample.sampling import sample_video
+    from i2v.sample.setup import build_scheduler
 
     run = runs[name]
     cfg, ckpt = _config(run), step_dir(run, STEPS[name])

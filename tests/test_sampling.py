@@ -18,7 +18,8 @@ from i2v.config import load_config
 from i2v.model import encoders
 from i2v.core.diffusion import alphas_cumprod
 from i2v.model.transformer import build_transformer
-from i2v.sample.sampling import build_scheduler, sample_video, sample_videos, save_video
+from i2v.sample.sampling import sample_video, sample_videos, save_video
+from i2v.sample.setup import build_scheduler
 
 from conftest import REPO
 from random_vae import RANDOM_VAE

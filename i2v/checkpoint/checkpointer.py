@@ -13,7 +13,8 @@ import shutil
 import numpy as np
 import torch
 
-from i2v.checkpoint.commit import MARKER, TAG_RE, UNIVERSAL, tag_for, universal_path, verify_marker, write_marker
+from i2v.checkpoint.commit import (MARKER, TAG_RE, TMP_PREFIX, UNIVERSAL, tag_for, universal_path, verify_marker,
+                                   write_marker)
 from i2v.core.distributed import DistEnv, barrier
 from i2v.core.errors import CheckpointError
 from i2v.core.faults import maybe_fault
@@ -75,7 +76,7 @@ class Checkpointer:
             for name in os.listdir(parent):
                 path = os.path.join(parent, name)
                 uncommitted = TAG_RE.match(name) and not os.path.isfile(os.path.join(path, MARKER))
-                if os.path.isdir(path) and (name.startswith("tmp-") or uncommitted):
+                if os.path.isdir(path) and (name.startswith(TMP_PREFIX) or uncommitted):
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(os.path.relpath(path, self.root))
         barrier()
@@ -85,7 +86,7 @@ class Checkpointer:
 
     def save(self, engine, step: int, client_state: dict, ema=None) -> str:
         tag = tag_for(step)
-        tmp_tag = f"tmp-{tag}"
+        tmp_tag = f"{TMP_PREFIX}{tag}"
         tmp_dir = os.path.join(self.root, tmp_tag)
         engine.save_checkpoint(self.root, tag=tmp_tag, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=self.trainable_only)

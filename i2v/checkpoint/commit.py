@@ -28,6 +28,7 @@ from i2v.core.fsutil import sha256_file, write_text_atomic
 
 MARKER = "COMMITTED.json"
 TAG_RE = re.compile(r"^step-(\d{8})$")
+TMP_PREFIX = "tmp-"  # a tag directory being written: tmp-step-NNNNNNNN, renamed to its tag at the commit
 UNIVERSAL = "universal"  # checkpoints/universal/<tag>: a tag's resharded form (i2v.checkpoint.reshard)
 
 
@@ -102,7 +103,13 @@ def saved_client_state(checkpoint_dir: str) -> dict:
 
 
 def resolve_committed(path: str) -> str:
-    """A committed checkpoint directory from a tag directory or a checkpoints/ root (its `latest`)."""
+    """A committed checkpoint directory from a tag directory or a checkpoints/ root (its `latest`).
+
+    Committed means COMMITTED.json is there and the directory has left its tmp- name: a directory
+    being written (or left half-written by a crash) is refused, naming it, even when its marker is
+    already in place (a crash between the marker and the rename). The files' hashes are not checked
+    here: that reads the whole checkpoint, which the trainer's resume does and a reader need not.
+    """
     path = os.path.abspath(path.rstrip("/"))
     if not os.path.isdir(path):
         raise CheckpointError(f"--checkpoint: directory not found: {path}")
@@ -110,9 +117,10 @@ def resolve_committed(path: str) -> str:
     if not os.path.isfile(os.path.join(path, MARKER)) and os.path.isfile(latest):
         with open(latest) as f:
             path = os.path.join(path, f.read().strip())
-    if not os.path.isfile(os.path.join(path, MARKER)):
+    if os.path.basename(path).startswith(TMP_PREFIX) or not os.path.isfile(os.path.join(path, MARKER)):
         raise CheckpointError(
-            f"--checkpoint: {path} is not a committed checkpoint (no {MARKER}); pass a step-NNNNNNNN directory "
-            "under run.output_dir/checkpoints, or that checkpoints/ directory itself"
+            f"--checkpoint: {path} is not a committed checkpoint (no {MARKER}, or still under its {TMP_PREFIX} "
+            "name); pass a step-NNNNNNNN directory under run.output_dir/checkpoints, or that checkpoints/ "
+            "directory itself"
         )
     return path

@@ -7,20 +7,15 @@ import os
 
 import torch
 
-from i2v.checkpoint.commit import saved_client_state
+from i2v.checkpoint.commit import resolve_committed, saved_client_state
 from i2v.core.errors import CheckpointError, ConfigError
 from i2v.data import lineage
 
+
 def consolidated_state_dict(checkpoint_dir: str) -> dict:
-    """fp32 weights of the model from a checkpoint directory (any ZeRO stage), on the CPU."""
-    checkpoint_dir = os.path.abspath(checkpoint_dir.rstrip("/"))
-    if not os.path.isdir(checkpoint_dir):
-        raise CheckpointError(f"checkpoint directory not found: {checkpoint_dir}")
-    root, tag = os.path.split(checkpoint_dir)
-    if os.path.isfile(os.path.join(checkpoint_dir, "latest")):  # given the checkpoints/ root
-        root = checkpoint_dir
-        with open(os.path.join(root, "latest")) as f:
-            tag = f.read().strip()
+    """fp32 weights of the model from a committed checkpoint (a step directory, or a checkpoints/ root for its
+    `latest`; any ZeRO stage), on the CPU."""
+    root, tag = os.path.split(resolve_committed(checkpoint_dir))
     files = os.listdir(os.path.join(root, tag))
     if any("optim_states" in f for f in files):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -43,6 +38,7 @@ def load_trained_transformer(cfg, checkpoint_dir: str, weights: str = "live"):
     from i2v.model.ema import stitch
     from i2v.model.transformer import build_transformer
 
+    checkpoint_dir = resolve_committed(checkpoint_dir)  # the weights and the EMA from the same step
     model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed), cfg.model, seed=cfg.run.seed)
     state = consolidated_state_dict(checkpoint_dir)
     if weights == "ema":

@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from i2v.checkpoint.commit import MARKER, UNIVERSAL, universal_path, verify_marker, write_marker
+from i2v.checkpoint.commit import MARKER, TMP_PREFIX, UNIVERSAL, universal_path, verify_marker, write_marker
 from i2v.core.distributed import DistEnv, all_ranks_agree
 from i2v.core.errors import CheckpointError
 from i2v.core.fsutil import fsync_dir, sha256_file
@@ -74,7 +74,7 @@ def convert(root: str, tag: str, workers: int = 1, log=print, verify_source: boo
     if marker.get("step", 1) == 0:  # DeepSpeed creates Adam's state at the first step
         raise CheckpointError(f"checkpoint {source} was taken before the first optimizer step and holds no "
                               "optimizer state to reshard; start the run afresh at the new world size")
-    final, tmp = universal_path(root, tag), os.path.join(root, UNIVERSAL, f"tmp-{tag}")
+    final, tmp = universal_path(root, tag), os.path.join(root, UNIVERSAL, f"{TMP_PREFIX}{tag}")
     for stale in (tmp, final):
         shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(os.path.dirname(tmp), exist_ok=True)

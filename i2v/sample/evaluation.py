@@ -223,23 +223,18 @@ class RunSampler:
     """The run's own sampler: the checkpoint's DiT, the run's VAE and T5, `validation` steps and guidance."""
 
     def __init__(self, cfg, checkpoint: str, steps: int | None = None, guidance: float | None = None):
-        from i2v.checkpoint.reader import load_trained_transformer
-        from i2v.model.encoders import build_text_encoder, build_vae
-        from i2v.sample.sampling import PIPELINE_OFS, build_scheduler
+        from i2v.sample.setup import load_sampler
 
         self.cfg = cfg
         self.steps = steps or cfg.validation.num_inference_steps
         self.guidance = cfg.validation.guidance_scale if guidance is None else guidance
         self.frames = cfg.validation.num_frames or cfg.data.video.frames
-        from i2v.checkpoint.reader import adopt_checkpoint
-
-        adopt_checkpoint(cfg, checkpoint)  # the VAE and T5 the checkpoint trained with, or an error
-        self.transformer = load_trained_transformer(cfg, checkpoint)
-        self.vae = build_vae(cfg)
-        self.text = build_text_encoder(cfg)
+        # A committed checkpoint only, with the VAE and T5 it trained with (or an error).
+        parts = load_sampler(cfg, checkpoint, scheduler="ddim")
+        self.transformer, self.vae, self.text = parts.transformer, parts.vae, parts.text
         self.negative = self.text([""])[0]
-        self.scheduler = build_scheduler(cfg.diffusion, "ddim")
-        self.ofs = cfg.diffusion.ofs if cfg.diffusion.ofs is not None else PIPELINE_OFS
+        self.scheduler, self.ofs = parts.scheduler, parts.ofs
+        self.checkpoint = parts.checkpoint  # the step directory, also when given a checkpoints/ root
 
     def settings(self) -> dict:
         return {"scheduler": "ddim", "steps": self.steps, "guidance": self.guidance,
@@ -310,7 +305,8 @@ def evaluate(cfg, checkpoint: str, pairs: int = 16, ablations: tuple[str, ...] =
     start = time.time()
     sample = RunSampler(cfg, checkpoint, steps, guidance)
     specs = pair_specs(cfg, pairs)
-    match = TAG_RE.match(os.path.basename(os.path.normpath(checkpoint)))
+    checkpoint = sample.checkpoint
+    match = TAG_RE.match(os.path.basename(checkpoint))
     summaries, images = {}, {}
     bar = tqdm(total=pairs * (1 + len(ablations)), desc="evaluate", unit="pair", disable=not progress)
     for name in ("pairs", *ablations):

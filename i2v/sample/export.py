@@ -55,8 +55,7 @@ import time
 
 import torch
 
-from i2v.checkpoint.commit import resolve_committed, saved_client_state
-
+from i2v.checkpoint.commit import saved_client_state
 from i2v.checkpoint.reader import load_trained_transformer
 from i2v.config import Config, to_dict
 from i2v.core.errors import CheckpointError, ConfigError
@@ -138,13 +137,12 @@ def build_pipeline(cfg: Config, transformer):
     """A `CogVideoXImageToVideoPipeline` from the trained DiT and the run's VAE, T5 and schedule."""
     from diffusers import CogVideoXImageToVideoPipeline
 
-    from i2v.model.encoders import build_text_encoder, build_vae
-    from i2v.sample.sampling import build_scheduler
+    from i2v.sample.setup import build_parts
 
-    text = build_text_encoder(cfg)
+    parts = build_parts(cfg, "ddim")  # the pieces i2v's own sampler uses
     return CogVideoXImageToVideoPipeline(
-        tokenizer=text.tokenizer, text_encoder=text.model, vae=build_vae(cfg), transformer=transformer,
-        scheduler=build_scheduler(cfg.diffusion, "ddim"),
+        tokenizer=parts.text.tokenizer, text_encoder=parts.text.model, vae=parts.vae, transformer=transformer,
+        scheduler=parts.scheduler,
     )
 
 
@@ -220,11 +218,11 @@ def export_pipeline(cfg: Config, checkpoint_dir: str, out_dir: str, weights: str
     """
     if merge_lora and not cfg.model.lora.rank:
         raise ConfigError("--merge-lora: the run has no LoRA adapters (model.lora.rank is 0)")
-    from i2v.checkpoint.reader import adopt_checkpoint
+    from i2v.sample.setup import open_checkpoint
 
-    ckpt = resolve_committed(checkpoint_dir)
+    # A committed checkpoint only, and the VAE and T5 it trained with, or an error naming both.
+    ckpt, adopted = open_checkpoint(cfg, checkpoint_dir)
     recorded, step = trained_config(ckpt)
-    adopted = adopt_checkpoint(cfg, ckpt)  # the VAE and T5 it trained with, or an error naming both
     check_config(cfg, recorded, ckpt, encoders_recorded=bool(adopted))
     out = os.path.abspath(out_dir.rstrip("/"))
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, "model_index.json")):

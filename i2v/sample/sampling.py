@@ -11,7 +11,10 @@ as it will in diffusers after export:
 - initial noise is drawn from `generator` after the image latent, times `init_noise_sigma`;
 - classifier-free guidance runs the negative (empty) prompt and the prompt as one batch of two,
   `uncond + g * (cond - uncond)`, on the scheduler's v-prediction;
-- 3D RoPE comes from `i2v.model.transformer.rotary_embeddings`, `ofs` is 2.0 for models with an ofs embedding.
+- 3D RoPE comes from `i2v.model.transformer.rotary_embeddings`; models with an ofs embedding get the pipeline's
+  `ofs` (`i2v.sample.setup.sampling_ofs`).
+
+The pieces (transformer, VAE, text encoder, scheduler, `ofs`) come from `i2v.sample.setup`.
 
 Nothing here touches training state, so validation during training can call `sample_video`.
 """
@@ -23,34 +26,11 @@ import os
 
 import numpy as np
 import torch
-from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+from diffusers import CogVideoXDPMScheduler
 
-from i2v.config import DiffusionConfig
 from i2v.model.encoders import image_latent_scale
 from i2v.model.transformer import predict, rotary_embeddings
-
-# The I2V pipelines feed this ofs value to CogVideoX 1.5 models (those with an ofs embedding).
-PIPELINE_OFS = 2.0
-
-
-def build_scheduler(diffusion: DiffusionConfig, kind: str = "ddim"):
-    """The diffusers scheduler with the training schedule (same alpha_bar as `i2v.core.diffusion`)."""
-    cls = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}.get(kind)
-    if cls is None:
-        raise ValueError(f"scheduler kind must be 'ddim' or 'dpm', got {kind!r}")
-    return cls(
-        num_train_timesteps=diffusion.num_train_timesteps,
-        beta_start=diffusion.beta_start,
-        beta_end=diffusion.beta_end,
-        beta_schedule="scaled_linear",
-        snr_shift_scale=diffusion.snr_shift_scale,
-        rescale_betas_zero_snr=diffusion.rescale_zero_terminal_snr,
-        prediction_type="v_prediction" if diffusion.prediction == "v" else "epsilon",
-        timestep_spacing="trailing",
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=0,
-    )
+from i2v.sample.setup import PIPELINE_OFS
 
 
 @torch.no_grad()
@@ -196,19 +176,14 @@ def sample_from_checkpoint(cfg, checkpoint: str, image: torch.Tensor, prompt: st
     The VAE and text encoder are the ones the checkpoint trained with (i2v.data.lineage); `weights` is
     "live" or "ema". The exported pipeline, called as its README.md says, draws the same frames.
     """
-    from i2v.checkpoint.reader import load_trained_transformer
-    from i2v.model.encoders import build_text_encoder, build_vae
-    from i2v.checkpoint.reader import adopt_checkpoint
+    from i2v.sample.setup import load_sampler
 
-    adopt_checkpoint(cfg, checkpoint)
-    transformer = load_trained_transformer(cfg, checkpoint, weights)
-    vae = build_vae(cfg)
-    prompt_embeds, negative = build_text_encoder(cfg)([prompt, ""])
+    parts = load_sampler(cfg, checkpoint, weights, scheduler)
+    prompt_embeds, negative = parts.text([prompt, ""])
     return sample_video(
-        transformer, vae, build_scheduler(cfg.diffusion, scheduler), image, prompt_embeds, negative,
+        parts.transformer, parts.vae, parts.scheduler, image, prompt_embeds, negative,
         num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-        generator=torch.Generator().manual_seed(seed),
-        ofs=cfg.diffusion.ofs if cfg.diffusion.ofs is not None else PIPELINE_OFS,
+        generator=torch.Generator().manual_seed(seed), ofs=parts.ofs,
     )
 
 

@@ -53,12 +53,15 @@ class _OutOfTime(Exception):
 
 
 def sample_dir(output_dir: str, step: int) -> str:
-    return os.path.join(output_dir, "samples", f"step-{step:08d}")
+    from i2v.checkpoint.commit import tag_for
+
+    return os.path.join(output_dir, "samples", tag_for(step))
 
 
 def load_pairs(cfg: Config) -> list[dict]:
-    """The configured pairs, checked: each a {image, prompt} with a readable image or video file."""
-    from i2v.data.frames import first_frame_pil
+    """The configured pairs, checked: each a {image, prompt} with a readable image or video file, its first
+    frame made at the training size as the clip loader makes one (`i2v.sample.setup.first_frame`)."""
+    from i2v.sample.setup import first_frame
 
     pairs = cfg.validation.pairs
     if not pairs:
@@ -76,8 +79,8 @@ def load_pairs(cfg: Config) -> list[dict]:
         path = str(p["image"])
         if not os.path.isfile(path):
             raise ConfigError(f"{key}.image: file not found: {path}")
-        image = first_frame_pil(path, f"{key}.image")  # an image, or a video's first frame
-        out.append({"index": i, "image": image, "prompt": p["prompt"]})
+        pixels = first_frame(cfg, path, f"{key}.image")  # an image, or a video's first frame
+        out.append({"index": i, "pixels": pixels, "prompt": p["prompt"]})
     return out
 
 
@@ -85,9 +88,8 @@ class Validator:
     def __init__(self, cfg: Config, env: DistEnv, pairs: list[dict] | None = None, ema=None):
         """`pairs` as `load_pairs(cfg)` returns them (loaded here when not given); `ema`: the run's
         ShardedEMA, sampled with under `validation.weights: ema`."""
-        from diffusers.video_processor import VideoProcessor
-
         from i2v.model import encoders
+        from i2v.sample.setup import build_parts
 
         self.cfg, self.env, self.ema = cfg, env, ema
         v = cfg.validation
@@ -105,31 +107,23 @@ class Validator:
         self.mine = [p for p in pairs if p["index"] % env.world_size == env.rank]
         self.fps = float(cfg.data.video.fps or 8)
 
-        self.vae = encoders.build_vae(cfg).to(env.device)
+        parts = build_parts(cfg, "ddim", env.device)  # the transformer is the engine's
+        self.vae, self.scheduler, self.ofs = parts.vae, parts.scheduler, parts.ofs
         spatial = encoders.spatial_compression(self.vae)
         if self.height % (spatial * 2) or self.width % (spatial * 2):
             raise ConfigError(
                 f"data.video.height/width: {self.height}x{self.width} must be multiples of {spatial * 2} "
                 "(VAE compression x patch size) to sample validation videos"
             )
-        processor = VideoProcessor(vae_scale_factor=spatial)
-        text = encoders.build_text_encoder(cfg)
-        text.model.to(env.device)
         # Encoded once: the text encoder is not needed again and is dropped with this scope.
         prompts = [p["prompt"] for p in self.mine]
-        embeds = text(prompts + [""]).cpu()
+        embeds = parts.text(prompts + [""]).cpu()
         self.negative = embeds[-1]
         for p, e in zip(self.mine, embeds[:-1]):
             p["embeds"] = e
-            # The pipeline's own preprocessing: resize to height x width, scale to [-1, 1].
-            p["pixels"] = processor.preprocess(p.pop("image"), height=self.height, width=self.width)[0].float()
-        del text
+        del parts
         if env.device.type == "cuda":
             torch.cuda.empty_cache()  # return the encoder's memory before training resumes
-        from i2v.sample.sampling import PIPELINE_OFS, build_scheduler
-
-        self.scheduler = build_scheduler(cfg.diffusion, "ddim")
-        self.ofs = cfg.diffusion.ofs if cfg.diffusion.ofs is not None else PIPELINE_OFS
 
     # -- the model to sample with ---------------------------------------------------
 
