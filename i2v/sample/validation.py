@@ -59,9 +59,8 @@ def sample_dir(output_dir: str, step: int) -> str:
 
 
 def load_pairs(cfg: Config) -> list[dict]:
-    """The configured pairs, checked: each a {image, prompt} with a readable image or video file, its first
-    frame made at the training size as the clip loader makes one (`i2v.sample.setup.first_frame`)."""
-    from i2v.sample.setup import first_frame
+    """The configured pairs, checked: each a {image, prompt} with a readable image or video file."""
+    from i2v.data.frames import first_frame_pil
 
     pairs = cfg.validation.pairs
     if not pairs:
@@ -79,8 +78,8 @@ def load_pairs(cfg: Config) -> list[dict]:
         path = str(p["image"])
         if not os.path.isfile(path):
             raise ConfigError(f"{key}.image: file not found: {path}")
-        pixels = first_frame(cfg, path, f"{key}.image")  # an image, or a video's first frame
-        out.append({"index": i, "pixels": pixels, "prompt": p["prompt"]})
+        image = first_frame_pil(path, f"{key}.image")  # an image, or a video's first frame
+        out.append({"index": i, "image": image, "prompt": p["prompt"]})
     return out
 
 
@@ -119,8 +118,13 @@ class Validator:
         prompts = [p["prompt"] for p in self.mine]
         embeds = parts.text(prompts + [""]).cpu()
         self.negative = embeds[-1]
+        from diffusers.video_processor import VideoProcessor
+
+        processor = VideoProcessor(vae_scale_factor=spatial)
         for p, e in zip(self.mine, embeds[:-1]):
             p["embeds"] = e
+            # The pipeline's own preprocessing: resize to height x width, scale to [-1, 1].
+            p["pixels"] = processor.preprocess(p.pop("image"), height=self.height, width=self.width)[0].float()
         del parts
         if env.device.type == "cuda":
             torch.cuda.empty_cache()  # return the encoder's memory before training resumes
