@@ -83,7 +83,7 @@ def from_architecture() -> list[dict]:
 def worker(args) -> None:
     """One rank of the measured part (started by `measure` with its rank in the environment)."""
     from i2v.core import diffusion
-    from i2v.config import load_config
+    from i2v.config import load_config, resolve
     from i2v.core.distributed import init_distributed, shutdown
     from i2v.plan.memory import activation_bytes
     from i2v.model.transformer import build_transformer, set_attention
@@ -99,7 +99,7 @@ def worker(args) -> None:
     model = build_transformer(cfg.model, seed=0)
     set_attention(model, "sdpa")
     layout = build_layout(env, cfg, model)
-    engine = build_engine(cfg, model, layout.dp_size, layout.mpu)
+    engine = build_engine(cfg, model, resolve(cfg, env.world_size), layout.mpu)
     c = model.config
     g = torch.Generator().manual_seed(0)
     video = torch.randn(1, f, c.out_channels, h, w, generator=g)

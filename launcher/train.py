@@ -3,11 +3,13 @@
 import os
 
 from i2v.core.cli import run
-from i2v.config import parse_args
+from i2v.config import parse_args, resolve
 
 
 def main():
     cfg, _ = parse_args(description=__doc__)  # config errors surface before any process group starts
+    # torchrun and the deepspeed launcher set WORLD_SIZE: a global batch that does not fit it fails here too.
+    resolve(cfg, int(os.environ.get("WORLD_SIZE", "1")))
 
     from i2v.checkpoint.commit import finished_step
     from i2v.data.lineage import resolve_for_training

@@ -5,15 +5,20 @@ import pytest
 import yaml
 
 from i2v.core.errors import ConfigError
-from i2v.config import Config, dump_yaml, from_dict, load_config, to_dict
+from i2v.config import Config, dump_yaml, from_dict, load_config, resolve, to_dict
 from i2v.train.ds_config import build_deepspeed_config
 from conftest import REPO
 
 TINY = REPO / "configs" / "tiny.yaml"
 
 
-def load(*overrides, world_size=None):
-    return load_config(TINY, list(overrides), world_size=world_size)
+def load(*overrides):
+    return load_config(TINY, list(overrides))
+
+
+def at(world_size, *overrides):
+    """The tiny config with `overrides`, resolved at `world_size` ranks."""
+    return resolve(load(*overrides), world_size)
 
 
 def test_tiny_loads_with_documented_defaults():
@@ -75,20 +80,20 @@ def test_out_of_range_value():
 
 def test_inconsistent_global_batch_names_all_factors():
     with pytest.raises(ConfigError) as e:
-        load("train.global_batch_size=16", "train.micro_batch_size=2", "train.grad_accum_steps=2", world_size=2)
+        at(2, "train.global_batch_size=16", "train.micro_batch_size=2", "train.grad_accum_steps=2")
     msg = str(e.value)
     assert "train.global_batch_size" in msg and "= 8" in msg
-    assert load("train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2", world_size=2)
+    assert at(2, "train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2")
 
 
 def test_accumulation_follows_the_global_batch_at_every_world_size():
     fixed = ("train.global_batch_size=12", "train.micro_batch_size=2")
-    assert [load(*fixed, world_size=w).train.grad_accum_steps for w in (1, 2, 3, 6)] == [6, 3, 2, 1]
+    assert [at(w, *fixed).grad_accum_steps for w in (1, 2, 3, 6)] == [6, 3, 2, 1]
     with pytest.raises(ConfigError) as e:
-        load(*fixed, world_size=4)
+        at(4, *fixed)
     assert str(e.value).startswith("train.global_batch_size: 12 is not a multiple of train.micro_batch_size (2) x "
                                    "world size (4)")
-    assert load(world_size=2).train.grad_accum_steps == 1  # neither set
+    assert at(2).grad_accum_steps == 1  # neither set
 
 
 def test_biases_and_norm_weights_get_no_weight_decay():
@@ -136,7 +141,7 @@ def test_resolved_config_round_trips(tmp_path):
 def test_deepspeed_config_is_generated_from_the_tree(stage, precision):
     cfg = load(f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}", "train.grad_accum_steps=3",
                "train.micro_batch_size=2", "train.grad_clip=0.5")
-    ds = build_deepspeed_config(cfg, world_size=4)
+    ds = build_deepspeed_config(cfg, resolve(cfg, 4))
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["train_batch_size"] == 2 * 3 * 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["gradient_clipping"] == 0.5
@@ -147,16 +152,16 @@ def test_deepspeed_config_is_generated_from_the_tree(stage, precision):
 def test_deepspeed_offload_and_passthrough():
     cfg = load("deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true",
                "deepspeed.extra={zero_optimization: {overlap_comm: true}}")
-    ds = build_deepspeed_config(cfg, world_size=1)
+    ds = build_deepspeed_config(cfg, resolve(cfg, 1))
     assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False},
                                        "overlap_comm": True}
     assert ds["optimizer"]["type"] == "AdamW"
     with pytest.raises(ConfigError, match=r"deepspeed\.extra\.train_batch_size: set by the run config"):
-        build_deepspeed_config(load("deepspeed.extra={train_batch_size: 8}"), 1)
+        build_deepspeed_config(load("deepspeed.extra={train_batch_size: 8}"), at(1))
     with pytest.raises(ConfigError, match=r"deepspeed\.extra\.zero_optimization\.stage"):
-        build_deepspeed_config(load("deepspeed.extra={zero_optimization: {stage: 1}}"), 1)
+        build_deepspeed_config(load("deepspeed.extra={zero_optimization: {stage: 1}}"), at(1))
     with pytest.raises(ConfigError, match=r"Did you mean 'deepspeed\.extra\.wall_clock_breakdown'"):
-        build_deepspeed_config(load("deepspeed.extra={wall_clock_breakdwn: true}"), 1)
+        build_deepspeed_config(load("deepspeed.extra={wall_clock_breakdwn: true}"), at(1))
 
 
 def test_launcher_reports_config_error_without_traceback():
@@ -248,3 +253,17 @@ def test_validate_checks_every_group_of_a_config_built_in_code():
                                           r"to keep pretrained, set precompute\.text_encoder\.arch=\{\}; to keep arch, "
                                           r"set precompute\.text_encoder\.pretrained=null$"):
         from_dict(data)
+
+
+def test_written_config_keeps_the_accumulation_unset_and_old_configs_still_resume(tmp_path):
+    cfg = load("train.global_batch_size=12", "train.micro_batch_size=2")
+    before = to_dict(cfg)
+    assert cfg.validate() is cfg and to_dict(cfg) == before  # validating changes nothing
+    assert at(3, "train.global_batch_size=12", "train.micro_batch_size=2").grad_accum_steps == 2
+    dump_yaml(cfg, tmp_path / "config.yaml")
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert written["train"]["grad_accum_steps"] is None  # derived again at the world size of a resume
+    assert [resolve(from_dict(written), w).grad_accum_steps for w in (2, 3)] == [3, 2]
+    # An earlier version wrote the accumulation it derived; that file resumes at its world size.
+    written["train"]["grad_accum_steps"] = 3
+    assert resolve(from_dict(written), 2).grad_accum_steps == 3

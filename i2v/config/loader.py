@@ -255,7 +255,7 @@ def _resolve_exclusive(data: dict, overrides: list[str], src: _Source | None) ->
                               + _keep_either(section, a, b, "add"))
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Load YAML (or start from defaults when `path` is None), apply overrides, validate."""
     data: dict = {}
     src = None
@@ -268,15 +268,15 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world
         for key in keys:
             src.forget(key)
     _resolve_exclusive(data, keys, src)
-    return _build(Config, data, "", src).validate(world_size)
+    return _build(Config, data, "", src).validate()
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict, world_size: int | None = None) -> Config:
-    return _build(Config, data, "").validate(world_size)
+def from_dict(data: dict) -> Config:
+    return _build(Config, data, "").validate()
 
 
 def dump_yaml(cfg: Config, path: str | os.PathLike) -> None:
@@ -288,7 +288,7 @@ def dump_yaml(cfg: Config, path: str | os.PathLike) -> None:
 
 
 
-def parse_args(argv: list[str] | None = None, description: str = "", world_size: int | None = None, extra=None):
+def parse_args(argv: list[str] | None = None, description: str = "", extra=None):
     """Parse `--config FILE key=value ...` (plus launcher-specific flags added by `extra`).
 
     Returns (config, args). Unknown `--flags` are errors; DeepSpeed's `--local_rank` is accepted.
@@ -300,4 +300,4 @@ def parse_args(argv: list[str] | None = None, description: str = "", world_size:
         extra(parser)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=40")
     args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides, world_size=world_size), args
+    return load_config(args.config, args.overrides), args

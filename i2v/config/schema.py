@@ -270,32 +270,6 @@ class PrecomputeConfig:
     samples_per_shard: int = doc(0, "Unused when 0: output shards mirror input shards one to one.")
 
 
-def accumulation_steps(t: "TrainConfig", world_size: int, sp: int = 1) -> int:
-    """train.grad_accum_steps at this world size (data-parallel size world / sp): as given, or derived
-    from train.global_batch_size."""
-    dp_size = world_size // sp
-    what = f"data-parallel size (world {world_size} / sequence parallel {sp})" if sp > 1 else "world size"
-    if t.grad_accum_steps is None:
-        if t.global_batch_size is None:
-            return 1
-        per_round = t.micro_batch_size * dp_size
-        if t.global_batch_size % per_round:
-            raise ConfigError(
-                f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.micro_batch_size "
-                f"({t.micro_batch_size}) x {what} ({dp_size}); choose a world size or micro-batch size that "
-                "divides it, or set train.grad_accum_steps"
-            )
-        return t.global_batch_size // per_round
-    got = t.micro_batch_size * t.grad_accum_steps * dp_size
-    if t.global_batch_size is not None and got != t.global_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size: is {t.global_batch_size}, but train.micro_batch_size "
-            f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x {what} "
-            f"({dp_size}) = {got}; make them agree, or drop train.grad_accum_steps to derive it"
-        )
-    return t.grad_accum_steps
-
-
 @dataclass
 class ValidationConfig:
     every_steps: int = doc(0, "Sample validation videos every this many steps; 0 disables.")
@@ -321,16 +295,11 @@ class Config:
     precompute: PrecomputeConfig = doc(help="Offline latent precomputation.", default_factory=PrecomputeConfig)
     validation: ValidationConfig = doc(help="Validation videos.", default_factory=ValidationConfig)
 
-    def validate(self, world_size: int | None = None) -> "Config":
-        """Cross-field checks. `world_size` enables the global-batch check."""
+    def validate(self) -> "Config":
+        """Cross-field checks of the tree alone; nothing is changed. What also needs the world size
+        (SP divides it, the global batch fits it) is checked by `i2v.config.resolved.resolve`."""
         _check_ranges(self)
-        t, sp = self.train, self.parallel.sequence_parallel_size
-        if world_size is not None:
-            check_sequence_parallel(sp, world_size)
-        if world_size is not None:
-            t.grad_accum_steps = accumulation_steps(t, world_size, sp)
-        elif t.grad_accum_steps is None and t.global_batch_size is None:
-            t.grad_accum_steps = 1
+        sp = self.parallel.sequence_parallel_size
         m = self.model
         if not (m.pretrained or m.arch or m.arch_file):
             raise ConfigError("model: set model.pretrained (a diffusers transformer directory), model.arch (inline) "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 
-from i2v.config import Config
+from i2v.config import Config, Resolved
 from i2v.core.errors import ConfigError
 
 # Top-level keys DeepSpeed understands that are safe to pass through.
@@ -41,12 +41,14 @@ def optimizer_in_config(cfg: Config) -> bool:
     return cfg.deepspeed.offload_optimizer
 
 
-def build_deepspeed_config(cfg: Config, world_size: int) -> dict:
+def build_deepspeed_config(cfg: Config, run: Resolved) -> dict:
+    """DeepSpeed's config of `cfg` at the world size of `run` (`i2v.config.resolve`); its batch is over
+    the data-parallel ranks, an SP group training one micro-batch."""
     t, d = cfg.train, cfg.deepspeed
     ds: dict = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_accumulation_steps": run.grad_accum_steps,
+        "train_batch_size": run.global_batch_size,
         "zero_optimization": {"stage": d.zero_stage},
         "bf16": {"enabled": d.precision == "bf16"},
         "fp16": {"enabled": d.precision == "fp16", "initial_scale_power": 16},
