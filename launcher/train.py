@@ -3,7 +3,7 @@
 import os
 
 from i2v.core.cli import run
-from i2v.config import parse_args, resolve
+from i2v.config import check_validation, parse_args, resolve
 
 
 def main():
@@ -19,6 +19,7 @@ def main():
     for line in resolve_for_training(cfg):
         if main_rank:
             print(f"[i2v] {line}", flush=True)
+    check_validation(cfg, training=True)  # against the adopted VAE, still before any process group
     done = finished_step(cfg)
     if done is not None:
         if main_rank:

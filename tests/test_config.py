@@ -1,5 +1,7 @@
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -171,6 +173,24 @@ def test_launcher_reports_config_error_without_traceback():
     assert "train.lrr" in r.stderr and "Traceback" not in r.stderr + r.stdout
 
 
+def test_launcher_refuses_a_bad_validation_geometry_before_any_process_group(tmp_path):
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    start = time.monotonic()
+    # 8 frames: the tiny VAE compresses time 4x, so it decodes 4k + 1 frames only.
+    r = subprocess.run([sys.executable, "launcher/train.py", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
+                        "validation.every_steps=5", "validation.pairs=[{image: first.png, prompt: a clip}]",
+                        "validation.num_frames=8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - start
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "error: validation.num_frames: is 8; the VAE compresses time 4x" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not out.exists()  # no output folder, no lock, no config.yaml
+    log = (r.stdout + r.stderr).lower()
+    assert "deepspeed" not in log and "process group" not in log and "[i2v]" not in log
+    assert took < 60, f"{took:.1f} s: the check should come before the heavy imports"
+
+
 # --------------------------------------------------------------------------- one-of groups (pretrained / arch)
 
 
@@ -267,3 +287,17 @@ def test_written_config_keeps_the_accumulation_unset_and_old_configs_still_resum
     # An earlier version wrote the accumulation it derived; that file resumes at its world size.
     written["train"]["grad_accum_steps"] = 3
     assert resolve(from_dict(written), 2).grad_accum_steps == 3
+
+
+def test_checks_on_the_tree_alone_fail_at_load():
+    # Each used to wait for the model or the DeepSpeed engine to be built.
+    with pytest.raises(ConfigError, match=r"model\.arch: in_channels \(4\) must be 2 x out_channels \(4\)"):
+        load("model.arch.in_channels=4")
+    with pytest.raises(ConfigError, match=r"deepspeed\.extra\.gradient_clipping: set by the run config; use train\.grad_clip"):
+        load("deepspeed.extra={gradient_clipping: 2.0}")
+    with pytest.raises(ConfigError, match=r"data\.video\.height/width: 36x64 must be multiples of 8"):
+        load("validation.every_steps=5", "data.video.height=36")
+    with pytest.raises(ConfigError, match=r"validation\.num_frames: is 10 \(data\.video\.frames"):
+        load("validation.every_steps=5", "data.video.frames=10")
+    assert load("data.video.frames=10").data.video.frames == 10  # validation off: any length trains
+

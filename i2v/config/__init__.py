@@ -7,13 +7,14 @@ from i2v.config.resolved import Resolved, accumulation_steps, resolve
 from i2v.config.schema import (
     REQUIRED, CheckpointConfig, Config, DataConfig, DeepSpeedConfig, DiffusionConfig, EMAConfig, KernelsConfig,
     LoRAConfig, ModelConfig, ParallelConfig, PrecomputeConfig, RemoteConfig, RunConfig, TextEncoderConfig,
-    TrainConfig, VAEConfig, ValidationConfig, VideoConfig, check_sequence_parallel, doc, get_dotted,
+    TrainConfig, VAEConfig, ValidationConfig, VideoConfig, check_sequence_parallel, check_validation, doc,
+    get_dotted,
 )
 
 __all__ = [
     "REQUIRED", "CheckpointConfig", "Config", "DataConfig", "DeepSpeedConfig", "DiffusionConfig", "EMAConfig",
     "KernelsConfig", "LoRAConfig", "ModelConfig", "ParallelConfig", "PrecomputeConfig", "RemoteConfig", "Resolved",
     "RunConfig", "TextEncoderConfig", "TrainConfig", "VAEConfig", "ValidationConfig", "VideoConfig",
-    "accumulation_steps", "check_sequence_parallel", "doc", "dump_yaml", "from_dict", "get_dotted", "load_config",
+    "accumulation_steps", "check_sequence_parallel", "check_validation", "doc", "dump_yaml", "from_dict", "get_dotted", "load_config",
     "parse_args", "resolve", "to_dict",
 ]

@@ -23,6 +23,9 @@ error that names the override or line that fixes it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -321,7 +324,14 @@ class Config:
             raise ConfigError("checkpoint.export_on_finish: exports the final checkpoint; needs checkpoint.save_at_end: true")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage 1, 2 or 3 (it is 0)")
+        _check_deepspeed_extra(self.deepspeed.extra)
+        if m.arch and "in_channels" in m.arch:
+            out = m.arch.get("out_channels") or 16  # the constructor's default
+            if m.arch["in_channels"] != 2 * out:
+                raise ConfigError(f"model.arch: in_channels ({m.arch['in_channels']}) must be 2 x out_channels "
+                                  f"({out}): noisy video latents concatenated with image latents")
         _check_lora_and_ema(self)
+        check_validation(self)
         return self
 
 
@@ -382,6 +392,100 @@ def _check_lora_and_ema(cfg: Config) -> None:
         )
 
 
+# deepspeed.extra: top-level keys DeepSpeed understands that are safe to pass through.
+PASSTHROUGH_KEYS = {
+    "zero_optimization", "bf16", "fp16", "activation_checkpointing", "flops_profiler", "comms_logger",
+    "wall_clock_breakdown", "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
+    "sparse_gradients", "steps_per_print", "dump_state", "memory_breakdown", "data_types", "checkpoint",
+    "aio", "compile", "seq_parallel_communication_data_type", "zero_force_ds_cpu_optimizer",
+    "zero_allow_untested_optimizer", "graph_harvesting", "use_data_before_expert_parallelism",
+}
+# DeepSpeed keys owned by the run config: dotted path -> the config key to set instead.
+OWNED = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.lr / train.betas / train.weight_decay",
+    "scheduler": "train.lr_schedule / train.warmup_steps",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "bf16.enabled": "deepspeed.precision",
+    "fp16.enabled": "deepspeed.precision",
+}
+
+
+def _check_deepspeed_extra(extra: dict) -> None:
+    for key, value in extra.items():
+        if key in OWNED:
+            raise ConfigError(f"deepspeed.extra.{key}: set by the run config; use {OWNED[key]} instead")
+        if key not in PASSTHROUGH_KEYS:
+            close = difflib.get_close_matches(key, sorted(PASSTHROUGH_KEYS), n=1)
+            hint = f" Did you mean 'deepspeed.extra.{close[0]}'?" if close else ""
+            raise ConfigError(f"deepspeed.extra.{key}: not a DeepSpeed key this trainer passes through.{hint}")
+        for sub in value if isinstance(value, dict) else ():
+            if f"{key}.{sub}" in OWNED:
+                raise ConfigError(f"deepspeed.extra.{key}.{sub}: set by the run config; use {OWNED[f'{key}.{sub}']} "
+                                  "instead")
+
+
+# AutoencoderKLCogVideoX's defaults, for a VAE config that leaves them out.
+_VAE_BLOCKS = (128, 256, 256, 512)
+_VAE_TEMPORAL = 4
+
+
+def vae_compression(vae: VAEConfig) -> tuple[int, int] | None:
+    """(spatial, temporal) compression of the VAE that `precompute.vae` names: from its inline arch or the
+    pretrained directory's config.json. None when it names none (training takes the latents' VAE, see
+    i2v.data.lineage) or the file cannot be read (building the VAE reports that)."""
+    if vae.arch:
+        conf = vae.arch
+    elif vae.pretrained:
+        try:
+            with open(os.path.join(vae.pretrained, "config.json")) as f:
+                conf = json.load(f)
+        except (OSError, ValueError):
+            return None
+    else:
+        return None
+    blocks = conf.get("block_out_channels") or _VAE_BLOCKS
+    return 2 ** (len(blocks) - 1), int(conf.get("temporal_compression_ratio") or _VAE_TEMPORAL)
+
+
+def check_validation(cfg: Config, training: bool = False) -> None:
+    """The validation pairs' form and a clip geometry the VAE can sample, when validation is on. Part of
+    `Config.validate`; the training launcher runs it again with `training` once the latents' VAE is adopted
+    (a config that names no VAE takes it from the latent manifest). `training` also requires pairs: the
+    shipped model configs turn validation on and leave the pairs to the user, and the planner, sampler
+    and exporter load them as they are."""
+    v, video = cfg.validation, cfg.data.video
+    if v.every_steps == 0:
+        return
+    if training and not v.pairs:
+        raise ConfigError(
+            f"validation.pairs: empty, but validation.every_steps is {v.every_steps}; "
+            "give a list of {image: PNG or video path, prompt: text} or set validation.every_steps=0"
+        )
+    for i, p in enumerate(v.pairs):
+        key = f"validation.pairs[{i}]"
+        if not isinstance(p, dict) or set(p) != {"image", "prompt"}:
+            raise ConfigError(f"{key}: expected a mapping with exactly the keys image and prompt, got {p!r}")
+        if not isinstance(p["prompt"], str):
+            raise ConfigError(f"{key}.prompt: expected text, got {p['prompt']!r}")
+    spatial, temporal = vae_compression(cfg.precompute.vae) or (None, _VAE_TEMPORAL)
+    frames = v.num_frames or video.frames
+    if (frames - 1) % temporal:
+        source = "" if v.num_frames else " (data.video.frames; validation.num_frames is unset)"
+        raise ConfigError(f"validation.num_frames: is {frames}{source}; the VAE compresses time {temporal}x, so "
+                          f"it needs {temporal}k + 1 frames (e.g. {temporal * 2 + 1}, {temporal * 12 + 1})")
+    # The latents are patchified 2 x 2 by the DiT.
+    if spatial is not None and (video.height % (spatial * 2) or video.width % (spatial * 2)):
+        raise ConfigError(
+            f"data.video.height/width: {video.height}x{video.width} must be multiples of {spatial * 2} "
+            "(VAE compression x patch size) to sample validation videos"
+        )
+
+
 # Ranges of numeric fields: dotted key -> (low, high), inclusive; None is unbounded.
 _RANGES = {
     "train.max_steps": (1, None),
@@ -425,6 +529,7 @@ _RANGES = {
     "precompute.image_log_sigma_std": (0.0, None),
     "validation.every_steps": (0, None),
     "validation.num_inference_steps": (1, None),
+    "validation.num_frames": (1, None),
     # Ranks meet in a collective after validation: stay well inside the 1800 s process-group timeout.
     "validation.timeout_s": (0.0, 1500.0),
 }
