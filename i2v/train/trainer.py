@@ -41,7 +41,8 @@ from i2v.model.ema import ShardedEMA
 from i2v.core.errors import I2VError
 from i2v.core.faults import is_armed, maybe_fault
 from i2v.model.transformer import build_transformer, set_attention
-from i2v.train.objective import resolve_noise_backend, training_loss
+from i2v.kernels.backends import resolve_backend
+from i2v.train.objective import training_loss
 from i2v.train.optim import build_engine
 from i2v.model.parallel import build_layout
 from i2v.train.run_lock import RunLock
@@ -85,7 +86,7 @@ class Trainer:
         model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed), cfg.model, seed=cfg.run.seed)
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
         self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
-        self.noise_backend = resolve_noise_backend(cfg.kernels.noise, env.device)
+        self.noise_backend = resolve_backend(cfg.kernels.noise, env.device, "kernels.noise")
         # Counted before the engine: ZeRO-3 leaves empty placeholders in the module.
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in trainable_parameters(model))
