@@ -301,3 +301,13 @@ def test_checks_on_the_tree_alone_fail_at_load():
         load("validation.every_steps=5", "data.video.frames=10")
     assert load("data.video.frames=10").data.video.frames == 10  # validation off: any length trains
 
+
+def test_the_old_attention_name_sdpa_is_refused_with_the_new_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"^kernels\.attention: 'sdpa' is now called 'torch'; write kernels\.attention: torch$"):
+        load("kernels.attention=sdpa")
+    path = tmp_path / "old.yaml"
+    path.write_text(TINY.read_text().replace("  attention: auto\n", "  attention: sdpa\n", 1))
+    assert "attention: sdpa" in path.read_text()
+    with pytest.raises(ConfigError, match=rf"kernels\.attention: 'sdpa' at {path}:\d+ is now called 'torch'"):
+        load_config(path)
+    assert load("kernels.attention=torch").kernels.attention == "torch"

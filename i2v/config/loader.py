@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from i2v.config.schema import _EXCLUSIVE, REQUIRED, Config, _is_set, _keep_either
+from i2v.config.schema import _EXCLUSIVE, RENAMED, REQUIRED, Config, _is_set, _keep_either
 from i2v.core.errors import ConfigError
 
 
@@ -46,6 +46,9 @@ def _coerce(value: Any, tp: Any, key: str, src: "_Source | None" = None) -> Any:
     elif origin is Literal:
         if value in typing.get_args(tp):
             return value
+        new = RENAMED.get(key, {}).get(value)
+        if new is not None:
+            raise ConfigError(f"{key}: {value!r}{at} is now called {new!r}; write {key}: {new}")
         close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{key}: got {value!r}{at}, expected {_type_name(tp)}{hint}")

@@ -32,6 +32,8 @@ from typing import Any, Literal, Optional
 from i2v.core.errors import ConfigError
 
 REQUIRED: Any = "???"  # sentinel default of a field the YAML must set
+# Values that were renamed: a config that still says the old one is told the new one, not aliased.
+RENAMED = {"kernels.attention": {"sdpa": "torch"}}
 
 
 def doc(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
@@ -235,8 +237,12 @@ class CheckpointConfig:
 
 @dataclass
 class KernelsConfig:
-    noise: Literal["auto", "triton", "torch"] = doc("auto", "Noise injection: fused Triton kernel, torch reference, or Triton on CUDA.")
-    attention: Literal["auto", "triton", "sdpa"] = doc("auto", "Attention: Triton flash kernel, torch SDPA, or Triton on CUDA.")
+    noise: Literal["auto", "triton", "torch"] = doc(
+        "auto", "Noise injection: triton (the fused kernel), torch (the reference in PyTorch), or auto: triton "
+        "when training on CUDA and triton imports, else torch (i2v.kernels.backends).")
+    attention: Literal["auto", "triton", "torch"] = doc(
+        "auto", "Attention: triton (our flash kernel), torch (torch's scaled_dot_product_attention, SDPA; "
+        "called sdpa before), or auto: triton when training on CUDA and triton imports, else torch.")
 
 
 @dataclass

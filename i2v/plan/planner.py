@@ -99,7 +99,7 @@ def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_
     act_bytes = 2 if d.precision in ("bf16", "fp16") else DTYPE_BYTES[cfg.model.dtype]
     activations = {
         ckpt: activation_bytes(model.config, *latent, micro_batch=t.micro_batch_size, dtype_bytes=act_bytes,
-                               gradient_checkpointing=ckpt, attention="sdpa" if cfg.kernels.attention == "sdpa"
+                               gradient_checkpointing=ckpt, attention="torch" if cfg.kernels.attention == "torch"
                                else "triton", sequence_parallel_size=sequence_parallel_size)
         for ckpt in (False, True)
     }
