@@ -83,7 +83,7 @@ def from_architecture() -> list[dict]:
 def worker(args) -> None:
     """One rank of the measured part (started by `measure` with its rank in the environment)."""
     from i2v.core import diffusion
-    from i2v.config import load_config
+    from i2v.config import load_config, resolve
     from i2v.core.distributed import init_distributed, shutdown
     from i2v.plan.memory import activation_bytes
     from i2v.model.transformer import build_transformer, set_attention
@@ -95,11 +95,11 @@ def worker(args) -> None:
     f, h, w = map(int, args.shape.split("x"))
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"parallel.sequence_parallel_size={env.world_size}", "deepspeed.zero_stage=2", "run.output_dir=unused",
-        "data.latent_shards=unused", "train.micro_batch_size=1", "train.warmup_steps=0", "kernels.attention=sdpa"])
+        "data.latent_shards=unused", "train.micro_batch_size=1", "train.warmup_steps=0", "kernels.attention=torch"])
     model = build_transformer(cfg.model, seed=0)
-    set_attention(model, "sdpa")
+    set_attention(model, "torch")
     layout = build_layout(env, cfg, model)
-    engine = build_engine(cfg, model, layout.dp_size, layout.mpu)
+    engine = build_engine(cfg, model, resolve(cfg, env.world_size), layout.mpu)
     c = model.config
     g = torch.Generator().manual_seed(0)
     video = torch.randn(1, f, c.out_channels, h, w, generator=g)
@@ -146,7 +146,7 @@ def worker(args) -> None:
         print(json.dumps({
             "sp": env.world_size, "ranks": env.world_size, "latents": args.shape,
             "step_s": statistics.median(times[args.warmup:]), "saved_bytes_per_rank": sum(saved.values()),
-            "estimated_bytes_per_rank": activation_bytes(c, f, h, w, 1, 4, False, attention="sdpa",
+            "estimated_bytes_per_rank": activation_bytes(c, f, h, w, 1, 4, False, attention="torch",
                                                          sequence_parallel_size=env.world_size).held,
             "all_to_all_bytes_per_step": sent[0],
             "all_to_all_bytes_per_step_formula": c.num_layers * all_to_all_bytes(c, f, h, w, 1, 4, env.world_size),

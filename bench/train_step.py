@@ -48,7 +48,7 @@ import time
 import torch
 
 from i2v.core import diffusion
-from i2v.config import load_config
+from i2v.config import load_config, resolve
 from i2v.data.latents import LatentDataset, LatentShardWriter, make_loader, save_empty_prompt
 from i2v.core.distributed import init_distributed
 from i2v.model.flops import default_peak_tflops, training_flops
@@ -115,7 +115,8 @@ def bare_engine_loop(cfg, steps: int, device, world_size: int) -> list[float]:
 
     model = build_transformer(cfg.model, seed=cfg.run.seed)
     opt, abar, data = _optimizer_and_data(cfg, model)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_deepspeed_config(cfg, world_size))
+    ds_config = build_deepspeed_config(cfg, resolve(cfg, world_size))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     times, cache = [], {}
     for step in range(steps):
         t0 = time.perf_counter()

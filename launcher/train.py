@@ -3,11 +3,13 @@
 import os
 
 from i2v.core.cli import run
-from i2v.config import parse_args
+from i2v.config import check_validation, parse_args, resolve
 
 
 def main():
     cfg, _ = parse_args(description=__doc__)  # config errors surface before any process group starts
+    # torchrun and the deepspeed launcher set WORLD_SIZE: a global batch that does not fit it fails here too.
+    resolve(cfg, int(os.environ.get("WORLD_SIZE", "1")))
 
     from i2v.checkpoint.commit import finished_step
     from i2v.data.lineage import resolve_for_training
@@ -17,6 +19,7 @@ def main():
     for line in resolve_for_training(cfg):
         if main_rank:
             print(f"[i2v] {line}", flush=True)
+    check_validation(cfg, training=True)  # against the adopted VAE, still before any process group
     done = finished_step(cfg)
     if done is not None:
         if main_rank:

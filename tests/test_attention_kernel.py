@@ -111,13 +111,15 @@ def test_output_is_bshd_storage():
     assert o.shape == (1, 2, 20, 16) and o.transpose(1, 2).is_contiguous()
 
 
-def test_sdpa_and_auto_backends_on_cpu_are_torch_sdpa():
+def test_torch_and_auto_backends_on_cpu_are_torch_sdpa():
     q, k, v, _ = (t.float() for t in _inputs((1, 2, 20, 16)))
     expected = F.scaled_dot_product_attention(q, k, v)
-    for backend in ("sdpa", "torch", "auto"):
+    for backend in ("torch", "auto"):
         assert torch.equal(flash_attention(q, k, v, backend=backend), expected), backend
     expected = F.scaled_dot_product_attention(q, k, v, scale=1 / math.pi)
-    assert torch.equal(flash_attention(q, k, v, scale=1 / math.pi, backend="sdpa"), expected)
+    assert torch.equal(flash_attention(q, k, v, scale=1 / math.pi, backend="torch"), expected)
+    with pytest.raises(ValueError, match="'auto', 'triton', 'torch', got 'sdpa'"):  # the old name is gone
+        flash_attention(q, k, v, backend="sdpa")
 
 
 @pytest.mark.parametrize(

@@ -98,18 +98,18 @@ def test_fused_qkv_projections_match():
         ours = model(x, text, torch.tensor([10]), image_rotary_emb=rope, return_dict=False)[0]
     _assert_close(ref, ours, "fused-qkv output")
     # Going back to SDPA restores the fused diffusers processor, not the unfused one.
-    assert apply_attention_backend(model, "sdpa") == "sdpa"
+    assert apply_attention_backend(model, "torch") == "torch"
     assert all(isinstance(p, FusedCogVideoXAttnProcessor2_0) for p in _processors(model))
 
 
-def test_auto_on_cpu_keeps_diffusers_default_and_sdpa_restores_it():
+def test_auto_on_cpu_keeps_diffusers_default_and_torch_restores_it():
     model = _tiny_model()
     default = _processors(model)
-    assert apply_attention_backend(model, "auto") == "sdpa"
+    assert apply_attention_backend(model, "auto") == "torch"
     assert _processors(model) == default  # untouched: the very same processor objects
 
     apply_attention_backend(model, "triton")
-    assert apply_attention_backend(model, "auto") == "sdpa"
+    assert apply_attention_backend(model, "auto") == "torch"
     assert all(type(p) is CogVideoXAttnProcessor2_0 for p in _processors(model))
 
 
@@ -120,11 +120,11 @@ def test_auto_for_a_model_headed_to_cuda_installs_triton():
     assert all(isinstance(p, CogVideoXFlashAttnProcessor) for p in _processors(model))
 
 
-def test_sdpa_processor_backend_matches_diffusers():
+def test_torch_processor_backend_matches_diffusers():
     model = _tiny_model()
     x, text, rope, _ = _batch()
     other = copy.deepcopy(model)
-    other.set_attn_processor(CogVideoXFlashAttnProcessor("sdpa"))
+    other.set_attn_processor(CogVideoXFlashAttnProcessor("torch"))
     with torch.no_grad():
         ref = model(x, text, torch.tensor([3]), image_rotary_emb=rope, return_dict=False)[0]
         ours = other(x, text, torch.tensor([3]), image_rotary_emb=rope, return_dict=False)[0]

@@ -1,19 +1,26 @@
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
 from i2v.core.errors import ConfigError
-from i2v.config import Config, dump_yaml, from_dict, load_config, to_dict
+from i2v.config import Config, dump_yaml, from_dict, load_config, resolve, to_dict
 from i2v.train.ds_config import build_deepspeed_config
 from conftest import REPO
 
 TINY = REPO / "configs" / "tiny.yaml"
 
 
-def load(*overrides, world_size=None):
-    return load_config(TINY, list(overrides), world_size=world_size)
+def load(*overrides):
+    return load_config(TINY, list(overrides))
+
+
+def at(world_size, *overrides):
+    """The tiny config with `overrides`, resolved at `world_size` ranks."""
+    return resolve(load(*overrides), world_size)
 
 
 def test_tiny_loads_with_documented_defaults():
@@ -75,20 +82,20 @@ def test_out_of_range_value():
 
 def test_inconsistent_global_batch_names_all_factors():
     with pytest.raises(ConfigError) as e:
-        load("train.global_batch_size=16", "train.micro_batch_size=2", "train.grad_accum_steps=2", world_size=2)
+        at(2, "train.global_batch_size=16", "train.micro_batch_size=2", "train.grad_accum_steps=2")
     msg = str(e.value)
     assert "train.global_batch_size" in msg and "= 8" in msg
-    assert load("train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2", world_size=2)
+    assert at(2, "train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2")
 
 
 def test_accumulation_follows_the_global_batch_at_every_world_size():
     fixed = ("train.global_batch_size=12", "train.micro_batch_size=2")
-    assert [load(*fixed, world_size=w).train.grad_accum_steps for w in (1, 2, 3, 6)] == [6, 3, 2, 1]
+    assert [at(w, *fixed).grad_accum_steps for w in (1, 2, 3, 6)] == [6, 3, 2, 1]
     with pytest.raises(ConfigError) as e:
-        load(*fixed, world_size=4)
+        at(4, *fixed)
     assert str(e.value).startswith("train.global_batch_size: 12 is not a multiple of train.micro_batch_size (2) x "
                                    "world size (4)")
-    assert load(world_size=2).train.grad_accum_steps == 1  # neither set
+    assert at(2).grad_accum_steps == 1  # neither set
 
 
 def test_biases_and_norm_weights_get_no_weight_decay():
@@ -136,7 +143,7 @@ def test_resolved_config_round_trips(tmp_path):
 def test_deepspeed_config_is_generated_from_the_tree(stage, precision):
     cfg = load(f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}", "train.grad_accum_steps=3",
                "train.micro_batch_size=2", "train.grad_clip=0.5")
-    ds = build_deepspeed_config(cfg, world_size=4)
+    ds = build_deepspeed_config(cfg, resolve(cfg, 4))
     assert ds["zero_optimization"]["stage"] == stage
     assert ds["train_batch_size"] == 2 * 3 * 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["gradient_clipping"] == 0.5
@@ -147,16 +154,16 @@ def test_deepspeed_config_is_generated_from_the_tree(stage, precision):
 def test_deepspeed_offload_and_passthrough():
     cfg = load("deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true",
                "deepspeed.extra={zero_optimization: {overlap_comm: true}}")
-    ds = build_deepspeed_config(cfg, world_size=1)
+    ds = build_deepspeed_config(cfg, resolve(cfg, 1))
     assert ds["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False},
                                        "overlap_comm": True}
     assert ds["optimizer"]["type"] == "AdamW"
     with pytest.raises(ConfigError, match=r"deepspeed\.extra\.train_batch_size: set by the run config"):
-        build_deepspeed_config(load("deepspeed.extra={train_batch_size: 8}"), 1)
+        build_deepspeed_config(load("deepspeed.extra={train_batch_size: 8}"), at(1))
     with pytest.raises(ConfigError, match=r"deepspeed\.extra\.zero_optimization\.stage"):
-        build_deepspeed_config(load("deepspeed.extra={zero_optimization: {stage: 1}}"), 1)
+        build_deepspeed_config(load("deepspeed.extra={zero_optimization: {stage: 1}}"), at(1))
     with pytest.raises(ConfigError, match=r"Did you mean 'deepspeed\.extra\.wall_clock_breakdown'"):
-        build_deepspeed_config(load("deepspeed.extra={wall_clock_breakdwn: true}"), 1)
+        build_deepspeed_config(load("deepspeed.extra={wall_clock_breakdwn: true}"), at(1))
 
 
 def test_launcher_reports_config_error_without_traceback():
@@ -164,6 +171,24 @@ def test_launcher_reports_config_error_without_traceback():
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "train.lrr" in r.stderr and "Traceback" not in r.stderr + r.stdout
+
+
+def test_launcher_refuses_a_bad_validation_geometry_before_any_process_group(tmp_path):
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    start = time.monotonic()
+    # 8 frames: the tiny VAE compresses time 4x, so it decodes 4k + 1 frames only.
+    r = subprocess.run([sys.executable, "launcher/train.py", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
+                        "validation.every_steps=5", "validation.pairs=[{image: first.png, prompt: a clip}]",
+                        "validation.num_frames=8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - start
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "error: validation.num_frames: is 8; the VAE compresses time 4x" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not out.exists()  # no output folder, no lock, no config.yaml
+    log = (r.stdout + r.stderr).lower()
+    assert "deepspeed" not in log and "process group" not in log and "[i2v]" not in log
+    assert took < 60, f"{took:.1f} s: the check should come before the heavy imports"
 
 
 # --------------------------------------------------------------------------- one-of groups (pretrained / arch)
@@ -248,3 +273,41 @@ def test_validate_checks_every_group_of_a_config_built_in_code():
                                           r"to keep pretrained, set precompute\.text_encoder\.arch=\{\}; to keep arch, "
                                           r"set precompute\.text_encoder\.pretrained=null$"):
         from_dict(data)
+
+
+def test_written_config_keeps_the_accumulation_unset_and_old_configs_still_resume(tmp_path):
+    cfg = load("train.global_batch_size=12", "train.micro_batch_size=2")
+    before = to_dict(cfg)
+    assert cfg.validate() is cfg and to_dict(cfg) == before  # validating changes nothing
+    assert at(3, "train.global_batch_size=12", "train.micro_batch_size=2").grad_accum_steps == 2
+    dump_yaml(cfg, tmp_path / "config.yaml")
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert written["train"]["grad_accum_steps"] is None  # derived again at the world size of a resume
+    assert [resolve(from_dict(written), w).grad_accum_steps for w in (2, 3)] == [3, 2]
+    # An earlier version wrote the accumulation it derived; that file resumes at its world size.
+    written["train"]["grad_accum_steps"] = 3
+    assert resolve(from_dict(written), 2).grad_accum_steps == 3
+
+
+def test_checks_on_the_tree_alone_fail_at_load():
+    # Each used to wait for the model or the DeepSpeed engine to be built.
+    with pytest.raises(ConfigError, match=r"model\.arch: in_channels \(4\) must be 2 x out_channels \(4\)"):
+        load("model.arch.in_channels=4")
+    with pytest.raises(ConfigError, match=r"deepspeed\.extra\.gradient_clipping: set by the run config; use train\.grad_clip"):
+        load("deepspeed.extra={gradient_clipping: 2.0}")
+    with pytest.raises(ConfigError, match=r"data\.video\.height/width: 36x64 must be multiples of 8"):
+        load("validation.every_steps=5", "data.video.height=36")
+    with pytest.raises(ConfigError, match=r"validation\.num_frames: is 10 \(data\.video\.frames"):
+        load("validation.every_steps=5", "data.video.frames=10")
+    assert load("data.video.frames=10").data.video.frames == 10  # validation off: any length trains
+
+
+def test_the_old_attention_name_sdpa_is_refused_with_the_new_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"^kernels\.attention: 'sdpa' is now called 'torch'; write kernels\.attention: torch$"):
+        load("kernels.attention=sdpa")
+    path = tmp_path / "old.yaml"
+    path.write_text(TINY.read_text().replace("  attention: auto\n", "  attention: sdpa\n", 1))
+    assert "attention: sdpa" in path.read_text()
+    with pytest.raises(ConfigError, match=rf"kernels\.attention: 'sdpa' at {path}:\d+ is now called 'torch'"):
+        load_config(path)
+    assert load("kernels.attention=torch").kernels.attention == "torch"

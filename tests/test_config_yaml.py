@@ -81,7 +81,7 @@ def test_the_same_key_in_different_mappings_and_a_merge_key_are_not_duplicates(t
     assert tiny.model.arch and tiny.precompute.text_encoder.arch
     # A key beside a YAML merge (`<<`) overrides the merged one: that is not a duplicate.
     path, _ = tiny_with(tmp_path, "kernels:\n  noise: auto\n",
-                        "kernels:\n  <<: {noise: torch, attention: sdpa}\n  noise: auto\n")
+                        "kernels:\n  <<: {noise: torch, attention: torch}\n  noise: auto\n")
     path.write_text(path.read_text().replace("  attention: auto\n", "", 1))
     cfg = load_config(path)
-    assert (cfg.kernels.noise, cfg.kernels.attention) == ("auto", "sdpa")
+    assert (cfg.kernels.noise, cfg.kernels.attention) == ("auto", "torch")

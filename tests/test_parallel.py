@@ -10,7 +10,7 @@ from diffusers import CogVideoXTransformer3DModel
 
 from conftest import REPO
 from i2v.core import diffusion
-from i2v.config import load_config
+from i2v.config import load_config, resolve
 from i2v.core.errors import ConfigError
 from i2v.model.transformer import predict, rotary_embeddings
 from i2v.config.schema import check_sequence_parallel
@@ -96,16 +96,16 @@ def test_layout_keys_data_by_the_dp_rank():
 
 def test_sequence_parallel_size_must_divide_world_and_heads():
     with pytest.raises(ConfigError, match=r"parallel.sequence_parallel_size: is 2, which does not divide the world size 3"):
-        load_config(TINY, ["parallel.sequence_parallel_size=2"], world_size=3)
+        resolve(load_config(TINY, ["parallel.sequence_parallel_size=2"]), 3)
     with pytest.raises(ConfigError, match=r"is 4, which does not divide the model's 2 attention heads"):
         check_sequence_parallel(4, 4, heads=2)
     with pytest.raises(ConfigError, match=r"parallel.sequence_parallel_size: is 0, expected a value >= 1"):
         load_config(TINY, ["parallel.sequence_parallel_size=0"])
     # The global batch counts data-parallel replicas: 2 micro-batches of 4 per step on 4 ranks at SP 2.
     sp2 = ["parallel.sequence_parallel_size=2", "train.micro_batch_size=4"]
-    assert load_config(TINY, [*sp2, "train.global_batch_size=16"], world_size=4).train.grad_accum_steps == 2
+    assert resolve(load_config(TINY, [*sp2, "train.global_batch_size=16"]), 4).grad_accum_steps == 2
     with pytest.raises(ConfigError, match=r"data-parallel size \(world 4 / sequence parallel 2\) \(2\) = 8"):
-        load_config(TINY, [*sp2, "train.global_batch_size=16", "train.grad_accum_steps=1"], world_size=4)
+        resolve(load_config(TINY, [*sp2, "train.global_batch_size=16", "train.grad_accum_steps=1"]), 4)
 
 
 def test_zero3_reduce_scatter_must_stay_on_under_sp():

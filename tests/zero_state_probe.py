@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from i2v.config import load_config  # noqa: E402
+from i2v.config import load_config, resolve  # noqa: E402
 from i2v.core.distributed import init_distributed, shutdown  # noqa: E402
 from i2v.train.ds_config import build_deepspeed_config  # noqa: E402
 from i2v.plan.memory import ParamCounts, ZeroSettings, state_bytes  # noqa: E402
@@ -79,7 +79,7 @@ def run_case(spec: str, env) -> dict:
     cfg.model.arch = dict(ARCH)
     model = build_transformer(cfg.model)
     counts = ParamCounts.of(model)
-    engine = build_engine(cfg, model, env.world_size)
+    engine = build_engine(cfg, model, resolve(cfg, env.world_size))
     dtype = next(engine.module.parameters()).dtype
     g = torch.Generator().manual_seed(env.rank)
     x, text = torch.randn(1, 3, 8, 8, 8, generator=g), torch.randn(1, 8, 64, generator=g)
@@ -91,7 +91,7 @@ def run_case(spec: str, env) -> dict:
         if step == 1:
             held = held_bytes(engine)
         engine.step()
-    ds = build_deepspeed_config(cfg, env.world_size)
+    ds = build_deepspeed_config(cfg, resolve(cfg, env.world_size))
     zero = ZeroSettings.from_deepspeed(ds["zero_optimization"])
     want = state_bytes(counts, zero, precision, env.world_size)
     result = {"case": spec, "world_size": env.world_size, "params": counts.total, "held_state": held["state"],

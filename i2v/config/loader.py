@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from i2v.config.schema import _EXCLUSIVE, REQUIRED, Config, _is_set, _keep_either
+from i2v.config.schema import _EXCLUSIVE, RENAMED, REQUIRED, Config, _is_set, _keep_either
 from i2v.core.errors import ConfigError
 
 
@@ -46,6 +46,9 @@ def _coerce(value: Any, tp: Any, key: str, src: "_Source | None" = None) -> Any:
     elif origin is Literal:
         if value in typing.get_args(tp):
             return value
+        new = RENAMED.get(key, {}).get(value)
+        if new is not None:
+            raise ConfigError(f"{key}: {value!r}{at} is now called {new!r}; write {key}: {new}")
         close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{key}: got {value!r}{at}, expected {_type_name(tp)}{hint}")
@@ -255,7 +258,7 @@ def _resolve_exclusive(data: dict, overrides: list[str], src: _Source | None) ->
                               + _keep_either(section, a, b, "add"))
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world_size: int | None = None) -> Config:
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Load YAML (or start from defaults when `path` is None), apply overrides, validate."""
     data: dict = {}
     src = None
@@ -268,15 +271,15 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), world
         for key in keys:
             src.forget(key)
     _resolve_exclusive(data, keys, src)
-    return _build(Config, data, "", src).validate(world_size)
+    return _build(Config, data, "", src).validate()
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(data: dict, world_size: int | None = None) -> Config:
-    return _build(Config, data, "").validate(world_size)
+def from_dict(data: dict) -> Config:
+    return _build(Config, data, "").validate()
 
 
 def dump_yaml(cfg: Config, path: str | os.PathLike) -> None:
@@ -288,7 +291,7 @@ def dump_yaml(cfg: Config, path: str | os.PathLike) -> None:
 
 
 
-def parse_args(argv: list[str] | None = None, description: str = "", world_size: int | None = None, extra=None):
+def parse_args(argv: list[str] | None = None, description: str = "", extra=None):
     """Parse `--config FILE key=value ...` (plus launcher-specific flags added by `extra`).
 
     Returns (config, args). Unknown `--flags` are errors; DeepSpeed's `--local_rank` is accepted.
@@ -300,4 +303,4 @@ def parse_args(argv: list[str] | None = None, description: str = "", world_size:
         extra(parser)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=40")
     args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides, world_size=world_size), args
+    return load_config(args.config, args.overrides), args

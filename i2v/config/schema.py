@@ -23,12 +23,17 @@ error that names the override or line that fixes it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from i2v.core.errors import ConfigError
 
 REQUIRED: Any = "???"  # sentinel default of a field the YAML must set
+# Values that were renamed: a config that still says the old one is told the new one, not aliased.
+RENAMED = {"kernels.attention": {"sdpa": "torch"}}
 
 
 def doc(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
@@ -232,8 +237,12 @@ class CheckpointConfig:
 
 @dataclass
 class KernelsConfig:
-    noise: Literal["auto", "triton", "torch"] = doc("auto", "Noise injection: fused Triton kernel, torch reference, or Triton on CUDA.")
-    attention: Literal["auto", "triton", "sdpa"] = doc("auto", "Attention: Triton flash kernel, torch SDPA, or Triton on CUDA.")
+    noise: Literal["auto", "triton", "torch"] = doc(
+        "auto", "Noise injection: triton (the fused kernel), torch (the reference in PyTorch), or auto: triton "
+        "when training on CUDA and triton imports, else torch (i2v.kernels.backends).")
+    attention: Literal["auto", "triton", "torch"] = doc(
+        "auto", "Attention: triton (our flash kernel), torch (torch's scaled_dot_product_attention, SDPA; "
+        "called sdpa before), or auto: triton when training on CUDA and triton imports, else torch.")
 
 
 @dataclass
@@ -270,32 +279,6 @@ class PrecomputeConfig:
     samples_per_shard: int = doc(0, "Unused when 0: output shards mirror input shards one to one.")
 
 
-def accumulation_steps(t: "TrainConfig", world_size: int, sp: int = 1) -> int:
-    """train.grad_accum_steps at this world size (data-parallel size world / sp): as given, or derived
-    from train.global_batch_size."""
-    dp_size = world_size // sp
-    what = f"data-parallel size (world {world_size} / sequence parallel {sp})" if sp > 1 else "world size"
-    if t.grad_accum_steps is None:
-        if t.global_batch_size is None:
-            return 1
-        per_round = t.micro_batch_size * dp_size
-        if t.global_batch_size % per_round:
-            raise ConfigError(
-                f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.micro_batch_size "
-                f"({t.micro_batch_size}) x {what} ({dp_size}); choose a world size or micro-batch size that "
-                "divides it, or set train.grad_accum_steps"
-            )
-        return t.global_batch_size // per_round
-    got = t.micro_batch_size * t.grad_accum_steps * dp_size
-    if t.global_batch_size is not None and got != t.global_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size: is {t.global_batch_size}, but train.micro_batch_size "
-            f"({t.micro_batch_size}) x train.grad_accum_steps ({t.grad_accum_steps}) x {what} "
-            f"({dp_size}) = {got}; make them agree, or drop train.grad_accum_steps to derive it"
-        )
-    return t.grad_accum_steps
-
-
 @dataclass
 class ValidationConfig:
     every_steps: int = doc(0, "Sample validation videos every this many steps; 0 disables.")
@@ -321,16 +304,11 @@ class Config:
     precompute: PrecomputeConfig = doc(help="Offline latent precomputation.", default_factory=PrecomputeConfig)
     validation: ValidationConfig = doc(help="Validation videos.", default_factory=ValidationConfig)
 
-    def validate(self, world_size: int | None = None) -> "Config":
-        """Cross-field checks. `world_size` enables the global-batch check."""
+    def validate(self) -> "Config":
+        """Cross-field checks of the tree alone; nothing is changed. What also needs the world size
+        (SP divides it, the global batch fits it) is checked by `i2v.config.resolved.resolve`."""
         _check_ranges(self)
-        t, sp = self.train, self.parallel.sequence_parallel_size
-        if world_size is not None:
-            check_sequence_parallel(sp, world_size)
-        if world_size is not None:
-            t.grad_accum_steps = accumulation_steps(t, world_size, sp)
-        elif t.grad_accum_steps is None and t.global_batch_size is None:
-            t.grad_accum_steps = 1
+        sp = self.parallel.sequence_parallel_size
         m = self.model
         if not (m.pretrained or m.arch or m.arch_file):
             raise ConfigError("model: set model.pretrained (a diffusers transformer directory), model.arch (inline) "
@@ -352,7 +330,14 @@ class Config:
             raise ConfigError("checkpoint.export_on_finish: exports the final checkpoint; needs checkpoint.save_at_end: true")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage 1, 2 or 3 (it is 0)")
+        _check_deepspeed_extra(self.deepspeed.extra)
+        if m.arch and "in_channels" in m.arch:
+            out = m.arch.get("out_channels") or 16  # the constructor's default
+            if m.arch["in_channels"] != 2 * out:
+                raise ConfigError(f"model.arch: in_channels ({m.arch['in_channels']}) must be 2 x out_channels "
+                                  f"({out}): noisy video latents concatenated with image latents")
         _check_lora_and_ema(self)
+        check_validation(self)
         return self
 
 
@@ -413,6 +398,100 @@ def _check_lora_and_ema(cfg: Config) -> None:
         )
 
 
+# deepspeed.extra: top-level keys DeepSpeed understands that are safe to pass through.
+PASSTHROUGH_KEYS = {
+    "zero_optimization", "bf16", "fp16", "activation_checkpointing", "flops_profiler", "comms_logger",
+    "wall_clock_breakdown", "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
+    "sparse_gradients", "steps_per_print", "dump_state", "memory_breakdown", "data_types", "checkpoint",
+    "aio", "compile", "seq_parallel_communication_data_type", "zero_force_ds_cpu_optimizer",
+    "zero_allow_untested_optimizer", "graph_harvesting", "use_data_before_expert_parallelism",
+}
+# DeepSpeed keys owned by the run config: dotted path -> the config key to set instead.
+OWNED = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.lr / train.betas / train.weight_decay",
+    "scheduler": "train.lr_schedule / train.warmup_steps",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "bf16.enabled": "deepspeed.precision",
+    "fp16.enabled": "deepspeed.precision",
+}
+
+
+def _check_deepspeed_extra(extra: dict) -> None:
+    for key, value in extra.items():
+        if key in OWNED:
+            raise ConfigError(f"deepspeed.extra.{key}: set by the run config; use {OWNED[key]} instead")
+        if key not in PASSTHROUGH_KEYS:
+            close = difflib.get_close_matches(key, sorted(PASSTHROUGH_KEYS), n=1)
+            hint = f" Did you mean 'deepspeed.extra.{close[0]}'?" if close else ""
+            raise ConfigError(f"deepspeed.extra.{key}: not a DeepSpeed key this trainer passes through.{hint}")
+        for sub in value if isinstance(value, dict) else ():
+            if f"{key}.{sub}" in OWNED:
+                raise ConfigError(f"deepspeed.extra.{key}.{sub}: set by the run config; use {OWNED[f'{key}.{sub}']} "
+                                  "instead")
+
+
+# AutoencoderKLCogVideoX's defaults, for a VAE config that leaves them out.
+_VAE_BLOCKS = (128, 256, 256, 512)
+_VAE_TEMPORAL = 4
+
+
+def vae_compression(vae: VAEConfig) -> tuple[int, int] | None:
+    """(spatial, temporal) compression of the VAE that `precompute.vae` names: from its inline arch or the
+    pretrained directory's config.json. None when it names none (training takes the latents' VAE, see
+    i2v.data.lineage) or the file cannot be read (building the VAE reports that)."""
+    if vae.arch:
+        conf = vae.arch
+    elif vae.pretrained:
+        try:
+            with open(os.path.join(vae.pretrained, "config.json")) as f:
+                conf = json.load(f)
+        except (OSError, ValueError):
+            return None
+    else:
+        return None
+    blocks = conf.get("block_out_channels") or _VAE_BLOCKS
+    return 2 ** (len(blocks) - 1), int(conf.get("temporal_compression_ratio") or _VAE_TEMPORAL)
+
+
+def check_validation(cfg: Config, training: bool = False) -> None:
+    """The validation pairs' form and a clip geometry the VAE can sample, when validation is on. Part of
+    `Config.validate`; the training launcher runs it again with `training` once the latents' VAE is adopted
+    (a config that names no VAE takes it from the latent manifest). `training` also requires pairs: the
+    shipped model configs turn validation on and leave the pairs to the user, and the planner, sampler
+    and exporter load them as they are."""
+    v, video = cfg.validation, cfg.data.video
+    if v.every_steps == 0:
+        return
+    if training and not v.pairs:
+        raise ConfigError(
+            f"validation.pairs: empty, but validation.every_steps is {v.every_steps}; "
+            "give a list of {image: PNG or video path, prompt: text} or set validation.every_steps=0"
+        )
+    for i, p in enumerate(v.pairs):
+        key = f"validation.pairs[{i}]"
+        if not isinstance(p, dict) or set(p) != {"image", "prompt"}:
+            raise ConfigError(f"{key}: expected a mapping with exactly the keys image and prompt, got {p!r}")
+        if not isinstance(p["prompt"], str):
+            raise ConfigError(f"{key}.prompt: expected text, got {p['prompt']!r}")
+    spatial, temporal = vae_compression(cfg.precompute.vae) or (None, _VAE_TEMPORAL)
+    frames = v.num_frames or video.frames
+    if (frames - 1) % temporal:
+        source = "" if v.num_frames else " (data.video.frames; validation.num_frames is unset)"
+        raise ConfigError(f"validation.num_frames: is {frames}{source}; the VAE compresses time {temporal}x, so "
+                          f"it needs {temporal}k + 1 frames (e.g. {temporal * 2 + 1}, {temporal * 12 + 1})")
+    # The latents are patchified 2 x 2 by the DiT.
+    if spatial is not None and (video.height % (spatial * 2) or video.width % (spatial * 2)):
+        raise ConfigError(
+            f"data.video.height/width: {video.height}x{video.width} must be multiples of {spatial * 2} "
+            "(VAE compression x patch size) to sample validation videos"
+        )
+
+
 # Ranges of numeric fields: dotted key -> (low, high), inclusive; None is unbounded.
 _RANGES = {
     "train.max_steps": (1, None),
@@ -456,6 +535,7 @@ _RANGES = {
     "precompute.image_log_sigma_std": (0.0, None),
     "validation.every_steps": (0, None),
     "validation.num_inference_steps": (1, None),
+    "validation.num_frames": (1, None),
     # Ranks meet in a collective after validation: stay well inside the 1800 s process-group timeout.
     "validation.timeout_s": (0.0, 1500.0),
 }

@@ -56,12 +56,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from i2v.kernels.backends import resolve_backend
+
 # triton.jit reads this at decoration time; the kernels below follow whatever it decided.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 _HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BACKENDS = ("auto", "triton", "torch", "sdpa")
 
 
 # ----------------------------------------------------------------------------- autotune
@@ -404,7 +405,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"flash_attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
     if not q.is_cuda and not _INTERPRET:
         raise ValueError("flash_attention: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
-                         "interpreter); use backend='sdpa' on CPU")
+                         "interpreter); use backend='torch' on CPU")
 
 
 def _flags(dtype: torch.dtype):
@@ -485,25 +486,16 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return torch.matmul(torch.softmax(s, dim=-1), v.to(compute)).to(q.dtype)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'triton' or 'sdpa' for a requested backend on a device ('auto' = triton on CUDA)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "sdpa"
-    return "sdpa" if backend == "torch" else backend
-
-
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                     backend: str = "auto") -> torch.Tensor:
     """Non-causal attention on [B, H, S, D] tensors (any strides); differentiable.
 
-    backend: "triton" forces the fused kernel, "torch"/"sdpa" uses torch SDPA, "auto" picks
-    triton for CUDA tensors and SDPA otherwise. The triton output is a [B, H, S, D] view of
-    [B, S, H, D] storage.
+    backend: "triton" forces the fused kernel, "torch" uses torch SDPA, "auto" follows the rule of
+    `i2v.kernels.backends` (triton for CUDA tensors, SDPA otherwise). The triton output is a
+    [B, H, S, D] view of [B, S, H, D] storage.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if resolve_backend(backend, q.device) == "sdpa":
+    if resolve_backend(backend, q.device, "attention backend") == "torch":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if torch.is_autocast_enabled(q.device.type):
         # Same rule as SDPA under autocast: run in the autocast dtype (LayerNorm'd Q/K come out fp32).

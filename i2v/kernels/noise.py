@@ -64,6 +64,7 @@ import os
 import torch
 
 from i2v.core import diffusion
+from i2v.kernels.backends import resolve_backend
 
 try:
     import triton
@@ -323,10 +324,7 @@ def _check_coef(name, coef, batch):
 
 
 def _resolve_backend(backend, tensor):
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "auto":
-        return "triton" if tensor.is_cuda and triton is not None else "torch"
+    backend = resolve_backend(backend, tensor.device)  # auto: the rule of i2v.kernels.backends
     if backend == "triton":
         if triton is None:
             raise ValueError("backend='triton' needs the triton package, which is not installed")

@@ -4,7 +4,7 @@
 computes (joint text+video tokens, QK layer norm, 3D RoPE on the video tokens only, output
 projection and dropout, then the split back into video and text streams); only the
 attention core changes, to `i2v.kernels.attention.flash_attention` with backend "triton", or
-torch SDPA with backend "sdpa". It also accepts modules with fused QKV projections.
+torch SDPA with backend "torch". It also accepts modules with fused QKV projections.
 
 Under sequence parallelism (`video_shard` given, see `i2v.model.parallel`) the video tokens are this
 rank's run only: Q, K and V go through the shard's all-to-all to the whole sequence for this rank's
@@ -21,23 +21,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ATTENTION_BACKENDS = ("auto", "triton", "sdpa")
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from i2v.kernels.backends import resolve_backend, triton_available
 
 
 class CogVideoXFlashAttnProcessor:
     """Drop-in replacement for diffusers' CogVideoXAttnProcessor2_0 (same inputs, same outputs)."""
 
     def __init__(self, backend: str = "triton"):
-        if backend not in ("triton", "sdpa"):
-            raise ValueError(f"CogVideoXFlashAttnProcessor backend must be 'triton' or 'sdpa', got {backend!r}")
+        if backend not in ("triton", "torch"):
+            raise ValueError(f"CogVideoXFlashAttnProcessor backend must be 'triton' or 'torch', got {backend!r}")
         self.backend = backend
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None,
@@ -109,8 +101,8 @@ def apply_attention_backend(transformer: torch.nn.Module, backend: str, device=N
     """Install the attention processors for `backend` on a CogVideoXTransformer3DModel; return the one used.
 
     "triton": our fused kernel everywhere (raises if triton is missing).
-    "sdpa": diffusers' default processors (ours, if installed earlier, are replaced by them).
-    "auto": "triton" when the model's parameters are on CUDA and triton imports, else "sdpa".
+    "torch": diffusers' default processors, on torch SDPA (ours, if installed earlier, are replaced by them).
+    "auto": the rule of `i2v.kernels.backends`, judged by where the model's parameters are.
     `device`, if given, is where the model will run and replaces its parameters' device in
     that choice (for a model built on the CPU and moved to the GPU afterwards).
     """
@@ -120,15 +112,11 @@ def apply_attention_backend(transformer: torch.nn.Module, backend: str, device=N
         FusedCogVideoXAttnProcessor2_0,
     )
 
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"kernels.attention must be one of {ATTENTION_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device is None:
-            param = next(transformer.parameters(), None)
-            device = param.device if param is not None else "cpu"
-        on_cuda = torch.device(device).type == "cuda"
-        backend = "triton" if on_cuda and _triton_available() else "sdpa"
-    if backend == "triton" and not _triton_available():
+    if device is None:
+        param = next(transformer.parameters(), None)
+        device = param.device if param is not None else "cpu"
+    backend = resolve_backend(backend, device, "kernels.attention")
+    if backend == "triton" and not triton_available():
         raise ValueError("kernels.attention is 'triton' but triton is not installed (pip install i2v[triton])")
 
     modules = [m for m in transformer.modules() if isinstance(m, Attention)]

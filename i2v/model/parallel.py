@@ -159,7 +159,7 @@ def enable_sharded_forward(model) -> None:
 
     for module in model.modules():
         if isinstance(module, Attention) and not isinstance(module.processor, CogVideoXFlashAttnProcessor):
-            module.set_processor(CogVideoXFlashAttnProcessor("sdpa"))
+            module.set_processor(CogVideoXFlashAttnProcessor("torch"))
     plain = model.forward
 
     def forward(*args, video_shard: "VideoShard | None" = None, **kwargs):

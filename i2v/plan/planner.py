@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from i2v.config import Config
+from i2v.config import Config, resolve
 from i2v.train.ds_config import build_deepspeed_config
 from i2v.model.flops import SampleFlops, training_flops
 from i2v.plan.memory import DTYPE_BYTES, ParamCounts, StateBytes, ZeroSettings, activation_bytes, state_bytes
@@ -35,6 +35,7 @@ class Plan:
     latent: tuple  # (frames, height, width) of the latents priced
     flops: SampleFlops
     samples_per_step: int
+    grad_accum_steps: int  # at `gpus` ranks (train.global_batch_size may set it)
     state: StateBytes
     activations: dict  # gradient checkpointing on/off -> ActivationBytes
     checkpointing: bool
@@ -85,11 +86,11 @@ def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_
 
     from i2v.model.adapters import with_lora
 
-    cfg.validate(gpus)
+    run = resolve(cfg, gpus)
     arch = transformer_arch(cfg.model)
     with torch.device("meta"):
         model = with_lora(CogVideoXTransformer3DModel(**arch), cfg.model)
-    zero = ZeroSettings.from_deepspeed(build_deepspeed_config(cfg, gpus)["zero_optimization"])
+    zero = ZeroSettings.from_deepspeed(build_deepspeed_config(cfg, run)["zero_optimization"])
     counts = ParamCounts.of(model, zero.param_persistence_threshold)
     latent = latent_shape(cfg, arch["temporal_compression_ratio"])
     t, d = cfg.train, cfg.deepspeed
@@ -98,14 +99,14 @@ def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_
     act_bytes = 2 if d.precision in ("bf16", "fp16") else DTYPE_BYTES[cfg.model.dtype]
     activations = {
         ckpt: activation_bytes(model.config, *latent, micro_batch=t.micro_batch_size, dtype_bytes=act_bytes,
-                               gradient_checkpointing=ckpt, attention="sdpa" if cfg.kernels.attention == "sdpa"
+                               gradient_checkpointing=ckpt, attention="torch" if cfg.kernels.attention == "torch"
                                else "triton", sequence_parallel_size=sequence_parallel_size)
         for ckpt in (False, True)
     }
     return Plan(
         arch=arch, counts=counts, gpus=gpus, gpu_mem_bytes=int(gpu_mem_gb * GiB), latent=latent,
         flops=training_flops(model.config, *latent, gradient_checkpointing=checkpointing),
-        samples_per_step=t.micro_batch_size * t.grad_accum_steps * gpus // sequence_parallel_size,
+        samples_per_step=run.global_batch_size, grad_accum_steps=run.grad_accum_steps,
         state=state_bytes(counts, zero, d.precision, gpus, ema=t.ema.decay > 0, model_dtype=cfg.model.dtype),
         activations=activations, checkpointing=checkpointing, mfu=mfu,
         peak_tflops=peak_tflops or t.peak_tflops or 989.0,
@@ -147,7 +148,7 @@ def render(cfg: Config, plan: Plan) -> str:
         f"parameters  {c.total:,} total, {c.trainable:,} trainable" + (f" ({frozen:,} frozen)" if frozen else ""),
         f"run         {plan.gpus} GPU(s) x {plan.gpu_mem_bytes / GiB:g} GiB | ZeRO-{d.zero_stage} {d.precision}"
         + (" + optimizer offload" if d.offload_optimizer else "")
-        + f" | micro-batch {cfg.train.micro_batch_size} x accumulation {cfg.train.grad_accum_steps}"
+        + f" | micro-batch {cfg.train.micro_batch_size} x accumulation {plan.grad_accum_steps}"
         f" = {plan.samples_per_step} samples per step",
         f"sample      " + (f"the largest of {len(v.buckets)} buckets" if v.buckets else f"clips {v.frames} x {v.height} x {v.width}")
         + f" -> latents {lf} x {lh} x {lw}: "

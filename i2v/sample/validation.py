@@ -40,7 +40,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from i2v.config import Config
+from i2v.config import Config, check_validation
 from i2v.core.distributed import DistEnv, barrier
 from i2v.core.errors import ConfigError
 
@@ -59,22 +59,14 @@ def sample_dir(output_dir: str, step: int) -> str:
 
 
 def load_pairs(cfg: Config) -> list[dict]:
-    """The configured pairs, checked: each a {image, prompt} with a readable image or video file."""
+    """The configured pairs with their images: each a readable image or video file (their form is
+    checked with the config, `i2v.config.check_validation`)."""
     from i2v.data.frames import first_frame_pil
 
-    pairs = cfg.validation.pairs
-    if not pairs:
-        raise ConfigError(
-            f"validation.pairs: empty, but validation.every_steps is {cfg.validation.every_steps}; "
-            "give a list of {image: PNG or video path, prompt: text} or set validation.every_steps=0"
-        )
+    check_validation(cfg, training=True)
     out = []
-    for i, p in enumerate(pairs):
+    for i, p in enumerate(cfg.validation.pairs):
         key = f"validation.pairs[{i}]"
-        if not isinstance(p, dict) or set(p) != {"image", "prompt"}:
-            raise ConfigError(f"{key}: expected a mapping with exactly the keys image and prompt, got {p!r}")
-        if not isinstance(p["prompt"], str):
-            raise ConfigError(f"{key}.prompt: expected text, got {p['prompt']!r}")
         path = str(p["image"])
         if not os.path.isfile(path):
             raise ConfigError(f"{key}.image: file not found: {path}")
@@ -92,11 +84,7 @@ class Validator:
 
         self.cfg, self.env, self.ema = cfg, env, ema
         v = cfg.validation
-        self.num_frames = v.num_frames or cfg.data.video.frames
-        if (self.num_frames - 1) % 4:
-            raise ConfigError(
-                f"validation.num_frames: is {self.num_frames}; the CogVideoX VAE needs 4k + 1 frames (e.g. 9, 49)"
-            )
+        self.num_frames = v.num_frames or cfg.data.video.frames  # a length and size the VAE takes: Config.validate
         self.height, self.width = cfg.data.video.height, cfg.data.video.width
         pairs = load_pairs(cfg) if pairs is None else pairs
         self.num_pairs = len(pairs)
@@ -109,11 +97,6 @@ class Validator:
         parts = build_parts(cfg, "ddim", env.device)  # the transformer is the engine's
         self.vae, self.scheduler, self.ofs = parts.vae, parts.scheduler, parts.ofs
         spatial = encoders.spatial_compression(self.vae)
-        if self.height % (spatial * 2) or self.width % (spatial * 2):
-            raise ConfigError(
-                f"data.video.height/width: {self.height}x{self.width} must be multiples of {spatial * 2} "
-                "(VAE compression x patch size) to sample validation videos"
-            )
         # Encoded once: the text encoder is not needed again and is dropped with this scope.
         prompts = [p["prompt"] for p in self.mine]
         embeds = parts.text(prompts + [""]).cpu()

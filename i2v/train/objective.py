@@ -7,22 +7,12 @@ for step, and any process that knows the position can rebuild the same inputs.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from i2v.core import diffusion
 from i2v.config import Config
 from i2v.kernels.noise import inject_noise, mix_key
 from i2v.model.transformer import predict, rotary_embeddings
-
-
-def resolve_noise_backend(choice: str, device) -> str:
-    """What `kernels.noise: auto` means here: the fused kernel on CUDA, the torch path elsewhere."""
-    if choice != "auto":
-        return choice
-    has_triton = importlib.util.find_spec("triton") is not None
-    return "triton" if torch.device(device).type == "cuda" and has_triton else "torch"
 
 
 def prepare_inputs(batch: dict, abar, cfg: Config, seed: int, offset: int, empty_prompt, device,

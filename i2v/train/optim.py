@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from i2v.config import Config
+from i2v.config import Config, Resolved
 
 
 def lr_lambda(cfg: Config):
@@ -58,10 +58,10 @@ def build_scheduler(cfg: Config):
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None):
+def build_engine(cfg: Config, model: torch.nn.Module, run: Resolved, mpu=None):
     """The DeepSpeed engine of a run: its generated config, our AdamW over the trainable parameters
-    (DeepSpeed's own CPU Adam under optimizer offload) and the LR schedule. Under sequence parallelism
-    `world_size` is the data-parallel size and `mpu` the groups of `i2v.model.parallel`."""
+    (DeepSpeed's own CPU Adam under optimizer offload) and the LR schedule. `run` is `cfg` resolved at
+    the world size; under sequence parallelism `mpu` holds the groups of `i2v.model.parallel`."""
     import deepspeed
 
     from i2v.train.ds_config import build_deepspeed_config, optimizer_in_config
@@ -70,5 +70,5 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, mpu=None)
     optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, groups)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg),
                                            model_parameters=groups if optimizer is None else None,
-                                           config=build_deepspeed_config(cfg, world_size), mpu=mpu)
+                                           config=build_deepspeed_config(cfg, run), mpu=mpu)
     return engine

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from i2v.config import Config
+from i2v.config import Config, resolve
 from i2v.core.distributed import DistEnv, all_mean
 from i2v.model.flops import default_peak_tflops, training_flops
 from i2v.core.fsutil import fsync_dir, write_text_atomic
@@ -102,8 +102,8 @@ class StepLogger:
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         step_time = window["time"] / max(1, window["steps"])
-        dp_size = env.world_size // cfg.parallel.sequence_parallel_size  # an SP group trains one micro-batch
-        samples = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp_size
+        run = resolve(cfg, env.world_size)
+        dp_size, samples = run.dp_size, run.global_batch_size  # an SP group trains one micro-batch
         samples_per_s = samples / step_time if step_time > 0 else float("nan")
         wait_frac = window["wait"] / window["time"] if window["time"] > 0 else 0.0
         if not env.is_main:

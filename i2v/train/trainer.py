@@ -32,7 +32,7 @@ from i2v.data import lineage
 from i2v.model.adapters import base_identity, check_resume, lora_enabled, trainable_parameters, with_lora
 from i2v.checkpoint.checkpointer import Checkpointer, check_engine_layout
 from i2v.checkpoint.commit import saved_client_state
-from i2v.config import Config, dump_yaml, to_dict
+from i2v.config import Config, dump_yaml, resolve, to_dict
 from i2v.data.latent_order import resolve_order
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards
@@ -41,7 +41,8 @@ from i2v.model.ema import ShardedEMA
 from i2v.core.errors import I2VError
 from i2v.core.faults import is_armed, maybe_fault
 from i2v.model.transformer import build_transformer, set_attention
-from i2v.train.objective import resolve_noise_backend, training_loss
+from i2v.kernels.backends import resolve_backend
+from i2v.train.objective import training_loss
 from i2v.train.optim import build_engine
 from i2v.model.parallel import build_layout
 from i2v.train.run_lock import RunLock
@@ -59,7 +60,8 @@ class TooManySkips(I2VError):
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
-        self.cfg, self.env = cfg.validate(env.world_size), env
+        self.cfg, self.env = cfg, env
+        self.resolved = resolve(cfg, env.world_size)  # the accumulation at this world size
         self.out = cfg.run.output_dir
         # Inputs every rank must see fail here, before minutes of model and engine setup, and on all
         # ranks together: a rank stopping alone would leave the others waiting in a collective.
@@ -84,11 +86,11 @@ class Trainer:
         model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed), cfg.model, seed=cfg.run.seed)
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
         self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
-        self.noise_backend = resolve_noise_backend(cfg.kernels.noise, env.device)
+        self.noise_backend = resolve_backend(cfg.kernels.noise, env.device, "kernels.noise")
         # Counted before the engine: ZeRO-3 leaves empty placeholders in the module.
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in trainable_parameters(model))
-        self.engine = build_engine(cfg, model, self.layout.dp_size, self.layout.mpu)
+        self.engine = build_engine(cfg, model, self.resolved, self.layout.mpu)
         self.ema = ShardedEMA(self.engine, cfg.train.ema) if cfg.train.ema.decay > 0 else None
         # A LoRA checkpoint holds no base weights, so it records which base it was trained on.
         self.base = base_identity(cfg) if lora_enabled(cfg.model) else None
@@ -218,7 +220,7 @@ class Trainer:
         while self.step < cfg.train.max_steps:
             t0, wait = time.perf_counter(), 0.0
             losses, attempts = [], 0
-            while len(losses) < cfg.train.grad_accum_steps:
+            while len(losses) < self.resolved.grad_accum_steps:
                 tw = time.perf_counter()
                 batch = next(data)
                 wait += time.perf_counter() - tw
@@ -247,7 +249,7 @@ class Trainer:
                 maybe_fault("after_backward", env.rank, self.step)
                 losses.append(self.layout.micro_batch_loss(loss))
                 self.telemetry.record_batch(batch)
-                if len(losses) < cfg.train.grad_accum_steps:
+                if len(losses) < self.resolved.grad_accum_steps:
                     self.engine.step()  # a no-op for the optimizer until the accumulation boundary
             maybe_fault("before_step", env.rank, self.step)
             self.engine.step()
