@@ -64,7 +64,7 @@ from noise import stock_chain  # noqa: E402
 
 def write_random_latents(directory: str, cfg, shards: int = 4, per_shard: int = 16) -> None:
     arch = transformer_arch(cfg.model)
-    f, h, w = latent_shape(cfg, arch["temporal_compression_ratio"])
+    f, h, w = latent_shape(cfg)
     text = (arch["max_text_seq_length"], arch["text_embed_dim"])
     g = torch.Generator().manual_seed(0)
     for s in range(shards):
@@ -194,7 +194,7 @@ def shape_benchmark(args) -> dict:
         cfg = shape_config(smoke, args.layers, args.steps, latents, out)
         write_random_latents(latents, cfg, shards=1, per_shard=4)
         arch = transformer_arch(cfg.model)
-        latent = latent_shape(cfg, arch["temporal_compression_ratio"])
+        latent = latent_shape(cfg)
         flops = training_flops(arch, *latent, gradient_checkpointing=True)
 
         _fresh_memory(device)
