@@ -53,7 +53,7 @@ from i2v.data.latents import LatentDataset, LatentShardWriter, make_loader, save
 from i2v.core.distributed import init_distributed
 from i2v.model.flops import default_peak_tflops, training_flops
 from i2v.model.transformer import build_transformer, predict, read_arch_file, rotary_embeddings, transformer_arch
-from i2v.train.objective import training_loss
+from i2v.train.objective import Objective
 from i2v.train.optim import build_optimizer
 from i2v.plan.planner import latent_shape, make_plan
 from i2v.train.trainer import Trainer
@@ -86,11 +86,11 @@ def _optimizer_and_data(cfg, model):
 
 def bare_loop(cfg, steps: int, device) -> list[float]:
     model = build_transformer(cfg.model, seed=cfg.run.seed).to(device).train()
-    opt, abar, data = _optimizer_and_data(cfg, model)
-    times, cache = [], {}
+    opt, _, data = _optimizer_and_data(cfg, model)
+    objective, times = Objective(cfg, device), []
     for step in range(steps):
         t0 = time.perf_counter()
-        loss = training_loss(model, next(data), abar, cfg, cfg.run.seed, step, None, device, "torch", cache)
+        loss = objective.loss(model, next(data), step)
         _backward_and_step(loss, model, opt, cfg, device)
         times.append(time.perf_counter() - t0)
     return times
@@ -114,12 +114,12 @@ def bare_engine_loop(cfg, steps: int, device, world_size: int) -> list[float]:
     from i2v.train.ds_config import build_deepspeed_config
 
     model = build_transformer(cfg.model, seed=cfg.run.seed)
-    opt, abar, data = _optimizer_and_data(cfg, model)
+    opt, _, data = _optimizer_and_data(cfg, model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_deepspeed_config(cfg, world_size))
-    times, cache = [], {}
+    objective, times = Objective(cfg, device), []
     for step in range(steps):
         t0 = time.perf_counter()
-        loss = training_loss(engine, next(data), abar, cfg, cfg.run.seed, step, None, device, "torch", cache)
+        loss = objective.loss(engine, next(data), step)
         engine.backward(loss)
         engine.step()
         if device.type == "cuda":
