@@ -120,7 +120,7 @@ class Trainer:
             remote_cfg=cfg.data.remote,
         )
         empty = load_empty_prompt(cfg.data.latent_shards, cfg.data.remote)
-        self.objective = Objective(cfg, env.device, empty.to(env.device) if empty is not None else None,
+        self.objective = Objective(self.cfg, env.device, empty.to(env.device) if empty is not None else None,
                                    noise_backend, self.layout)
         self.telemetry = StepLogger(cfg, env, self.engine.module.config)
         self.writer = self.telemetry.writer  # rank 0 only; None elsewhere
