@@ -82,12 +82,11 @@ def from_architecture() -> list[dict]:
 
 def worker(args) -> None:
     """One rank of the measured part (started by `measure` with its rank in the environment)."""
-    from i2v.core import diffusion
     from i2v.config import load_config, resolve
     from i2v.core.distributed import init_distributed, shutdown
     from i2v.plan.memory import activation_bytes
     from i2v.model.transformer import build_transformer, set_attention
-    from i2v.train.objective import training_loss
+    from i2v.train.objective import Objective
     from i2v.train.optim import build_engine
     from i2v.model.parallel import all_to_all_bytes, build_layout
 
@@ -105,11 +104,11 @@ def worker(args) -> None:
     video = torch.randn(1, f, c.out_channels, h, w, generator=g)
     batch = {"video_latents": video, "image_latents": video[:, :1].clone(),
              "prompt_embeds": torch.randn(1, c.max_text_seq_length, c.text_embed_dim, generator=g)}
-    abar, rotary = diffusion.alphas_cumprod(cfg.diffusion), {}
+    objective = Objective(cfg, env.device, layout=layout)  # tiny.yaml's run.seed is 0
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def step(i: int) -> None:
-        loss = training_loss(engine, batch, abar, cfg, 0, i, None, env.device, "torch", rotary, layout)
+        loss = objective.loss(engine, batch, i)
         engine.backward(loss)
         engine.step()
 
@@ -138,7 +137,7 @@ def worker(args) -> None:
 
     torch.distributed.all_to_all_single = counting
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = training_loss(engine, batch, abar, cfg, 0, 0, None, env.device, "torch", rotary, layout)
+        loss = objective.loss(engine, batch, 0)
     engine.backward(loss)
     engine.step()
     torch.distributed.all_to_all_single = a2a

@@ -53,7 +53,7 @@ from i2v.data.latents import LatentDataset, LatentShardWriter, make_loader, save
 from i2v.core.distributed import init_distributed
 from i2v.model.flops import default_peak_tflops, training_flops
 from i2v.model.transformer import build_transformer, predict, read_arch_file, rotary_embeddings, transformer_arch
-from i2v.train.objective import training_loss
+from i2v.train.objective import Objective
 from i2v.train.optim import build_optimizer
 from i2v.plan.planner import latent_shape, make_plan
 from i2v.train.trainer import Trainer
@@ -64,7 +64,7 @@ from noise import stock_chain  # noqa: E402
 
 def write_random_latents(directory: str, cfg, shards: int = 4, per_shard: int = 16) -> None:
     arch = transformer_arch(cfg.model)
-    f, h, w = latent_shape(cfg, arch["temporal_compression_ratio"])
+    f, h, w = latent_shape(cfg)
     text = (arch["max_text_seq_length"], arch["text_embed_dim"])
     g = torch.Generator().manual_seed(0)
     for s in range(shards):
@@ -86,11 +86,11 @@ def _optimizer_and_data(cfg, model):
 
 def bare_loop(cfg, steps: int, device) -> list[float]:
     model = build_transformer(cfg.model, seed=cfg.run.seed).to(device).train()
-    opt, abar, data = _optimizer_and_data(cfg, model)
-    times, cache = [], {}
+    opt, _, data = _optimizer_and_data(cfg, model)
+    objective, times = Objective(cfg, device), []
     for step in range(steps):
         t0 = time.perf_counter()
-        loss = training_loss(model, next(data), abar, cfg, cfg.run.seed, step, None, device, "torch", cache)
+        loss = objective.loss(model, next(data), step)
         _backward_and_step(loss, model, opt, cfg, device)
         times.append(time.perf_counter() - t0)
     return times
@@ -114,13 +114,13 @@ def bare_engine_loop(cfg, steps: int, device, world_size: int) -> list[float]:
     from i2v.train.ds_config import build_deepspeed_config
 
     model = build_transformer(cfg.model, seed=cfg.run.seed)
-    opt, abar, data = _optimizer_and_data(cfg, model)
+    opt, _, data = _optimizer_and_data(cfg, model)
     ds_config = build_deepspeed_config(cfg, resolve(cfg, world_size))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
-    times, cache = [], {}
+    objective, times = Objective(cfg, device), []
     for step in range(steps):
         t0 = time.perf_counter()
-        loss = training_loss(engine, next(data), abar, cfg, cfg.run.seed, step, None, device, "torch", cache)
+        loss = objective.loss(engine, next(data), step)
         engine.backward(loss)
         engine.step()
         if device.type == "cuda":
@@ -195,7 +195,7 @@ def shape_benchmark(args) -> dict:
         cfg = shape_config(smoke, args.layers, args.steps, latents, out)
         write_random_latents(latents, cfg, shards=1, per_shard=4)
         arch = transformer_arch(cfg.model)
-        latent = latent_shape(cfg, arch["temporal_compression_ratio"])
+        latent = latent_shape(cfg)
         flops = training_flops(arch, *latent, gradient_checkpointing=True)
 
         _fresh_memory(device)

@@ -1,5 +1,6 @@
 """The planner on the shipped real configs, with no weights present: figures, verdicts, errors."""
 
+import os
 import runpy
 import sys
 
@@ -88,3 +89,35 @@ def test_lora_config_plans_the_adapters_as_the_only_trainable_state(capsys, monk
     t = plan.counts.trainable
     assert plan.state.optimizer == 12 * t // 8 and plan.state.ema == 4 * t // 8 and plan.state.gradients == 2 * t // 8
     assert "EMA" in out and "verdict     FITS" in out
+
+
+def test_tiny_plan_counts_the_video_tokens_of_its_real_latents(capsys, monkeypatch, tmp_path):
+    """configs/tiny.yaml's VAE compresses 4x in space: the planner prices the latents precompute writes."""
+    import random
+
+    from i2v.data.latents import LatentDataset
+    from i2v.data.synthetic import random_spec, render, write_mp4
+    from i2v.data_prep.make_shards import make_shards
+    from i2v.data_prep.precompute import run
+    from i2v.model.flops import video_tokens
+
+    os.makedirs(tmp_path / "clips")
+    rng = random.Random(0)
+    for i in range(2):
+        spec = random_spec(rng, 64, 64, 9)
+        write_mp4(str(tmp_path / "clips" / f"c{i}.mp4"), [render(spec, t, 64, 64) for t in range(9)], 8)
+        (tmp_path / "clips" / f"c{i}.txt").write_text(spec.caption)
+    make_shards(str(tmp_path / "clips"), str(tmp_path / "shards"), 2, progress=False)
+    monkeypatch.chdir(REPO)  # the config names its VAE relative to the repository
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"data.video_shards={tmp_path / 'shards'}",
+                                                      f"data.latent_shards={tmp_path / 'latents'}"])
+    run(cfg, progress=False)
+    latents = next(iter(LatentDataset(str(tmp_path / "latents"), batch_size=1, resampled=False, shuffle_buffer=0)))
+    frames, _, height, width = latents["video_latents"].shape[1:]
+    assert (frames, height, width) == (3, 16, 16)  # 9 frames at 64 x 64, 4x in time and space
+
+    plan = make_plan(cfg, gpus=1, gpu_mem_gb=4)
+    tokens = video_tokens(plan.arch, frames, height, width)
+    assert plan.latent == (frames, height, width) and plan.flops.video_tokens == tokens == 192
+    code, out, _ = plan_command(capsys, monkeypatch, "--config", "configs/tiny.yaml")
+    assert code == 0 and f"latents 3 x 16 x 16: 8 text + {tokens} video" in out

@@ -4,12 +4,11 @@
 import pytest
 import torch
 
-from i2v.core import diffusion
 from i2v.config import load_config
 from i2v.data.latents import LatentDataset, make_loader
 from i2v.kernels.noise import inject_noise_ref
 from i2v.model.transformer import build_transformer
-from i2v.train.objective import loss_from_inputs, prepare_inputs
+from i2v.train.objective import Objective
 from conftest import REPO
 from latent_shards import make_latent_shards
 
@@ -17,25 +16,25 @@ from latent_shards import make_latent_shards
 @pytest.mark.parametrize("prediction", ["v", "epsilon"])
 def test_trainer_loss_identical_with_torch_and_triton_given_same_noise(tmp_path, prediction):
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"diffusion.prediction={prediction}",
-                                                      "diffusion.text_dropout=0.5", "diffusion.image_dropout=0.5"])
+                                                      "diffusion.text_dropout=0.5", "diffusion.image_dropout=0.5",
+                                                      "run.seed=7"])
     make_latent_shards(tmp_path, shards=1, per_shard=4)
     batch = next(iter(make_loader(LatentDataset(str(tmp_path), batch_size=4, shuffle_buffer=0, resampled=False), 0)))
     model = build_transformer(cfg.model, seed=0)
     torch.nn.init.normal_(model.proj_out.weight, std=0.02)  # a non-zero prediction, so the loss depends on the input
-    abar = diffusion.alphas_cumprod(cfg.diffusion)
+    objective = Objective(cfg, "cpu", empty_prompt=None, noise_backend="triton")
 
-    fused = prepare_inputs(batch, abar, cfg, seed=7, offset=3, empty_prompt=None, device="cpu",
-                           noise_backend="triton", return_noise=True)
+    fused = objective.inputs(batch, 3, return_noise=True)
     ref = dict(fused)
     ref["model_input"], ref["target"] = inject_noise_ref(fused["x0"], fused["image"], fused["sqrt_a"],
                                                          fused["sqrt_1ma"], fused["noise"], prediction)
     assert not torch.equal(fused["model_input"], torch.zeros_like(fused["model_input"]))
-    loss_fused = loss_from_inputs(model, fused, cfg)
-    loss_ref = loss_from_inputs(model, ref, cfg)
+    loss_fused = objective.loss_from_inputs(model, fused)
+    loss_ref = objective.loss_from_inputs(model, ref)
     assert loss_fused.item() == loss_ref.item()
     # and the noise really enters the loss: another stream gives another loss
-    other = prepare_inputs(batch, abar, cfg, seed=7, offset=4, empty_prompt=None, device="cpu", noise_backend="triton")
-    assert loss_from_inputs(model, other, cfg).item() != loss_fused.item()
+    other = objective.inputs(batch, 4)
+    assert objective.loss_from_inputs(model, other).item() != loss_fused.item()
 
 
 def test_cogvideox_15_pads_latent_frames_to_patch_size_t(tmp_path):
@@ -46,12 +45,10 @@ def test_cogvideox_15_pads_latent_frames_to_patch_size_t(tmp_path):
     make_latent_shards(tmp_path, shards=1, per_shard=2)
     batch = next(iter(make_loader(LatentDataset(str(tmp_path), batch_size=2, shuffle_buffer=0, resampled=False), 0)))
     model = build_transformer(cfg.model, seed=0)
-    abar = diffusion.alphas_cumprod(cfg.diffusion)
-    inputs = prepare_inputs(batch, abar, cfg, 0, 0, None, "cpu", "torch", patch_size_t=2)
+    objective = Objective(cfg, "cpu")
+    inputs = objective.inputs(batch, 0, patch_size_t=2)
     assert inputs["model_input"].shape == (2, 4, 8, 16, 16)
     assert torch.equal(inputs["x0"][:, 0], inputs["x0"][:, 1])  # the repeated first latent frame
     assert torch.count_nonzero(inputs["model_input"][:, 1:, 4:]) == 0  # image latent only at frame 0
-    from i2v.train.objective import training_loss
-
-    loss = training_loss(model, batch, abar, cfg, 0, 0, None, "cpu")
+    loss = objective.loss(model, batch, 0)
     assert torch.isfinite(loss)

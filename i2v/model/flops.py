@@ -49,6 +49,16 @@ class SampleFlops:
         return self.text_tokens + self.video_tokens
 
 
+def video_tokens(config: Mapping, frames: int, height: int, width: int) -> int:
+    """Video tokens of latents of [frames, height, width]: the DiT's patch grid.
+
+    A 1.5-style model (`patch_size_t`) sees its latent frames padded up to a multiple of it, as the
+    trainer does; so this counts a padded clip and its unpadded original alike.
+    """
+    p, pt = config["patch_size"], config.get("patch_size_t") or 1
+    return -(-frames // pt) * (height // p) * (width // p)
+
+
 def training_flops(config: Mapping, frames: int, height: int, width: int, text_tokens: int | None = None,
                    gradient_checkpointing: bool = False) -> SampleFlops:
     """FLOPs of one training sample with latents of [frames, height, width].
@@ -62,7 +72,7 @@ def training_flops(config: Mapping, frames: int, height: int, width: int, text_t
     d = c["num_attention_heads"] * c["attention_head_dim"]
     p, pt = c["patch_size"], c.get("patch_size_t")
     text = c["max_text_seq_length"] if text_tokens is None else text_tokens
-    video = -(-frames // (pt or 1)) * (height // p) * (width // p)
+    video = video_tokens(c, frames, height, width)
     seq = text + video
     ff = 4 * d  # diffusers' CogVideoXBlock builds its FeedForward with the default 4x width
     temb = c["time_embed_dim"]

@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from i2v.config.schema import check_sequence_parallel
+from i2v.model.flops import video_tokens
 
 
 # --------------------------------------------------------------------------- layout
@@ -390,7 +391,7 @@ def sharded_loss(model, inputs: dict, ofs, rotary, layout: Layout) -> torch.Tens
     c = module.config
     x, target = inputs["model_input"], inputs["target"]
     p, pt = c.patch_size, c.patch_size_t or 1
-    shard = layout.video_shard((x.shape[1] // pt) * (x.shape[3] // p) * (x.shape[4] // p))
+    shard = layout.video_shard(video_tokens(c, x.shape[1], x.shape[3], x.shape[4]))
     pred = predict(model, x, inputs["prompt"], inputs["t"], ofs, rotary, video_shard=shard)
     frames, offset = _frames_of(target, shard, p, pt)
     tokens = patchify(frames, p, pt)[:, offset : offset + shard.stop - shard.start]
@@ -417,9 +418,7 @@ def all_to_all_bytes(config, frames: int, height: int, width: int, micro_batch: 
         return 0
     c = dict(config)
     d = c["num_attention_heads"] * c["attention_head_dim"]
-    p, pt = c["patch_size"], c.get("patch_size_t") or 1
     text = c["max_text_seq_length"] if text_tokens is None else text_tokens
-    video = -(-frames // pt) * (height // p) * (width // p)
-    per_rank = -(-video // sp)
+    per_rank = -(-video_tokens(c, frames, height, width) // sp)
     one_pass = micro_batch * d * (4 * per_rank + text) * (sp - 1) // sp
     return (3 if gradient_checkpointing else 2) * one_pass * dtype_bytes

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from i2v.model.flops import video_tokens
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -173,10 +175,10 @@ def activation_bytes(config, frames: int, height: int, width: int, micro_batch: 
     """Activation bytes of one micro-batch on one rank (latents of [frames, height, width])."""
     c = dict(config)
     d = c["num_attention_heads"] * c["attention_head_dim"]
-    p, pt = c["patch_size"], c.get("patch_size_t") or 1
+    pt = c.get("patch_size_t") or 1
     text = c["max_text_seq_length"] if text_tokens is None else text_tokens
     padded_frames = -(-frames // pt) * pt
-    video = -(-padded_frames // pt) * (height // p) * (width // p) // sequence_parallel_size
+    video = video_tokens(c, frames, height, width) // sequence_parallel_size
     seq = text + video
     vectors = 15 * d + 2 * 4 * d - (d if attention == "triton" else 0)
     per_block = seq * vectors

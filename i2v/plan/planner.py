@@ -4,6 +4,7 @@
 `model.arch`, `model.arch_file`, or the `config.json` of `model.pretrained`; never the weights),
 then prices one optimizer step with the cost model (`i2v.model.flops`) and the memory model
 (`i2v.plan.memory`) at the config's clip geometry (the largest bucket when there are buckets).
+The latent shape follows the configured VAE's compression (`i2v.model.encoders.vae_compression`).
 `render` prints it; `launcher/plan.py` is the command.
 """
 
@@ -17,13 +18,13 @@ from i2v.config import Config, resolve
 from i2v.train.ds_config import build_deepspeed_config
 from i2v.model.flops import SampleFlops, training_flops
 from i2v.plan.memory import DTYPE_BYTES, ParamCounts, StateBytes, ZeroSettings, activation_bytes, state_bytes
+from i2v.model.encoders import VAECompression, vae_compression
 from i2v.model.transformer import transformer_arch
 
 GiB = 2**30
 # Left free for what the allocator does not count as tensors: the CUDA context, library workspaces,
 # communication buffers, fragmentation.
 RESERVE_FRACTION = 0.10
-SPATIAL_COMPRESSION = 8  # the CogVideoX VAE: 8x in height and width (its temporal factor is in the DiT config)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Plan:
     gpus: int
     gpu_mem_bytes: int
     latent: tuple  # (frames, height, width) of the latents priced
+    vae: VAECompression  # what turned the clip geometry into `latent`
     flops: SampleFlops
     samples_per_step: int
     grad_accum_steps: int  # at `gpus` ranks (train.global_batch_size may set it)
@@ -66,12 +68,12 @@ class Plan:
         return self.step_flops / self.gpus / (self.mfu * self.peak_tflops * 1e12)
 
 
-def latent_shape(cfg: Config, temporal_compression: int) -> tuple:
-    """Latent (frames, height, width) of the clip geometry with the most tokens."""
-    v = cfg.data.video
+def latent_shape(cfg: Config) -> tuple:
+    """Latent (frames, height, width) of the clip geometry with the most tokens, through the configured VAE."""
+    v, vae = cfg.data.video, vae_compression(cfg)
     clips = [(v.frames, v.height, v.width)] + [(f, h, w) for h, w, f in v.buckets]
     frames, height, width = max(clips, key=lambda c: c[0] * c[1] * c[2])
-    return ((frames - 1) // temporal_compression + 1, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+    return (frames - 1) // vae.temporal + 1, height // vae.spatial, width // vae.spatial
 
 
 def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_tflops: float | None = None) -> Plan:
@@ -92,7 +94,7 @@ def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_
         model = with_lora(CogVideoXTransformer3DModel(**arch), cfg.model)
     zero = ZeroSettings.from_deepspeed(build_deepspeed_config(cfg, run)["zero_optimization"])
     counts = ParamCounts.of(model, zero.param_persistence_threshold)
-    latent = latent_shape(cfg, arch["temporal_compression_ratio"])
+    latent = latent_shape(cfg)
     t, d = cfg.train, cfg.deepspeed
     sequence_parallel_size = cfg.parallel.sequence_parallel_size
     checkpointing = cfg.model.gradient_checkpointing
@@ -104,7 +106,7 @@ def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_
         for ckpt in (False, True)
     }
     return Plan(
-        arch=arch, counts=counts, gpus=gpus, gpu_mem_bytes=int(gpu_mem_gb * GiB), latent=latent,
+        arch=arch, counts=counts, gpus=gpus, gpu_mem_bytes=int(gpu_mem_gb * GiB), latent=latent, vae=vae_compression(cfg),
         flops=training_flops(model.config, *latent, gradient_checkpointing=checkpointing),
         samples_per_step=run.global_batch_size, grad_accum_steps=run.grad_accum_steps,
         state=state_bytes(counts, zero, d.precision, gpus, ema=t.ema.decay > 0, model_dtype=cfg.model.dtype),
@@ -153,6 +155,7 @@ def render(cfg: Config, plan: Plan) -> str:
         f"sample      " + (f"the largest of {len(v.buckets)} buckets" if v.buckets else f"clips {v.frames} x {v.height} x {v.width}")
         + f" -> latents {lf} x {lh} x {lw}: "
         f"{f.text_tokens} text + {f.video_tokens:,} video = {f.tokens:,} tokens",
+        f"vae         {plan.vae.spatial}x in space, {plan.vae.temporal}x in time ({plan.vae.source})",
         f"FLOPs       {f.model / 1e15:.4f} PFLOP per sample (forward + backward)"
         + (f", {f.hardware / 1e15:.4f} with the checkpointing recompute" if f.recompute else "")
         + f"; {plan.step_flops / 1e15:.3f} PFLOP per optimizer step",

@@ -53,7 +53,7 @@ def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
 
 
-def build_scheduler(cfg: Config):
+def build_lr_schedule(cfg: Config):
     """A callable DeepSpeed applies to the optimizer it wraps (its own one under offload)."""
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
@@ -68,7 +68,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, run: Resolved, mpu=None):
 
     groups = param_groups(cfg, model)  # trainable only: a frozen LoRA base never reaches the optimizer
     optimizer = None if optimizer_in_config(cfg) else build_optimizer(cfg, groups)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_scheduler(cfg),
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_lr_schedule(cfg),
                                            model_parameters=groups if optimizer is None else None,
                                            config=build_deepspeed_config(cfg, run), mpu=mpu)
     return engine

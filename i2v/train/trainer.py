@@ -26,8 +26,6 @@ import time
 
 import torch
 
-from i2v.core import diffusion
-
 from i2v.data import lineage
 from i2v.model.adapters import base_identity, check_resume, lora_enabled, trainable_parameters, with_lora
 from i2v.checkpoint.checkpointer import Checkpointer, check_engine_layout
@@ -42,7 +40,7 @@ from i2v.core.errors import I2VError
 from i2v.core.faults import is_armed, maybe_fault
 from i2v.model.transformer import build_transformer, set_attention
 from i2v.kernels.backends import resolve_backend
-from i2v.train.objective import training_loss
+from i2v.train.objective import Objective
 from i2v.train.optim import build_engine
 from i2v.model.parallel import build_layout
 from i2v.train.run_lock import RunLock
@@ -86,7 +84,7 @@ class Trainer:
         model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed), cfg.model, seed=cfg.run.seed)
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
         self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
-        self.noise_backend = resolve_backend(cfg.kernels.noise, env.device, "kernels.noise")
+        noise_backend = resolve_backend(cfg.kernels.noise, env.device, "kernels.noise")
         # Counted before the engine: ZeRO-3 leaves empty placeholders in the module.
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in trainable_parameters(model))
@@ -94,8 +92,6 @@ class Trainer:
         self.ema = ShardedEMA(self.engine, cfg.train.ema) if cfg.train.ema.decay > 0 else None
         # A LoRA checkpoint holds no base weights, so it records which base it was trained on.
         self.base = base_identity(cfg) if lora_enabled(cfg.model) else None
-        self.abar = diffusion.alphas_cumprod(cfg.diffusion)
-        self.rotary: dict = {}
 
         # Counters that a checkpoint carries.
         self.step = 0  # optimizer steps taken
@@ -106,7 +102,7 @@ class Trainer:
         self.log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | "
                  f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | {env.world_size} rank(s) "
                  f"({self.layout.describe()}) on {env.device.type} | attention: {self.attention} | "
-                 f"noise: {self.noise_backend}")
+                 f"noise: {noise_backend}")
         if self.ema is not None:
             self.log(f"EMA of the trainable weights: {self.ema.local_bytes / 2**20:.2f} MiB fp32 on this rank")
         self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env,
@@ -126,7 +122,8 @@ class Trainer:
             remote_cfg=cfg.data.remote,
         )
         empty = load_empty_prompt(cfg.data.latent_shards, cfg.data.remote)
-        self.empty_prompt = empty.to(env.device) if empty is not None else None
+        self.objective = Objective(self.cfg, env.device, empty.to(env.device) if empty is not None else None,
+                                   noise_backend, self.layout)
         self.telemetry = StepLogger(cfg, env, self.engine.module.config)
         self.writer = self.telemetry.writer  # rank 0 only; None elsewhere
         self.keys = KeyLog(self.out, env.rank) if cfg.data.log_keys else None
@@ -226,15 +223,14 @@ class Trainer:
                 wait += time.perf_counter() - tw
                 self.bad_by_worker[batch["bad"]["worker"]] = batch["bad"]
                 # This micro-batch's global position keys its noise, timesteps and dropout.
-                offset = self.position + self.layout.dp_rank
+                index = self.position + self.layout.dp_rank
                 self.position += self.layout.dp_size
                 if self.keys is not None:
-                    self.keys.write(self.step + 1, offset, batch)
+                    self.keys.write(self.step + 1, index, batch)
                 if batch.get("empty"):  # every sample of it was bad (counted by the reader)
                     loss = torch.tensor(float("nan"))
                 else:
-                    loss = training_loss(self.engine, batch, self.abar, cfg, cfg.run.seed, offset,
-                                         self.empty_prompt, env.device, self.noise_backend, self.rotary, self.layout)
+                    loss = self.objective.loss(self.engine, batch, index)
                 if attempts == 0 and is_armed("nan_loss", env.rank, self.step):
                     loss = loss * float("nan")
                 attempts += 1
