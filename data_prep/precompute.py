@@ -46,6 +46,7 @@ from i2v.data.remote import OutputFolder
 from i2v.data.shards import BadSamples, expand_shards, sum_by_reason
 from i2v.data.videos import iter_shard_clips
 from i2v.model import encoders
+from i2v.core import seeding
 from i2v.core.fsutil import sha256_file, write_json_atomic
 from i2v.core.errors import ConfigError, DataError
 from i2v.kernels.noise import condition_noise
@@ -142,15 +143,12 @@ class Precompute:
         blob = json.dumps(self.portable, sort_keys=True).encode()
         self.fingerprint = hashlib.sha256(blob).hexdigest()
 
-    def _seed(self, shard: str, key: str, purpose: str, draw: int = 0) -> int:
-        return encoders.stable_seed(self.cfg.run.seed, shard, key, purpose, draw)
-
-    def _generator(self, *parts) -> torch.Generator:
-        return torch.Generator().manual_seed(self._seed(*parts))
+    def _generator(self, stream: str, *parts) -> torch.Generator:
+        return seeding.generator(stream, self.cfg.run.seed, *parts)
 
     def sigmas(self, shard: str, key: str) -> torch.Tensor:
         """K pixel-noise levels of one clip's first frame: exp(N(mean, std)), fp32 [K]."""
-        g = self._generator(shard, key, "image_sigma")
+        g = self._generator("image-sigma", shard, key)
         z = torch.randn(self.pre.image_draws, generator=g, dtype=torch.float64)
         return torch.exp(self.pre.image_log_sigma_mean + self.pre.image_log_sigma_std * z).float()
 
@@ -163,7 +161,7 @@ class Precompute:
         fingerprint). A few first frames per clip cost nothing next to the VAE.
         """
         frames = image.cpu().unsqueeze(0).expand(len(sigma), *image.shape).contiguous()
-        offset = self._seed(shard, key, "image_noise")
+        offset = seeding.seed("image-noise", self.cfg.run.seed, shard, key)
         return condition_noise(frames, sigma, seed=self.cfg.run.seed, offset=offset, backend="torch")
 
     def _latents(self, pixels: torch.Tensor, gens: list[torch.Generator] | None) -> torch.Tensor:
@@ -179,12 +177,12 @@ class Precompute:
         keys = [c["__key__"] for c in clips]
         k = self.pre.image_draws
         video = torch.stack([c["video"] for c in clips]).permute(0, 2, 1, 3, 4).contiguous()  # [B, 3, F, H, W]
-        gens = [self._generator(shard, key, "video_posterior") for key in keys] if sample else None
+        gens = [self._generator("video-posterior", shard, key) for key in keys] if sample else None
         video_latents = self._latents(video, gens) * self.scaling_factor
 
         sigmas = [self.sigmas(shard, key) for key in keys]
         noisy = torch.cat([self.noisy_first_frames(shard, key, c["image"], s) for key, c, s in zip(keys, clips, sigmas)])
-        gens = [self._generator(shard, key, "image_posterior", d) for key in keys for d in range(k)] if sample else None
+        gens = [self._generator("image-posterior", shard, key, d) for key in keys for d in range(k)] if sample else None
         image_latents = self._latents(noisy.unsqueeze(2), gens) * self.image_scale  # [B*K, 1, C, h, w]
         image_latents = image_latents.view(len(clips), k, *image_latents.shape[1:])
 

@@ -40,7 +40,8 @@ from safetensors.torch import load_file, save_file
 
 from i2v.config import RemoteConfig
 from i2v.data import latent_order, remote
-from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for
+from i2v.data.shards import BadSamples, expand_shards, split_for
+from i2v.core import seeding
 from i2v.core.errors import DataError
 from i2v.core.fsutil import write_json_atomic
 
@@ -271,7 +272,7 @@ class LatentDataset(torch.utils.data.IterableDataset):
             if self.resampled:
                 yield epoch, rng.choice(mine)
                 continue
-            for url in shuffled(mine, f"{self.seed}-{epoch}-{self.rank}-{worker}"):
+            for url in seeding.shuffled(mine, "shard-order", self.seed, epoch, self.rank, worker):
                 yield epoch, url
             epoch += 1
 
@@ -379,7 +380,7 @@ class LatentDataset(torch.utils.data.IterableDataset):
                     continue
                 bad.add_good()
                 # The image draw is keyed by (seed, global position, sample), like everything else here.
-                k = random.Random(f"draw-{self.seed}-{position}-{i}").randrange(s["image_latents"].shape[0])
+                k = seeding.rng("draw", self.seed, position, i).randrange(s["image_latents"].shape[0])
                 s["image_latents"], s["draw"], s["epoch"] = s["image_latents"][k], k, epoch
                 samples.append(s)
             # A micro-batch whose samples were all bad still takes its turn, so positions stay aligned.
@@ -400,8 +401,7 @@ class LatentDataset(torch.utils.data.IterableDataset):
         # batch `start_batch`, the next batch belongs to stream start_batch % workers, so loader
         # worker w replays stream (w + start_batch) % workers.
         worker = (worker + self.start_batch) % workers
-        # String seeds: Python hashes strings differently in every process, random.Random(str) does not.
-        rng = random.Random(f"latents-{self.seed}-{self.rank}-{worker}")
+        rng = seeding.rng("latents", self.seed, self.rank, worker)
         bad = BadSamples(self.max_bad_fraction, self.min_samples)
         stream = self._shard_stream(worker, workers, rng)
         stream = self._samples(stream, bad)

@@ -11,9 +11,9 @@ import importlib.util
 
 import torch
 
-from i2v.core import diffusion
+from i2v.core import diffusion, seeding
 from i2v.config import Config
-from i2v.kernels.noise import inject_noise, mix_key
+from i2v.kernels.noise import inject_noise
 from i2v.model.transformer import predict, rotary_embeddings
 
 
@@ -39,7 +39,7 @@ def prepare_inputs(batch: dict, abar, cfg: Config, seed: int, offset: int, empty
         x0 = torch.cat([x0[:, :1].expand(-1, pad, -1, -1, -1), x0], dim=1)
     image = batch["image_latents"].to(device)
     prompt = batch["prompt_embeds"].to(device)
-    gen = torch.Generator().manual_seed(mix_key(seed ^ 0x5EED, offset))
+    gen = seeding.generator("step", seed, offset)
     t = diffusion.sample_timesteps(x0.shape[0], cfg.diffusion, gen)
     prompt, image, _, _ = diffusion.cfg_dropout(prompt, image, empty_prompt, cfg.diffusion, gen)
     sqrt_a, sqrt_1ma = diffusion.coefficients(abar, t)
