@@ -212,7 +212,7 @@ def read_members(entries: list[Entry], remote_cfg=None) -> list:
 
 
 def read_member(entry: Entry) -> dict:
-    """The raw members of one sample, in the form webdataset produces (for `decode_sample`)."""
+    """The raw members of one sample, in the form webdataset produces (for `decode_latent_sample`)."""
     sample = {"__key__": entry.key, "__url__": entry.shard}
     with open(entry.shard, "rb") as f:
         for ext, where in (("latents.safetensors", entry.latents), ("json", entry.meta)):
