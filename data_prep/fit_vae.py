@@ -56,7 +56,7 @@ def load_clips(cfg: Config, clips: str) -> torch.Tensor:
     urls = expand_shards(clips, key="--clips", allow_pipe=cfg.data.allow_pipe)
     bad = BadSamples(cfg.data.max_bad_fraction, cfg.data.min_samples_for_bad_check)
     out = [c["video"].permute(1, 0, 2, 3) for url in urls
-           for c in iter_shard_clips(url, cfg.data.video, train=False, seed=cfg.run.seed, bad=bad)]
+           for c in iter_shard_clips(url, cfg.data.video, bad=bad)]
     if not out:
         raise DataError(f"--clips: no usable clip in {clips}")
     return torch.stack(out)

@@ -131,7 +131,10 @@ class Precompute:
             "image_log_sigma_mean": self.pre.image_log_sigma_mean,
             "image_log_sigma_std": self.pre.image_log_sigma_std,
             "batch_size": self.pre.batch_size,
-            "video": dataclasses.asdict(cfg.data.video),
+            # data.video.random_start and .random_crop were switches of a training clip loader that never
+            # changed precompute's centred clips; their old defaults stay here so that shards written
+            # before the switches went keep their fingerprint and a precompute job still resumes on them.
+            "video": {**dataclasses.asdict(cfg.data.video), "random_start": True, "random_crop": True},
             "vae": self.vae_identity,
             "text_encoder": self.text_identity,
             "condition_noise": CONDITION_NOISE_STREAM,
@@ -335,7 +338,7 @@ class ShardClips(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls: list[str], cfg: Config):
-        self.urls, self.video, self.seed, self.remote = urls, cfg.data.video, cfg.run.seed, cfg.data.remote
+        self.urls, self.video, self.remote = urls, cfg.data.video, cfg.data.remote
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -343,8 +346,7 @@ class ShardClips(torch.utils.data.IterableDataset):
         for j in range(worker, len(self.urls), workers):
             # Rejected samples are listed, not fatal: the manifest reports them and the trainer's own limit applies.
             bad = BadSamples(max_fraction=1.0, min_samples=1, keep_keys=10**9)
-            for clip in iter_shard_clips(self.urls[j], self.video, train=False, seed=self.seed, bad=bad,
-                                         remote_cfg=self.remote):
+            for clip in iter_shard_clips(self.urls[j], self.video, bad=bad, remote_cfg=self.remote):
                 yield {"shard": j, "clip": clip}
             yield {"shard": j, "bad": bad.summary()}
 

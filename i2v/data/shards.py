@@ -120,12 +120,6 @@ def grouped(samples: Iterable, size: int, key: Callable[[object], Hashable]) -> 
             yield pending.pop(k)
 
 
-def shuffled(items: list, seed: int | str) -> list:
-    out = list(items)
-    random.Random(seed).shuffle(out)
-    return out
-
-
 def sum_by_reason(counts) -> dict[str, int]:
     """Bad-sample counts by reason ({reason: n} each) added up over shards, workers or ranks."""
     total: collections.Counter = collections.Counter()
