@@ -1,17 +1,18 @@
-"""Throughput of the video shard loader against a bare PyAV loop doing the same work on the same bytes.
+"""Throughput of the video shard reader against a bare PyAV loop doing the same work on the same bytes.
 
     python bench/loader.py --shards shards/ --frames 49 --height 480 --width 720 --workers 2 --json
 
-Ours: `VideoClips` (centred clips, evaluation mode so both sides decode the same frames)
-through a DataLoader with --workers processes. Bare: the same shards split over the same
+Ours: what the precompute job decodes with, its `ShardClips` (each shard read whole by
+`iter_shard_clips`: centred, centre-cropped clips) through a DataLoader with --workers processes,
+as `data.num_workers` runs it. Bare: the same shards split over the same
 number of processes with the same static shard split, each reading tars with `tarfile`, seeking
 to the same clip start and, frame by frame, what a hand-written PyAV loader does to produce the
 same clip: `frame.reformat` to the same scaled size and RGB in one call, the same crop, then
 float32 in [-1, 1] into a [F, 3, H, W] tensor; one decode thread, nothing else.
 `ratio` = ours / bare clips per second (best round of each); `cpu_ratio` the same per CPU second,
 which other load on a shared machine disturbs less. Per-worker decode throughput sizes `data.num_workers`:
-with --step-s (a training step's seconds, e.g. the 5B's from bench/train_step.py) it also reports
-the workers one rank needs to feed one clip per step. With --json the last line is the JSON result.
+with --step-s (the seconds the consumer spends on one clip, e.g. precompute's VAE and text encoder)
+it also reports the decoding workers one rank needs to keep that consumer fed. With --json the last line is the JSON result.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import time
 import av
 import torch
 
-from i2v.config import VideoConfig
-from i2v.data.shards import BadSamples, expand_shards
-from i2v.data.videos import VIDEO_EXTS, VideoClips
+from i2v.config import Config, VideoConfig
+from i2v.data.shards import expand_shards
+from i2v.data.videos import VIDEO_EXTS
+from i2v.data_prep.precompute import ShardClips
 from i2v.core.errors import I2VError
 
 
@@ -49,9 +51,12 @@ class Timed(torch.utils.data.IterableDataset):
         while True:
             t, cpu = time.perf_counter(), time.process_time()
             try:
-                clip = next(it)
+                item = next(it)
             except StopIteration:
                 return
+            if "clip" not in item:
+                continue  # a shard's bad-sample counts, sent after its last clip
+            clip = item["clip"]
             meta = clip["meta"]
             yield {"key": clip["__key__"], "worker": worker, "seconds": time.perf_counter() - t,
                    "cpu_seconds": time.process_time() - cpu,
@@ -60,8 +65,9 @@ class Timed(torch.utils.data.IterableDataset):
 
 
 def run_ours(urls, video, workers, epochs):
-    ds = VideoClips(urls, video, rank=0, world_size=1, seed=0, train=False, shuffle_buffer=0, resampled=False,
-                    bad=BadSamples(1.0, 1))
+    cfg = Config()
+    cfg.data.video = video
+    ds = ShardClips(urls, cfg)
     # Workers start once and read their shards every epoch (evaluation order does not change).
     loader = torch.utils.data.DataLoader(Timed(ds), batch_size=None, num_workers=workers,
                                          persistent_workers=workers > 0)
@@ -138,7 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="passes over the shards per side")
     p.add_argument("--repeat", type=int, default=3, help="alternating rounds of both sides; the best of each counts")
     p.add_argument("--step-s", type=float, default=None,
-                   help="seconds of one training step that takes one clip per rank: report the workers it needs")
+                   help="seconds the consumer spends on one clip (e.g. precompute's encoders): report the workers it needs")
     p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     args = p.parse_args(argv)
@@ -204,8 +210,8 @@ def main(argv=None) -> int:
     print(f"ratio ours/bare: {result['ratio']:.3f} (per CPU second: {result['cpu_ratio']:.3f}) | one worker decodes "
           f"{worker_rate:.2f} clips per CPU second")
     if args.step_s:
-        print(f"a {args.step_s:g} s step taking one clip per rank needs {result['workers_per_rank_for_step']} "
-              f"worker(s) per rank ({worker_rate * args.step_s:.1f} clips decoded per worker per step)")
+        print(f"a consumer taking {args.step_s:g} s per clip needs {result['workers_per_rank_for_step']} "
+              f"worker(s) per rank (one worker decodes {worker_rate * args.step_s:.1f} clips in that time)")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

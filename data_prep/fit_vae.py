@@ -37,7 +37,8 @@ from tqdm import tqdm
 from i2v.config import Config, load_config
 from i2v.data.shards import BadSamples, expand_shards
 from i2v.data.videos import iter_shard_clips
-from i2v.model.encoders import build_vae, stable_seed
+from i2v.model.encoders import build_vae
+from i2v.core import seeding
 from i2v.core.errors import ConfigError, DataError
 
 DEFAULT_STEPS = 500
@@ -55,7 +56,7 @@ def load_clips(cfg: Config, clips: str) -> torch.Tensor:
     urls = expand_shards(clips, key="--clips", allow_pipe=cfg.data.allow_pipe)
     bad = BadSamples(cfg.data.max_bad_fraction, cfg.data.min_samples_for_bad_check)
     out = [c["video"].permute(1, 0, 2, 3) for url in urls
-           for c in iter_shard_clips(url, cfg.data.video, train=False, seed=cfg.run.seed, bad=bad)]
+           for c in iter_shard_clips(url, cfg.data.video, bad=bad)]
     if not out:
         raise DataError(f"--clips: no usable clip in {clips}")
     return torch.stack(out)
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
           f"reconstruction MSE before: {before:.4f}", flush=True)
     fit(vae, clips, steps=a.steps, batch_size=a.batch_size, image_batch_size=a.image_batch_size,
         image_fraction=a.image_fraction, crop=a.crop, crop_at=a.crop_at, chroma_weight=a.chroma_weight, lr=a.lr,
-        kl_weight=a.kl_weight, latent=a.latent, seed=stable_seed(cfg.run.seed, "fit_vae"))
+        kl_weight=a.kl_weight, latent=a.latent, seed=seeding.seed("fit-vae", cfg.run.seed))
     after = reconstruction_error(vae, measured)
     std = latent_std(vae, measured)
     vae.register_to_config(scaling_factor=1.0 / std)

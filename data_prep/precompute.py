@@ -46,6 +46,7 @@ from i2v.data.remote import OutputFolder
 from i2v.data.shards import BadSamples, expand_shards, sum_by_reason
 from i2v.data.videos import iter_shard_clips
 from i2v.model import encoders
+from i2v.core import seeding
 from i2v.core.fsutil import sha256_file, write_json_atomic
 from i2v.core.errors import ConfigError, DataError
 from i2v.kernels.noise import condition_noise
@@ -130,7 +131,10 @@ class Precompute:
             "image_log_sigma_mean": self.pre.image_log_sigma_mean,
             "image_log_sigma_std": self.pre.image_log_sigma_std,
             "batch_size": self.pre.batch_size,
-            "video": dataclasses.asdict(cfg.data.video),
+            # data.video.random_start and .random_crop were switches of a training clip loader that never
+            # changed precompute's centred clips; their old defaults stay here so that shards written
+            # before the switches went keep their fingerprint and a precompute job still resumes on them.
+            "video": {**dataclasses.asdict(cfg.data.video), "random_start": True, "random_crop": True},
             "vae": self.vae_identity,
             "text_encoder": self.text_identity,
             "condition_noise": CONDITION_NOISE_STREAM,
@@ -142,15 +146,12 @@ class Precompute:
         blob = json.dumps(self.portable, sort_keys=True).encode()
         self.fingerprint = hashlib.sha256(blob).hexdigest()
 
-    def _seed(self, shard: str, key: str, purpose: str, draw: int = 0) -> int:
-        return encoders.stable_seed(self.cfg.run.seed, shard, key, purpose, draw)
-
-    def _generator(self, *parts) -> torch.Generator:
-        return torch.Generator().manual_seed(self._seed(*parts))
+    def _generator(self, stream: str, *parts) -> torch.Generator:
+        return seeding.generator(stream, self.cfg.run.seed, *parts)
 
     def sigmas(self, shard: str, key: str) -> torch.Tensor:
         """K pixel-noise levels of one clip's first frame: exp(N(mean, std)), fp32 [K]."""
-        g = self._generator(shard, key, "image_sigma")
+        g = self._generator("image-sigma", shard, key)
         z = torch.randn(self.pre.image_draws, generator=g, dtype=torch.float64)
         return torch.exp(self.pre.image_log_sigma_mean + self.pre.image_log_sigma_std * z).float()
 
@@ -163,7 +164,7 @@ class Precompute:
         fingerprint). A few first frames per clip cost nothing next to the VAE.
         """
         frames = image.cpu().unsqueeze(0).expand(len(sigma), *image.shape).contiguous()
-        offset = self._seed(shard, key, "image_noise")
+        offset = seeding.seed("image-noise", self.cfg.run.seed, shard, key)
         return condition_noise(frames, sigma, seed=self.cfg.run.seed, offset=offset, backend="torch")
 
     def _latents(self, pixels: torch.Tensor, gens: list[torch.Generator] | None) -> torch.Tensor:
@@ -179,12 +180,12 @@ class Precompute:
         keys = [c["__key__"] for c in clips]
         k = self.pre.image_draws
         video = torch.stack([c["video"] for c in clips]).permute(0, 2, 1, 3, 4).contiguous()  # [B, 3, F, H, W]
-        gens = [self._generator(shard, key, "video_posterior") for key in keys] if sample else None
+        gens = [self._generator("video-posterior", shard, key) for key in keys] if sample else None
         video_latents = self._latents(video, gens) * self.scaling_factor
 
         sigmas = [self.sigmas(shard, key) for key in keys]
         noisy = torch.cat([self.noisy_first_frames(shard, key, c["image"], s) for key, c, s in zip(keys, clips, sigmas)])
-        gens = [self._generator(shard, key, "image_posterior", d) for key in keys for d in range(k)] if sample else None
+        gens = [self._generator("image-posterior", shard, key, d) for key in keys for d in range(k)] if sample else None
         image_latents = self._latents(noisy.unsqueeze(2), gens) * self.image_scale  # [B*K, 1, C, h, w]
         image_latents = image_latents.view(len(clips), k, *image_latents.shape[1:])
 
@@ -337,7 +338,7 @@ class ShardClips(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, urls: list[str], cfg: Config):
-        self.urls, self.video, self.seed, self.remote = urls, cfg.data.video, cfg.run.seed, cfg.data.remote
+        self.urls, self.video, self.remote = urls, cfg.data.video, cfg.data.remote
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -345,8 +346,7 @@ class ShardClips(torch.utils.data.IterableDataset):
         for j in range(worker, len(self.urls), workers):
             # Rejected samples are listed, not fatal: the manifest reports them and the trainer's own limit applies.
             bad = BadSamples(max_fraction=1.0, min_samples=1, keep_keys=10**9)
-            for clip in iter_shard_clips(self.urls[j], self.video, train=False, seed=self.seed, bad=bad,
-                                         remote_cfg=self.remote):
+            for clip in iter_shard_clips(self.urls[j], self.video, bad=bad, remote_cfg=self.remote):
                 yield {"shard": j, "clip": clip}
             yield {"shard": j, "bad": bad.summary()}
 

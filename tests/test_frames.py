@@ -11,7 +11,7 @@ from PIL import Image
 
 import clips
 from i2v.config import VideoConfig
-from i2v.data.videos import decode_sample
+from i2v.data.videos import decode_video_sample
 from i2v.core.errors import ConfigError
 from i2v.data.frames import first_frame_pil, load_first_frame
 
@@ -35,8 +35,8 @@ def loader_first_frame(path, height: int, width: int) -> torch.Tensor:
     meta = {"fps": fps, "frames": 2, "start_time": start, "last_time": start + 1 / fps}
     sample = {os.path.splitext(str(path))[1][1:]: open(path, "rb").read(), "json": json.dumps(meta).encode(),
               "__key__": "k"}
-    video = VideoConfig(frames=2, height=height, width=width, random_start=False, random_crop=False)
-    return decode_sample(sample, video, rng=None, train=False)["image"]
+    video = VideoConfig(frames=2, height=height, width=width)
+    return decode_video_sample(sample, video)["image"]
 
 
 def test_png_is_resized_on_its_short_side_then_centre_cropped(tmp_path):

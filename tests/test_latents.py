@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from i2v.data.latents import LatentDataset, LatentShardWriter, decode_sample, load_empty_prompt, make_loader
+from i2v.data.latents import LatentDataset, LatentShardWriter, decode_latent_sample, load_empty_prompt, make_loader
 from i2v.core.errors import DataError
 from latent_shards import make_latent_shards, sample_tensors
 
@@ -149,9 +149,9 @@ def test_decode_rejects_mismatch_with_model():
     video, image, prompt = sample_tensors(0)
     raw = {"__key__": "k", "latents.safetensors": save({"video_latents": video, "image_latents": image,
                                                          "prompt_embeds": prompt})}
-    assert decode_sample(raw, {"channels": 4, "text_dim": 32, "text_len": 8})["__key__"] == "k"
+    assert decode_latent_sample(raw, {"channels": 4, "text_dim": 32, "text_len": 8})["__key__"] == "k"
     with pytest.raises(_Bad) as e:
-        decode_sample(raw, {"channels": 16})
+        decode_latent_sample(raw, {"channels": 16})
     assert e.value.reason == "wrong shape" and "the model takes 16" in e.value.detail
 
 

@@ -16,7 +16,8 @@ import torch
 from i2v.config import RemoteConfig
 from i2v.data import latent_order, remote
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
-from i2v.data.shards import expand_shards, shuffled
+from i2v.core import seeding
+from i2v.data.shards import expand_shards
 from i2v.core.errors import DataError
 from latent_shards import make_latent_shards
 from remote_servers import FaultyHTTPServer, moto_s3
@@ -55,7 +56,7 @@ def epoch(spec, cfg=FAST, **kw):
 def bad_in_epoch0(bad, spec, url, reason):
     """bad["by_reason"] less epoch 1's first shard, if that is `url` (stream order, seed 0, one rank, no workers)."""
     counts = dict(bad["by_reason"])
-    if shuffled(expand_shards(spec, "x"), "0-1-0-0")[0] == url:
+    if seeding.shuffled(expand_shards(spec, "x"), "shard-order", 0, 1, 0, 0)[0] == url:
         counts[reason] -= 1
     return counts
 
@@ -138,7 +139,7 @@ def test_retries_are_bounded(root):
     url = server.url + "/latents/latents-000000.tar"
     assert bad_in_epoch0(bad, server.url + PATTERN, url, remote.GAVE_UP) == {remote.GAVE_UP: 1} and len(seen) == (SHARDS - 1) * PER_SHARD
     # The first try and 2 retries (twice if epoch 1 opened this shard first).
-    again = shuffled(expand_shards(server.url + PATTERN, "x"), "0-1-0-0")[0] == url
+    again = seeding.shuffled(expand_shards(server.url + PATTERN, "x"), "shard-order", 0, 1, 0, 0)[0] == url
     assert [p for p, _ in server.requests].count("/latents/latents-000000.tar") == 3 * (1 + again)
 
 

@@ -1,4 +1,4 @@
-"""The video shard loader: shapes, frame choice by timestamp, seeking, bad samples, splits, seeds."""
+"""The video shard reader: shapes, frame choice by timestamp, seeking, buckets, bad samples."""
 
 import io
 import tarfile
@@ -11,20 +11,9 @@ import torch
 import clips
 from i2v.config import VideoConfig, from_dict
 from i2v.data.shards import BadSamples
-from i2v.data.videos import build_video_dataset, collate_clips, iter_shard_clips, with_worker_counts
+from i2v.data.videos import iter_shard_clips
 from i2v.data_prep.make_shards import make_shards
-from i2v.core.errors import DataError
-
-
-def config(shards, **video):
-    overrides = video.pop("data", {})
-    return from_dict({
-        "run": {"output_dir": "unused", "seed": video.pop("seed", 0)},
-        "model": {"arch": {"num_layers": 1}},
-        "train": {"max_steps": 1, "micro_batch_size": video.pop("micro_batch_size", 1)},
-        "data": {"latent_shards": "unused", "video_shards": str(shards), "shuffle_buffer": 4,
-                 "resampled": False, "video": {"frames": 5, "height": 16, "width": 16, **video}, **overrides},
-    })
+from i2v.core.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -180,108 +169,23 @@ def test_max_bad_fraction_stops_with_keys_named(tmp_path):
         list(iter_shard_clips(str(tmp_path / "bad.tar"), VideoConfig(frames=5, height=16, width=16), bad=bad))
 
 
-@pytest.fixture(scope="module")
-def known_bad(tmp_path_factory):
-    """2 shards: `_bad_shard`'s 5 good and 6 bad files (the bad ones last), and a sample without a video
-    file, a good clip and one with broken metadata. Returns (directory, {key: reason}, good clips)."""
-    tmp = tmp_path_factory.mktemp("known_bad")
-    good, truth = _bad_shard(tmp / "shard-000000.tar", tmp)
-    clip = open(clips.encode(tmp / "one.mp4"), "rb").read()
-    with tarfile.open(tmp / "shard-000001.tar", "w") as t:
-        for name, data in (("k1.txt", b"no video"), ("k0.mp4", clip), ("k2.mp4", clip), ("k2.json", b"[not json")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    truth.update({"k1": "no video file in sample", "k2": "bad metadata"})
-    for name in ("shard-000000.tar", "shard-000001.tar"):
-        (tmp / "shards").mkdir(exist_ok=True)
-        (tmp / name).rename(tmp / "shards" / name)
-    return tmp / "shards", truth, len(good) + 1
-
-
-@pytest.mark.parametrize("batch", [None, 2])
-def test_bad_counts_of_every_worker_reach_the_main_process(known_bad, batch):
-    shards, truth, n_good = known_bad
-    cfg = config(shards, data={"max_bad_fraction": 1.0})
-    counted = {}
-    for workers in (0, 2):
-        ds = build_video_dataset(cfg, 0, 1, train=False)
-        collate = collate_clips if batch else None
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate)
-        got = list(with_worker_counts(loader, ds.bad))
-        assert all("bad" not in b for b in got)
-        keys = [k for b in got for k in (b["__key__"] if batch else [b["__key__"]])]
-        assert len(keys) == ds.bad.good == n_good
-        counted[workers] = (dict(ds.bad.by_reason), {k.rsplit(":", 1)[1]: r for k, r, _ in ds.bad.examples})
-    by_reason = {}
-    for r in truth.values():
-        by_reason[r] = by_reason.get(r, 0) + 1
-    assert counted[2] == counted[0] == (by_reason, truth)
-
-
-def test_max_bad_fraction_judges_the_total_of_all_workers(known_bad):
-    shards, _, _ = known_bad
-    # 8 of 14 samples are bad; no worker reads 14, so only the total in the main process can stop the run.
-    ds = build_video_dataset(config(shards, data={"max_bad_fraction": 0.5, "min_samples_for_bad_check": 14}), 0, 1,
-                             train=False)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-    with pytest.raises(DataError, match=r"^8 of 14 samples read were bad .*b_(truncated|random|empty|audio)"):
-        list(with_worker_counts(loader, ds.bad))
-
-
-def _epoch(cfg, rank, world, workers):
-    ds = build_video_dataset(cfg, rank, world, train=True)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
-    return list(loader)
-
-
-def test_no_duplicates_across_2_ranks_x_2_workers(synthetic):
-    shards, _ = synthetic
-    cfg = config(shards)
-    per_rank = [keys_of(_epoch(cfg, rank, 2, workers=2)) for rank in (0, 1)]
-    everything = per_rank[0] + per_rank[1]
-    assert len(everything) == len(set(everything)) == 16
-    assert set(per_rank[0]).isdisjoint(per_rank[1]) and len(per_rank[0]) == len(per_rank[1]) == 8
-
-
-def test_same_seed_same_stream_other_seed_differs(synthetic):
-    shards, _ = synthetic
-    a = _epoch(config(shards, seed=3), 0, 1, workers=0)
-    b = _epoch(config(shards, seed=3), 0, 1, workers=0)
-    c = _epoch(config(shards, seed=4), 0, 1, workers=0)
-    assert keys_of(a) == keys_of(b) and sorted(keys_of(a)) == sorted(keys_of(c))
-    assert keys_of(a) != keys_of(c)
-    assert all(torch.equal(x["video"], y["video"]) for x, y in zip(a, b))
-    # Random start and crop do vary between samples (train mode).
-    starts = {x["meta"]["clip_start"] for x in a}
-    assert len(starts) > 3
-
-
-def test_resampled_stream_is_endless(synthetic):
-    shards, _ = synthetic
-    ds = build_video_dataset(config(shards, data={"resampled": True}), 0, 1, train=True)
-    it = iter(ds)
-    got = [next(it)["__key__"] for _ in range(40)]  # more than the 16 samples there are
-    assert len(got) == 40 and set(got) <= {f"{i:09d}" for i in range(16)}
-
-
-def test_buckets_give_homogeneous_batches(synthetic):
+def test_buckets_by_aspect(synthetic):
     shards, _ = synthetic
     # Clips alternate 32x32 (square) and 48x32 (wide); the wide ones go to the 16x24 bucket.
-    cfg = config(shards, buckets=[[16, 16, 5], [16, 24, 5], [8, 8, 40]], micro_batch_size=2)
-    ds = build_video_dataset(cfg, 0, 1, train=True)
-    batches = list(torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_clips))
-    assert len(batches) == 8
-    for b in batches:
-        shape = tuple(b["video"].shape)
-        assert shape in {(2, 5, 3, 16, 16), (2, 5, 3, 16, 24)}
-        wide = [int(k) % 2 == 1 for k in b["__key__"]]
-        assert all(wide) if shape[-1] == 24 else not any(wide)
+    video = VideoConfig(frames=5, height=16, width=16, buckets=[[16, 16, 5], [16, 24, 5], [8, 8, 40]])
+    out = [c for i in range(8) for c in iter_shard_clips(str(shards / f"shard-{i:06d}.tar"), video)]
+    assert len(out) == 16
+    for c in out:
+        wide = int(c["__key__"]) % 2 == 1
+        assert tuple(c["video"].shape) == ((5, 3, 16, 24) if wide else (5, 3, 16, 16))
+        assert c["meta"]["bucket"] == ([16, 24, 5] if wide else [16, 16, 5])
 
 
-def test_pipe_urls_need_allow_pipe(synthetic):
-    with pytest.raises(DataError, match="allow_pipe"):
-        build_video_dataset(config("pipe:cat shard.tar"), 0, 1)
+@pytest.mark.parametrize("key", ["random_start", "random_crop"])
+def test_random_clip_switches_are_unknown_keys(key):
+    # Clips are always centred: nothing reads video shards for training, so the switches went.
+    with pytest.raises(ConfigError, match=f"data.video.{key}: unknown key"):
+        from_dict({"run": {"output_dir": "unused"}, "data": {"latent_shards": "unused", "video": {key: False}}})
 
 
 def test_real_clips(shared_videos, tmp_path):

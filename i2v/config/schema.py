@@ -123,8 +123,6 @@ class VideoConfig:
     width: int = doc(32, "Clip width after resize and crop.")
     fps: Optional[float] = doc(None, "Resample clips to this frame rate by timestamps; None keeps the source rate.")
     stride: int = doc(1, "Take every stride-th frame when `fps` is None.")
-    random_start: bool = doc(True, "Random clip start for training; centred start when false (evaluation).")
-    random_crop: bool = doc(True, "Random crop after the short-side resize; centre crop when false.")
     buckets: list = doc(
         [], "Optional [height, width, frames] buckets; each clip goes to the nearest aspect/length bucket."
     )

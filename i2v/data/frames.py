@@ -9,7 +9,7 @@ PyAV, which takes the first decoded frame (presentation order). So PNG, JPEG, We
 first frame are read by Pillow, mp4, webm, mkv, avi, mov, ... by PyAV, and a misnamed file still works.
 An image's EXIF orientation is applied: the picture is the one viewers show.
 
-Geometry and pixels are the training clip loader's own (i2v.data.videos: `crop_box` with train=False,
+Geometry and pixels are the training clip loader's own (i2v.data.videos: `crop_box`,
 then `ClipWriter`): resize with swscale's bilinear filter to cover height x width keeping the aspect
 ratio, centre crop, alpha flattened onto black, then /127.5 - 1. The model learned from first frames
 made that way, so the condition it is given at sampling time is made the same way: a stretch to
@@ -52,8 +52,8 @@ def first_frame_pil(path: str, what: str) -> Image.Image:
 
 def _fit(frame: av.VideoFrame, height: int, width: int) -> torch.Tensor:
     """The clip loader's resize, centre crop and scaling of one frame."""
-    video = VideoConfig(height=height, width=width, random_crop=False, max_upscale=math.inf)
-    sw, sh, x0, y0 = crop_box(video, frame.width, frame.height, height, width, rng=None, train=False)
+    video = VideoConfig(height=height, width=width, max_upscale=math.inf)
+    sw, sh, x0, y0 = crop_box(video, frame.width, frame.height, height, width)
     writer = ClipWriter(1, sw, sh, x0, y0, height, width)
     writer.put(0, frame)
     return writer.out[0]

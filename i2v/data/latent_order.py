@@ -14,7 +14,6 @@ records each sample's byte offsets (`shard_index`), and read by byte ranges (`re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from i2v.core import seeding
 from i2v.core.errors import DataError
 
 
@@ -159,11 +159,6 @@ def index_from_manifest(urls: list[str], manifest: dict | None, where: str, key:
     return entries
 
 
-def _generator(seed: int, epoch: int) -> torch.Generator:
-    digest = hashlib.sha256(f"latent-order:{seed}:{epoch}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF)
-
-
 def epoch_batches(index: list[Entry], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Epoch `epoch`'s global micro-batches (lists of index positions), each of one shape.
 
@@ -173,7 +168,7 @@ def epoch_batches(index: list[Entry], batch_size: int, seed: int, epoch: int) ->
     groups: dict[str, list[int]] = {}
     for i, e in enumerate(index):
         groups.setdefault(repr(e.shape), []).append(i)
-    gen = _generator(seed, epoch)
+    gen = seeding.generator("latent-order", seed, epoch)
     batches: list[list[int]] = []
     for name in sorted(groups):
         members = groups[name]
@@ -217,7 +212,7 @@ def read_members(entries: list[Entry], remote_cfg=None) -> list:
 
 
 def read_member(entry: Entry) -> dict:
-    """The raw members of one sample, in the form webdataset produces (for `decode_sample`)."""
+    """The raw members of one sample, in the form webdataset produces (for `decode_latent_sample`)."""
     sample = {"__key__": entry.key, "__url__": entry.shard}
     with open(entry.shard, "rb") as f:
         for ext, where in (("latents.safetensors", entry.latents), ("json", entry.meta)):

@@ -40,7 +40,8 @@ from safetensors.torch import load_file, save_file
 
 from i2v.config import RemoteConfig
 from i2v.data import latent_order, remote
-from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for
+from i2v.data.shards import BadSamples, expand_shards, grouped, shuffle_buffer, split_for
+from i2v.core import seeding
 from i2v.core.errors import DataError
 from i2v.core.fsutil import write_json_atomic
 
@@ -146,7 +147,7 @@ class _Bad(Exception):
         self.reason, self.detail = reason, detail
 
 
-def decode_sample(sample: dict, expect: dict | None = None) -> dict:
+def decode_latent_sample(sample: dict, expect: dict | None = None) -> dict:
     """Raw tar sample -> tensors and metadata; raises `_Bad(reason)` for a sample to skip."""
     if "latents.safetensors" not in sample:
         raise _Bad("missing key", f"no .latents.safetensors member (has {sorted(k for k in sample if not k.startswith('_'))})")
@@ -271,7 +272,7 @@ class LatentDataset(torch.utils.data.IterableDataset):
             if self.resampled:
                 yield epoch, rng.choice(mine)
                 continue
-            for url in shuffled(mine, f"{self.seed}-{epoch}-{self.rank}-{worker}"):
+            for url in seeding.shuffled(mine, "shard-order", self.seed, epoch, self.rank, worker):
                 yield epoch, url
             epoch += 1
 
@@ -301,27 +302,13 @@ class LatentDataset(torch.utils.data.IterableDataset):
             raw = remote.tar_samples([{"url": url}], handler, self.remote_cfg)
             for sample in raw:
                 try:
-                    out = decode_sample(sample, self.expect)
+                    out = decode_latent_sample(sample, self.expect)
                 except _Bad as b:
                     bad.add_bad(f"{os.path.basename(url)}:{sample.get('__key__', '?')}", b.reason, b.detail)
                     continue
                 bad.add_good()
                 out["epoch"] = epoch
                 yield out
-
-    def _shuffle(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
-        if self.shuffle_buffer <= 1:
-            yield from samples
-            return
-        buf: list[dict] = []
-        for s in samples:
-            buf.append(s)
-            if len(buf) >= self.shuffle_buffer:
-                i = rng.randrange(len(buf))
-                buf[i], buf[-1] = buf[-1], buf[i]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
 
     @staticmethod
     def _pick_draw(samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
@@ -334,14 +321,8 @@ class LatentDataset(torch.utils.data.IterableDataset):
 
     def _batches(self, samples: Iterator[dict]) -> Iterator[dict]:
         # Group by shape so every batch stacks: clips of different sizes never mix.
-        buckets: dict[tuple, list[dict]] = {}
-        for s in samples:
-            shape = (tuple(s["video_latents"].shape), tuple(s["prompt_embeds"].shape))
-            group = buckets.setdefault(shape, [])
-            group.append(s)
-            if len(group) == self.batch_size:
-                del buckets[shape]
-                yield collate(group)
+        for group in grouped(samples, self.batch_size, _shapes):
+            yield collate(group)
 
     def _global_batches(self, worker: int, workers: int) -> Iterator[dict]:
         bad = BadSamples(self.max_bad_fraction, self.min_samples)
@@ -367,7 +348,7 @@ class LatentDataset(torch.utils.data.IterableDataset):
                 try:
                     if isinstance(raw, OSError):
                         raise raw
-                    s = decode_sample(raw, self.expect)
+                    s = decode_latent_sample(raw, self.expect)
                 except remote.RemoteError as e:
                     bad.add_bad(f"{entry.shard}:{entry.key}", e.reason, e.detail[:300])
                     continue
@@ -379,7 +360,7 @@ class LatentDataset(torch.utils.data.IterableDataset):
                     continue
                 bad.add_good()
                 # The image draw is keyed by (seed, global position, sample), like everything else here.
-                k = random.Random(f"draw-{self.seed}-{position}-{i}").randrange(s["image_latents"].shape[0])
+                k = seeding.rng("draw", self.seed, position, i).randrange(s["image_latents"].shape[0])
                 s["image_latents"], s["draw"], s["epoch"] = s["image_latents"][k], k, epoch
                 samples.append(s)
             # A micro-batch whose samples were all bad still takes its turn, so positions stay aligned.
@@ -400,12 +381,11 @@ class LatentDataset(torch.utils.data.IterableDataset):
         # batch `start_batch`, the next batch belongs to stream start_batch % workers, so loader
         # worker w replays stream (w + start_batch) % workers.
         worker = (worker + self.start_batch) % workers
-        # String seeds: Python hashes strings differently in every process, random.Random(str) does not.
-        rng = random.Random(f"latents-{self.seed}-{self.rank}-{worker}")
+        rng = seeding.rng("latents", self.seed, self.rank, worker)
         bad = BadSamples(self.max_bad_fraction, self.min_samples)
         stream = self._shard_stream(worker, workers, rng)
         stream = self._samples(stream, bad)
-        stream = self._shuffle(stream, rng)
+        stream = shuffle_buffer(stream, self.shuffle_buffer, rng)
         stream = self._pick_draw(stream, rng)
         # This stream's share of the batches already consumed: every workers-th one from its index.
         skip = len(range(worker, self.start_batch, workers))
@@ -415,6 +395,10 @@ class LatentDataset(torch.utils.data.IterableDataset):
             batch["bad"] = {"worker": worker, "good": bad.good, "by_reason": dict(bad.by_reason),
                             "remote_retries": remote.retry_count()}
             yield batch
+
+
+def _shapes(sample: dict) -> tuple:
+    return tuple(sample["video_latents"].shape), tuple(sample["prompt_embeds"].shape)
 
 
 def collate(samples: list[dict]) -> dict:

@@ -4,6 +4,8 @@
   with clear errors naming the config key; `pipe:` URLs only when explicitly allowed.
 - `split_for(rank, world, worker, workers)`: the shards of one (rank, worker) slot, disjoint
   across all slots, so no sample is read twice in an epoch.
+- `shuffle_buffer`, `grouped`: the seeded sample shuffle and the grouping of same-shape samples into
+  batches.
 - `BadSamples`: counts bad samples (and unreadable shards) by reason, names each by `__key__` or
   path once, and stops the run when the bad fraction passes a limit.
 """
@@ -15,6 +17,7 @@ import glob
 import os
 import random
 import threading
+from typing import Callable, Hashable, Iterable, Iterator
 
 import braceexpand
 
@@ -87,10 +90,34 @@ def split_for(urls: list[str], rank: int, world: int, worker: int, workers: int)
     return urls[slot::slots]
 
 
-def shuffled(items: list, seed: int | str) -> list:
-    out = list(items)
-    random.Random(seed).shuffle(out)
-    return out
+def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator:
+    """Seeded reservoir shuffle: emit a random element of a buffer of `size` samples; size <= 1 keeps the order."""
+    if size <= 1:
+        yield from samples
+        return
+    buf: list = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) >= size:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+def grouped(samples: Iterable, size: int, key: Callable[[object], Hashable]) -> Iterator[list]:
+    """Lists of `size` samples with the same `key` (a shape: so each list stacks), each yielded as it fills.
+
+    Partial groups left at the end of the stream are dropped, like drop_last.
+    """
+    pending: dict[Hashable, list] = {}
+    for s in samples:
+        k = key(s)
+        group = pending.setdefault(k, [])
+        group.append(s)
+        if len(group) == size:
+            yield pending.pop(k)
 
 
 def sum_by_reason(counts) -> dict[str, int]:

@@ -22,6 +22,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from i2v.core import seeding
 from i2v.core.fsutil import write_json_atomic
 
 COLOURS = {
@@ -139,7 +140,7 @@ def make_clips(output: str, clips: int, *, seed: int = 0, frames: int = 12, widt
     if kept is not None:
         return kept
     os.makedirs(output, exist_ok=True)
-    rng = random.Random(f"synthetic-{seed}")
+    rng = seeding.rng("synthetic", seed)
     specs = []
     for i in range(clips):
         spec = random_spec(rng, width, height, frames) if i % directions_per_frame == 0 else spec.reversed()
@@ -165,7 +166,7 @@ def _finished(output: str, settings: dict) -> list[ClipSpec] | None:
 
 def heldout_specs(count: int, *, seed: int = 0, frames: int = 12, width: int = 64, height: int = 64) -> list[ClipSpec]:
     """`count` clips drawn from a stream of their own: never among `make_clips`' clips for any seed."""
-    rng = random.Random(f"heldout-{seed}")
+    rng = seeding.rng("heldout", seed)
     return [random_spec(rng, width, height, frames) for _ in range(count)]
 
 

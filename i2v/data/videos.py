@@ -8,38 +8,32 @@ A sample comes out as::
     {"video": float32 [F, 3, H, W] in [-1, 1], "image": frame 0 [3, H, W],
      "caption": str, "__key__": str, "meta": dict}
 
-Two entry points:
-- `iter_shard_clips(url, video)`: one shard in stored order (the precompute job reads this).
-- `build_video_dataset(cfg, rank, world_size)`: the split, shuffled, optionally endless stream.
+The entry point is `iter_shard_clips(url, video)`: one shard in stored order, each clip centred in
+time and centre-cropped (the precompute job and data_prep/fit_vae.py read this). Training reads the
+latents precompute writes, never these clips.
 
 Decoding is PyAV from bytes in memory with one thread per worker. Frames are picked by
 timestamp (variable frame rate safe), after seeking near the clip start, so a short clip from
 a long video decodes only a keyframe interval's worth of extra frames. Bad samples are
 skipped, counted by reason and named by key through `BadSamples`; too many stop the run.
-A DataLoader worker's counts travel to the main process with its clips (`clip["bad"]`), and
-`with_worker_counts` adds them into the dataset's `bad` there, which judges the limit on the
-totals over all workers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import math
-import os
-import random
 import struct
 from typing import Any, Callable, Iterable, Iterator
 
 import av
 import torch
 from av.video.reformatter import VideoReformatter
-from i2v.config import Config, RemoteConfig, VideoConfig
+from i2v.config import RemoteConfig, VideoConfig
 from i2v.data import remote
-from i2v.data.shards import BadSamples, expand_shards, shuffled, split_for, sum_by_reason
-from i2v.core.errors import ConfigError, DataError
+from i2v.data.shards import BadSamples
+from i2v.core.errors import ConfigError
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v", "mpg", "mpeg", "ts", "flv", "ogv", "wmv", "gif")
 
@@ -209,8 +203,8 @@ def _available(info: ClipInfo) -> float | None:
     return None if info.last is None else info.last - info.start
 
 
-def plan_times(video: VideoConfig, info: ClipInfo, frames: int, rng: random.Random, train: bool) -> list[float]:
-    """Timestamps (seconds) of the frames to take: random start for training, centred otherwise."""
+def plan_times(video: VideoConfig, info: ClipInfo, frames: int) -> list[float]:
+    """Timestamps (seconds) of the frames to take, centred in the clip."""
     dt = frame_step(video, info)
     span = (frames - 1) * dt
     avail = _available(info)
@@ -222,14 +216,12 @@ def plan_times(video: VideoConfig, info: ClipInfo, frames: int, rng: random.Rand
     slack = max(avail - span, 0.0)
     # Start on the source frame grid so each target lands on a frame, not between two.
     starts = int(math.floor(slack * info.fps + 1e-6))
-    first = rng.randint(0, starts) if (train and video.random_start) else starts // 2
-    t0 = info.start + first / info.fps
+    t0 = info.start + (starts // 2) / info.fps
     return [t0 + i * dt for i in range(frames)]
 
 
-def crop_box(video: VideoConfig, src_w: int, src_h: int, out_h: int, out_w: int, rng: random.Random,
-             train: bool) -> tuple[int, int, int, int]:
-    """(scaled_w, scaled_h, x0, y0): resize to cover out_h x out_w keeping aspect, then crop."""
+def crop_box(video: VideoConfig, src_w: int, src_h: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:
+    """(scaled_w, scaled_h, x0, y0): resize to cover out_h x out_w keeping aspect, then centre-crop."""
     if src_w < 1 or src_h < 1:
         raise BadSample(TOO_SMALL, f"{src_w}x{src_h}")
     scale = max(out_h / src_h, out_w / src_w)
@@ -237,8 +229,6 @@ def crop_box(video: VideoConfig, src_w: int, src_h: int, out_h: int, out_w: int,
         raise BadSample(TOO_SMALL, f"{src_w}x{src_h} needs x{scale:.1f} upscaling to {out_h}x{out_w} "
                                    f"(data.video.max_upscale={video.max_upscale})")
     sw, sh = max(out_w, round(src_w * scale)), max(out_h, round(src_h * scale))
-    if train and video.random_crop:
-        return sw, sh, rng.randint(0, sw - out_w), rng.randint(0, sh - out_h)
     return sw, sh, (sw - out_w) // 2, (sh - out_h) // 2
 
 
@@ -344,12 +334,6 @@ def decode_frames(container, stream, info: ClipInfo, times: list[float], put: Ca
     return decoded
 
 
-def sample_rng(seed: int, key: str, salt: Any = 0) -> random.Random:
-    """A generator for one sample's clip start and crop: the same for the same seed and key."""
-    digest = hashlib.sha256(f"{seed}:{salt}:{key}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))
-
-
 def video_member(sample: dict) -> tuple[str, bytes]:
     for ext in VIDEO_EXTS:
         if ext in sample:
@@ -357,8 +341,8 @@ def video_member(sample: dict) -> tuple[str, bytes]:
     raise BadSample(NO_VIDEO_MEMBER, f"members: {sorted(k for k in sample if not k.startswith('__'))}")
 
 
-def decode_sample(sample: dict, video: VideoConfig, rng: random.Random, train: bool) -> dict:
-    """One raw WebDataset sample -> the output dict, or BadSample."""
+def decode_video_sample(sample: dict, video: VideoConfig) -> dict:
+    """One raw WebDataset sample of a video shard -> the clip dict, or BadSample."""
     ext, data = video_member(sample)
     try:
         meta = json.loads(sample["json"]) if sample.get("json") else {}
@@ -370,7 +354,7 @@ def decode_sample(sample: dict, video: VideoConfig, rng: random.Random, train: b
     caption = caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else str(caption)
     container, stream = open_video(data)
     try:
-        return _decode_open(container, stream, sample, ext, meta, caption, video, rng, train)
+        return _decode_open(container, stream, sample, ext, meta, caption, video)
     except (av.error.FFmpegError, ValueError, OSError, MemoryError) as e:
         # A damaged stream can fail anywhere in FFmpeg; it is this sample's fault, not the run's.
         raise BadSample(UNDECODABLE, f"{type(e).__name__}: {e}") from None
@@ -378,7 +362,7 @@ def decode_sample(sample: dict, video: VideoConfig, rng: random.Random, train: b
         container.close()
 
 
-def _decode_open(container, stream, sample, ext, meta, caption, video, rng, train) -> dict:
+def _decode_open(container, stream, sample, ext, meta, caption, video) -> dict:
     info = clip_info(stream, container, meta)
     if info.last is None:
         info = _measure(container, stream, info)
@@ -386,8 +370,8 @@ def _decode_open(container, stream, sample, ext, meta, caption, video, rng, trai
     min_frames = video.min_frames if video.min_frames is not None else frames
     if info.frames is not None and info.frames < min_frames:
         raise BadSample(TOO_FEW, f"{info.frames} decodable frames < {min_frames} (data.video.min_frames)")
-    times = plan_times(video, info, frames, rng, train)
-    sw, sh, x0, y0 = crop_box(video, info.width, info.height, out_h, out_w, rng, train)
+    times = plan_times(video, info, frames)
+    sw, sh, x0, y0 = crop_box(video, info.width, info.height, out_h, out_w)
     writer = ClipWriter(frames, sw, sh, x0, y0, out_h, out_w)
     decoded = decode_frames(container, stream, info, times, writer.put)
     clip = writer.out
@@ -433,96 +417,17 @@ def raw_samples(urls: Iterable[str], bad: BadSamples, remote_cfg: RemoteConfig |
     return remote.tar_samples(handler.track(urls), handler, remote_cfg)
 
 
-def decoded(samples: Iterable[dict], video: VideoConfig, bad: BadSamples, train: bool, seed: int,
-            salt: Any = 0) -> Iterator[dict]:
+def decoded(samples: Iterable[dict], video: VideoConfig, bad: BadSamples) -> Iterator[dict]:
     """Raw samples -> clips; bad ones counted by reason and key, then skipped."""
     for sample in samples:
         key = sample.get("__key__", "?")
-        rng = random.Random(salt.getrandbits(64)) if isinstance(salt, random.Random) else sample_rng(seed, key, salt)
         try:
-            clip = decode_sample(sample, video, rng, train)
+            clip = decode_video_sample(sample, video)
         except BadSample as e:
             bad.add_bad(f"{sample.get('__url__', '?')}:{key}", e.reason, e.detail)
             continue
         bad.add_good()
         yield clip
-
-
-def reported(clips: Iterable[dict], bad: BadSamples) -> Iterator[dict]:
-    """Worker side: each clip carries `bad.take_report()` as `clip["bad"]`, the counts since the previous clip.
-
-    One clip is held back until the next arrives (or the stream ends), so the last clip also
-    carries the bad samples read after it. A worker that yields no clip at all reports nothing.
-    """
-    held = None
-    for clip in clips:
-        if held is not None:
-            held["bad"] = bad.take_report()
-            yield held
-        held = clip
-    if held is not None:
-        held["bad"] = bad.take_report()
-        yield held
-
-
-def merge_reports(reports: list[dict]) -> dict:
-    """Several `BadSamples.take_report()`s as one (the clips of a batch)."""
-    return {"good": sum(r["good"] for r in reports), "by_reason": sum_by_reason(r["by_reason"] for r in reports),
-            "examples": [e for r in reports for e in r["examples"]]}
-
-
-def with_worker_counts(batches: Iterable[dict], bad: BadSamples) -> Iterator[dict]:
-    """Main side: batches (or clips) of a DataLoader over `VideoClips`, each one's worker report
-    removed and added into `bad` (the dataset's), which then stops the run on the totals."""
-    for b in batches:
-        report = b.pop("bad", None)
-        if report is not None:
-            bad.add_report(report)
-        yield b
-
-
-def shuffle_buffer(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """Seeded reservoir shuffle: emit a random element of a buffer of `size` samples."""
-    if size <= 1:
-        yield from samples
-        return
-    buf: list = []
-    for s in samples:
-        buf.append(s)
-        if len(buf) >= size:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf
-
-
-def grouped_by_bucket(clips: Iterable[dict], group: int) -> Iterator[dict]:
-    """Reorder so every `group` consecutive clips share a bucket (homogeneous batches).
-
-    Partial groups left at the end of the stream are dropped, like drop_last.
-    """
-    pending: dict[tuple, list] = {}
-    for c in clips:
-        k = tuple(c["video"].shape)
-        pending.setdefault(k, []).append(c)
-        if len(pending[k]) == group:
-            yield from pending.pop(k)
-
-
-def collate_clips(batch: list[dict]) -> dict:
-    """Stack `video` and `image`; keep captions, keys and metadata as lists (their fields vary)."""
-    shapes = {tuple(c["video"].shape) for c in batch}
-    if len(shapes) > 1:
-        keys = [c["__key__"] for c in batch]
-        raise DataError(f"clips of different shapes {sorted(shapes)} in one batch ({keys}); "
-                        "use data.video.buckets with a DataLoader batch_size of train.micro_batch_size")
-    out = {"video": torch.stack([c["video"] for c in batch]), "image": torch.stack([c["image"] for c in batch]),
-           "caption": [c["caption"] for c in batch], "__key__": [c["__key__"] for c in batch],
-           "meta": [c["meta"] for c in batch]}
-    if any("bad" in c for c in batch):
-        out["bad"] = merge_reports([c["bad"] for c in batch if "bad" in c])
-    return out
 
 
 def check_video_config(video: VideoConfig) -> None:
@@ -538,102 +443,14 @@ def check_video_config(video: VideoConfig) -> None:
 # --------------------------------------------------------------------------- entry points
 
 
-def iter_shard_clips(url: str, video: VideoConfig, *, train: bool = False, seed: int = 0,
-                     bad: BadSamples | None = None, remote_cfg: RemoteConfig | None = None) -> Iterator[dict]:
+def iter_shard_clips(url: str, video: VideoConfig, *, bad: BadSamples | None = None,
+                     remote_cfg: RemoteConfig | None = None) -> Iterator[dict]:
     """Clips of ONE shard in stored order (no shuffle, no split); bad samples counted and skipped.
 
-    With train=False the clip is centred in time and centre-cropped; `seed` only matters
-    for train=True. Pass `bad` to share a counter (and its max-bad-fraction stop) across shards.
+    Each clip is centred in time and centre-cropped. Pass `bad` to share a counter (and its
+    max-bad-fraction stop) across shards.
     `url` is used as given: take it from `expand_shards`, which applies the `pipe:` guard.
     """
     check_video_config(video)
     bad = bad if bad is not None else BadSamples()
-    yield from decoded(raw_samples([url], bad, remote_cfg), video, bad, train, seed)
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world) from torch.distributed when initialised, else RANK/WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-class VideoClips(torch.utils.data.IterableDataset):
-    """Streaming clips for one rank: its shards split again by DataLoader worker.
-
-    Finite mode: each (rank, worker) slot reads a disjoint, seeded-shuffled subset of shards
-    once per epoch (`set_epoch` changes the order). Resampled mode: each slot draws from its
-    own subset with replacement, forever. Bad samples are counted in `self.bad`; in a DataLoader
-    worker they are counted apart and sent with the clips (`clip["bad"]`): read the loader through
-    `with_worker_counts(loader, ds.bad)` and `self.bad` holds, and judges, the totals of all workers.
-    """
-
-    def __init__(self, urls: list[str], video: VideoConfig, *, rank: int, world_size: int, seed: int,
-                 train: bool, shuffle_buffer: int, resampled: bool, bad: BadSamples, batch_group: int = 1,
-                 remote_cfg: RemoteConfig | None = None):
-        self.urls, self.video, self.rank, self.world_size = urls, video, rank, world_size
-        self.remote_cfg = remote_cfg
-        self.seed, self.train, self.buffer, self.resampled = seed, train, shuffle_buffer, resampled
-        self.bad, self.batch_group, self.epoch = bad, batch_group, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _slot(self) -> tuple[int, int]:
-        info = torch.utils.data.get_worker_info()
-        return (0, 1) if info is None else (info.id, info.num_workers)
-
-    def _counter(self) -> BadSamples:
-        if torch.utils.data.get_worker_info() is None:
-            return self.bad
-        # A worker's own counter never stops the run: the main process judges the totals.
-        return BadSamples(max_fraction=1.0, min_samples=1, keep_keys=self.bad.keep_keys)
-
-    def _shard_stream(self, mine: list[str], slot_seed: int) -> Iterator[str]:
-        if not self.resampled:
-            yield from (shuffled(mine, slot_seed) if self.train else mine)
-            return
-        rng = random.Random(slot_seed)
-        while True:
-            yield rng.choice(mine)
-
-    def __iter__(self) -> Iterator[dict]:
-        worker, workers = self._slot()
-        mine = split_for(self.urls, self.rank, self.world_size, worker, workers)
-        slot_seed = sample_rng(self.seed, f"slot:{self.rank}:{worker}", self.epoch).getrandbits(32)
-        bad = self._counter()
-        stream: Iterable[dict] = raw_samples(self._shard_stream(mine, slot_seed), bad, self.remote_cfg)
-        # Resampled streams revisit keys, so each visit draws its own start and crop.
-        salt = random.Random(slot_seed + 2) if self.resampled else self.epoch
-        stream = decoded(stream, self.video, bad, self.train, self.seed, salt=salt)
-        if self.train:
-            stream = shuffle_buffer(stream, self.buffer, random.Random(slot_seed + 1))
-        if self.batch_group > 1:
-            stream = grouped_by_bucket(stream, self.batch_group)
-        if bad is not self.bad:
-            stream = reported(stream, bad)
-        return iter(stream)
-
-
-def build_video_dataset(cfg: Config, rank: int | None, world_size: int | None, train: bool = True) -> VideoClips:
-    """The streaming clip dataset of `data.video_shards` for one rank.
-
-    rank/world_size None: taken from torch.distributed when initialised, else RANK/WORLD_SIZE.
-
-    Use it with `with_worker_counts(DataLoader(ds, batch_size=cfg.train.micro_batch_size,
-    num_workers=cfg.data.num_workers, collate_fn=collate_clips), ds.bad)`;
-    with `data.video.buckets` set, consecutive micro-batches are reordered to share a bucket.
-    Evaluation (train=False) reads each shard once, in order, centred and centre-cropped.
-    """
-    if rank is None or world_size is None:
-        rank, world_size = dist_rank_world()
-    d = cfg.data
-    check_video_config(d.video)
-    if not d.video_shards:
-        raise DataError("data.video_shards: not set (a directory, a .tar path, a brace pattern or a URL)")
-    urls = expand_shards(d.video_shards, "data.video_shards", allow_pipe=d.allow_pipe, remote_cfg=d.remote)
-    bad = BadSamples(d.max_bad_fraction, d.min_samples_for_bad_check)
-    group = cfg.train.micro_batch_size if d.video.buckets else 1
-    return VideoClips(urls, d.video, rank=rank, world_size=world_size, seed=cfg.run.seed, train=train,
-                      shuffle_buffer=d.shuffle_buffer, resampled=d.resampled and train, bad=bad, batch_group=group,
-                      remote_cfg=d.remote)
+    yield from decoded(raw_samples([url], bad, remote_cfg), video, bad)

@@ -63,7 +63,7 @@ import os
 
 import torch
 
-from i2v.core import diffusion
+from i2v.core import diffusion, seeding
 from i2v.kernels.backends import resolve_backend
 
 try:
@@ -86,17 +86,9 @@ _MASK64 = 2**64 - 1
 # --------------------------------------------------------------------------- torch reference
 
 
-def mix_key(seed: int, offset: int, stream: int = 0) -> int:
-    """Mix (seed, offset, stream) into one 63-bit generator seed (splitmix64 finaliser)."""
-    z = (seed * 0x9E3779B97F4A7C15 + offset + stream * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
-
-
 def torch_noise(like: torch.Tensor, seed: int, offset: int, stream: int = 0) -> torch.Tensor:
     """Standard normal noise shaped like `like`, reproducible per (seed, offset), fp32."""
-    gen = torch.Generator(device=like.device).manual_seed(mix_key(seed, offset, stream))
+    gen = seeding.generator("noise", seed, offset, stream, device=like.device)
     return torch.randn(like.shape, generator=gen, device=like.device, dtype=torch.float32)
 
 

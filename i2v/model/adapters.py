@@ -28,6 +28,7 @@ import re
 import torch
 
 from i2v.config import Config, ModelConfig
+from i2v.core import seeding
 from i2v.core.errors import CheckpointError, ConfigError
 
 ADAPTER = "default"  # peft's adapter name; it appears in parameter names as `lora_A.default.weight`
@@ -99,7 +100,7 @@ def with_lora(model: torch.nn.Module, model_cfg: ModelConfig, seed: int = 0) -> 
                         init_lora_weights=_INIT[lora.init])
     # The adapters' random init is a function of the seed, like the model's own.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 0x10A)
+        torch.manual_seed(seeding.seed("lora-init", seed))
         model.add_adapter(config, adapter_name=ADAPTER)  # diffusers' PeftAdapterMixin: freezes all but adapters
     for name in extra:
         model.get_submodule(name).requires_grad_(True)

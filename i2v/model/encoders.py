@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5Enc
 
 from i2v.data import lineage
 from i2v.config import Config
+from i2v.core import seeding
 from i2v.core.errors import ConfigError
 from i2v.model.transformer import DTYPES, check_arch_keys, check_pretrained_dir, transformer_arch
 
@@ -63,12 +64,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", padding_side="right"
     )
-
-
-def stable_seed(*parts) -> int:
-    """A 63-bit seed from any printable parts; the same in every process (unlike hash())."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
@@ -128,7 +123,7 @@ def build_vae(cfg: Config) -> AutoencoderKLCogVideoX:
             raise ConfigError(f"precompute.vae.pretrained: cannot load {v.pretrained}: {e}") from None
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stable_seed(init_seed(cfg, v), "vae"))
+            torch.manual_seed(seeding.seed("vae-init", init_seed(cfg, v)))
             vae = AutoencoderKLCogVideoX(**v.arch)
         if DTYPES[v.dtype] != torch.float32:
             vae = vae.to(DTYPES[v.dtype])
@@ -306,7 +301,7 @@ def build_text_encoder(cfg: Config) -> TextEncoder:
                 f"needs at least {len(TINY_VOCAB)}"
             )
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stable_seed(init_seed(cfg, t), "text_encoder"))
+            torch.manual_seed(seeding.seed("text-encoder-init", init_seed(cfg, t)))
             model = T5EncoderModel(conf)
         model = model.to(DTYPES[t.dtype])
         identity = {"source": "arch", "seed": init_seed(cfg, t), "tokenizer": TINY_TOKENIZER_VERSION,

@@ -17,6 +17,7 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
 from i2v.config import ModelConfig
+from i2v.core import seeding
 from i2v.core.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,7 +105,7 @@ def build_transformer(cfg: ModelConfig, seed: int = 0) -> CogVideoXTransformer3D
         key = "model.arch" if cfg.arch else "model.arch_file"
         _check_channels(arch["in_channels"], arch["out_channels"] or 16, key)
         gen_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
+        torch.manual_seed(seeding.seed("transformer-init", seed))
         model = CogVideoXTransformer3DModel(**arch)
         init_weights(model, cfg.init_std)
         torch.random.set_rng_state(gen_state)

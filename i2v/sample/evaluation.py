@@ -246,11 +246,11 @@ class RunSampler:
         (run.seed, indices[i]) only, so a pair samples the same in any batch."""
         import torch
 
-        from i2v.model.encoders import stable_seed
+        from i2v.core import seeding
         from i2v.sample.sampling import sample_videos, to_uint8
 
         images = torch.from_numpy(first_frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        generators = [torch.Generator().manual_seed(stable_seed(self.cfg.run.seed, "evaluation", i)) for i in indices]
+        generators = [seeding.generator("evaluation", self.cfg.run.seed, i) for i in indices]
         frames = sample_videos(
             self.transformer, self.vae, self.scheduler, images, self.text(captions), self.negative,
             num_frames=self.frames, num_inference_steps=self.steps, guidance_scale=self.guidance,

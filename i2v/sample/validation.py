@@ -260,6 +260,6 @@ def _block_of(name: str) -> str:
 
 def _pair_seed(seed: int, index: int) -> int:
     """The same noise for a pair at every step, so its videos are comparable over training."""
-    from i2v.model.encoders import stable_seed
+    from i2v.core import seeding
 
-    return stable_seed(seed, "validation", index)
+    return seeding.seed("validation", seed, index)

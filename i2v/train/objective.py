@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from i2v.core import diffusion
+from i2v.core import diffusion, seeding
 from i2v.config import Config
-from i2v.kernels.noise import inject_noise, mix_key
+from i2v.kernels.noise import inject_noise
 from i2v.model.transformer import predict, rotary_embeddings
 
 
@@ -50,7 +50,7 @@ class Objective:
             x0 = torch.cat([x0[:, :1].expand(-1, pad, -1, -1, -1), x0], dim=1)
         image = batch["image_latents"].to(device)
         prompt = batch["prompt_embeds"].to(device)
-        gen = torch.Generator().manual_seed(mix_key(self.seed ^ 0x5EED, index))
+        gen = seeding.generator("step", self.seed, index)
         t = diffusion.sample_timesteps(x0.shape[0], cfg.diffusion, gen)
         prompt, image, _, _ = diffusion.cfg_dropout(prompt, image, self.empty_prompt, cfg.diffusion, gen)
         sqrt_a, sqrt_1ma = diffusion.coefficients(self.abar, t)
