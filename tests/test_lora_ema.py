@@ -22,7 +22,8 @@ from PIL import Image
 
 from conftest import REPO
 from latent_shards import make_latent_shards
-from lora_runs import ENV, LORA, TORCHRUN, step_dir, train
+from lora_runs import LORA, step_dir
+from runs import ENV, TORCHRUN, losses, spawn_ranks, train
 
 from i2v.model.adapters import with_lora
 from i2v.config import load_config
@@ -114,8 +115,6 @@ def _tensor_bytes(path) -> int:
 
 
 def test_lora_run_trains_the_adapters_only_and_its_checkpoints_are_under_half_a_full_runs(runs, lora_run):
-    from test_train import losses
-
     from i2v.checkpoint.reader import consolidated_state_dict
 
     run, full = runs["A"], runs["C"]
@@ -394,8 +393,6 @@ CONTRACT = textwrap.dedent("""
 
 
 def test_bf16_lora_keeps_a_bf16_base_fp32_masters_and_a_communication_free_ema(tmp_path):
-    from test_resume import spawn_ranks
-
     shards = tmp_path / "latents"
     make_latent_shards(shards, shards=2, per_shard=4)
     script = tmp_path / "contract.py"

@@ -1,0 +1,71 @@
+"""Starting the runs the tests make and reading what they leave behind, shared by the test files.
+
+- training: `train` runs launcher/train.py on configs/tiny.yaml; `losses` reads its metrics.jsonl;
+  `spawn_ranks` starts ranks by hand with the rendezvous variables set; `with_fault` injects a fault
+  (I2V_FAULT, see i2v/core/faults.py); `subprocess_env` is a clean environment for a launcher.
+
+The `shards` fixture (latent shards for the training runs) lives in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+from i2v.core.distributed import free_port
+
+# --------------------------------------------------------------------------- training runs
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(**extra) -> dict:
+    """This process's environment with one OpenMP thread and `extra` set, for a launcher a test starts;
+    the rendezvous variables are dropped so that the launcher never inherits a rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    for k in RENDEZVOUS:
+        env.pop(k, None)
+    return env
+
+
+def train(cmd_prefix, out, shards, *overrides, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """launcher/train.py on configs/tiny.yaml under `cmd_prefix` (e.g. [sys.executable] or TORCHRUN)."""
+    cmd = [*cmd_prefix, "launcher/train.py", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
+           f"data.latent_shards={shards}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(out):
+    """The losses of a run in step order, and its metrics records by step."""
+    by_step = {}
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            by_step[r["step"]] = r  # a resumed run re-logs steps after its checkpoint: keep the last
+    return [by_step[s]["loss"] for s in sorted(by_step)], by_step
+
+
+def with_fault(spec):
+    return {**ENV, "I2V_FAULT": spec}
+
+
+def spawn_ranks(args, world=2, env=None, cwds=None, logs=None):
+    """`world` processes of `args` with the rendezvous variables set; `cwds[r]` is rank r's directory.
+
+    `logs[r]`: a file for rank r's stdout and stderr, for chatty runs (two ranks writing to pipes that
+    are drained one after the other can fill one and block it)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        e = {**(env or ENV), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        cwd = cwds[rank] if cwds else REPO
+        out = open(logs[rank], "w") if logs else subprocess.PIPE
+        procs.append(subprocess.Popen(args, cwd=cwd, env=e, stdout=out, stderr=subprocess.STDOUT if logs else out,
+                                      text=True))
+    return procs
