@@ -3,6 +3,8 @@
 - training: `train` runs launcher/train.py on configs/tiny.yaml; `losses` reads its metrics.jsonl;
   `spawn_ranks` starts ranks by hand with the rendezvous variables set; `with_fault` injects a fault
   (I2V_FAULT, see i2v/core/faults.py); `subprocess_env` is a clean environment for a launcher.
+- validation: first-frame images, the `validation.pairs` override naming them, a run's TensorBoard
+  events and the GIFs each pair samples from a checkpoint, for comparing with what the run logged.
 
 The `shards` fixture (latent shards for the training runs) lives in tests/conftest.py.
 """
@@ -13,6 +15,9 @@ import json
 import os
 import subprocess
 import sys
+
+import numpy as np
+from PIL import Image
 
 from conftest import REPO
 from i2v.core.distributed import free_port
@@ -69,3 +74,60 @@ def spawn_ranks(args, world=2, env=None, cwds=None, logs=None):
         procs.append(subprocess.Popen(args, cwd=cwd, env=e, stdout=out, stderr=subprocess.STDOUT if logs else out,
                                       text=True))
     return procs
+
+
+# --------------------------------------------------------------------------- validation
+
+PROMPTS = ["a red ball moving left", "a green square moving up", "a blue disk"]
+
+
+def validation_images(directory, n):
+    """`n` distinct first-frame PNGs in `directory` (at most len(PROMPTS) of them get a prompt)."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for i in range(n):
+        a = np.full((48, 80, 3), 40, np.uint8)  # not the training size: the pipeline's resize applies
+        a[..., i % 3] = 220
+        a[10:30, 8 + 16 * i: 32 + 16 * i] = 255
+        paths.append(os.path.join(directory, f"first-frame-{i}.png"))
+        Image.fromarray(a).save(paths[-1])
+    return paths
+
+
+def pairs_override(paths):
+    items = ", ".join(f"{{image: '{p}', prompt: '{t}'}}" for p, t in zip(paths, PROMPTS))
+    return f"validation.pairs=[{items}]"
+
+
+def tensorboard_events(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(os.path.join(run, "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    ea.Reload()
+    return ea
+
+
+def reference_gifs(run, step, weights="live") -> dict[int, bytes]:
+    """Each pair sampled here from the consolidated checkpoint of `step` (or its EMA), as a GIF."""
+    import torch
+
+    from i2v.checkpoint.reader import load_trained_transformer
+    from i2v.config import load_config
+    from i2v.core.distributed import DistEnv
+    from i2v.model.transformer import set_attention
+    from i2v.sample.sampling import sample_video
+    from i2v.sample.tb_video import gif_bytes
+    from i2v.sample.validation import Validator, _pair_seed
+
+    cfg = load_config(os.path.join(run, "config.yaml"))
+    val = Validator(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
+    model = load_trained_transformer(cfg, os.path.join(run, "checkpoints", f"step-{step:08d}"), weights)
+    set_attention(model, cfg.kernels.attention)
+    out = {}
+    for p in val.mine:
+        frames = sample_video(model, val.vae, val.scheduler, p["pixels"], p["embeds"], val.negative, val.num_frames,
+                              cfg.validation.num_inference_steps, cfg.validation.guidance_scale,
+                              torch.Generator().manual_seed(_pair_seed(cfg.run.seed, p["index"])),
+                              ofs=val.ofs)
+        out[p["index"]] = gif_bytes(frames, val.fps)
+    return out

@@ -23,7 +23,7 @@ from PIL import Image
 from conftest import REPO
 from latent_shards import make_latent_shards
 from lora_runs import LORA, step_dir
-from runs import ENV, TORCHRUN, losses, spawn_ranks, train
+from runs import ENV, TORCHRUN, losses, reference_gifs, spawn_ranks, tensorboard_events, train
 
 from i2v.model.adapters import with_lora
 from i2v.config import load_config
@@ -277,14 +277,12 @@ def test_export_errors_name_what_is_missing(runs, tmp_path):
 def test_validation_samples_with_the_ema_at_zero3(runs):
     """Run B validated at steps 3 and 6 with `validation.weights: ema`: its TensorBoard GIF is the pair
     sampled here from the EMA stitched from that step's checkpoint, byte for byte."""
-    from test_validation import _events, _reference_gifs
-
     run = runs["B"]
-    events = _events(run)
+    events = tensorboard_events(run)
     for step in (3, 6):
         (ev,) = [e for e in events.Images("validation/pair-0") if e.step == step]
-        assert ev.encoded_image_string == _reference_gifs(run, step, weights="ema")[0]
-    assert ev.encoded_image_string != _reference_gifs(run, 6)[0]  # the live weights sample differently
+        assert ev.encoded_image_string == reference_gifs(run, step, weights="ema")[0]
+    assert ev.encoded_image_string != reference_gifs(run, 6)[0]  # the live weights sample differently
 
 
 # --------------------------------------------------------------------------- resume refusals
