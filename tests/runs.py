@@ -5,16 +5,19 @@
   (I2V_FAULT, see i2v/core/faults.py); `subprocess_env` is a clean environment for a launcher.
 - validation: first-frame images, the `validation.pairs` override naming them, a run's TensorBoard
   events and the GIFs each pair samples from a checkpoint, for comparing with what the run logged.
+- precompute: the offline job's config and launcher, and reading its latent shards.
 
 The `shards` fixture (latent shards for the training runs) lives in tests/conftest.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 from PIL import Image
@@ -131,3 +134,54 @@ def reference_gifs(run, step, weights="live") -> dict[int, bytes]:
                               ofs=val.ofs)
         out[p["index"]] = gif_bytes(frames, val.fps)
     return out
+
+
+# --------------------------------------------------------------------------- precompute
+
+PRECOMPUTE_CONFIG = str(REPO / "configs" / "tiny.yaml")
+# 32x32 clips keep the VAE cheap; the encoders do not care about the DiT's sample size.
+SMALL = ["data.video.height=32", "data.video.width=32"]
+PRECOMPUTE_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+# Backgrounds spread over the RGB cube: the clips differ in their first frames by more than the
+# random-init VAE's response to the conditioning noise, so "nearest own frame" is a fair test.
+BACKGROUNDS = [(r, g, b) for r in (30, 220) for g in (30, 220) for b in (30, 220)] + [
+    (128, 128, 128), (200, 100, 30), (30, 100, 200), (100, 200, 100)]
+
+
+def cfg_for(video_shards, latent_shards, *extra):
+    from i2v.config import load_config
+
+    return load_config(PRECOMPUTE_CONFIG, [f"data.video_shards={video_shards}", f"data.latent_shards={latent_shards}",
+                                           *SMALL, *extra])
+
+
+def launch_precompute(cfg_args, env=None):
+    """launcher/precompute.py on configs/tiny.yaml with `cfg_args`, `env` on top of PRECOMPUTE_ENV."""
+    return subprocess.Popen([sys.executable, str(REPO / "launcher" / "precompute.py"), "--config", PRECOMPUTE_CONFIG,
+                             *cfg_args], cwd=str(REPO), env={**PRECOMPUTE_ENV, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_shard(path) -> dict:
+    """{key: (tensors, meta)} of one latent shard."""
+    from safetensors.torch import load as st_load
+
+    out: dict = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, _, ext = m.name.partition(".")
+            data = tar.extractfile(m).read()
+            entry = out.setdefault(key, [None, None])
+            if ext == "latents.safetensors":
+                entry[0] = st_load(data)
+            else:
+                entry[1] = json.loads(data)
+    return out
+
+
+def sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def tars(directory) -> dict:
+    return {n: sha(os.path.join(directory, n)) for n in sorted(os.listdir(directory)) if n.endswith(".tar")}
