@@ -6,6 +6,7 @@
 - validation: first-frame images, the `validation.pairs` override naming them, a run's TensorBoard
   events and the GIFs each pair samples from a checkpoint, for comparing with what the run logged.
 - precompute: the offline job's config and launcher, and reading its latent shards.
+- models: architectures the cost-model tests build.
 
 The `shards` fixture (latent shards for the training runs) lives in tests/conftest.py.
 """
@@ -185,3 +186,18 @@ def sha(path) -> str:
 
 def tars(directory) -> dict:
     return {n: sha(os.path.join(directory, n)) for n in sorted(os.listdir(directory)) if n.endswith(".tar")}
+
+
+# --------------------------------------------------------------------------- models
+
+# A mid-size model: 4 heads x 64 (d = 256), 3 layers, wider text, 1.0-style (Conv2d patch embedding).
+MID = dict(num_attention_heads=4, attention_head_dim=64, in_channels=32, out_channels=16, time_embed_dim=128,
+           text_embed_dim=128, num_layers=3, sample_frames=49, sample_height=16, sample_width=24,
+           max_text_seq_length=64, use_rotary_positional_embeddings=True)
+
+
+def tiny_arch():
+    import yaml
+
+    with open(REPO / "configs" / "tiny.yaml") as f:
+        return yaml.safe_load(f)["model"]["arch"]
