@@ -29,10 +29,29 @@ def shared_videos():
 def lora_run(tmp_path_factory):
     """Run A of tests/lora_runs.py (2-rank ZeRO-2 LoRA + EMA), trained once for every test that reads it."""
     from latent_shards import make_latent_shards
-    from lora_runs import RUN_A, TORCHRUN, train
+    from lora_runs import RUN_A
+    from runs import TORCHRUN, train
 
     root = tmp_path_factory.mktemp("lora_run")
     make_latent_shards(root / "latents", shards=4, per_shard=8)
     r = train(TORCHRUN, root / "run", root / "latents", *RUN_A)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return {"run": str(root / "run"), "shards": str(root / "latents"), "stdout": r.stdout}
+
+
+@pytest.fixture(scope="module")
+def shards_layout():
+    """How many latent shards `shards` writes and how many samples each holds; a test module that
+    wants another layout overrides this fixture."""
+    return dict(shards=4, per_shard=8)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, shards_layout):
+    """Latent shards for the training runs of one test module (a module's own `shards` fixture, such
+    as tests/test_precompute.py's video shards, takes its place there)."""
+    from latent_shards import make_latent_shards
+
+    d = tmp_path_factory.mktemp("latents")
+    make_latent_shards(d, **shards_layout)
+    return d

@@ -1,4 +1,5 @@
-"""The LoRA + EMA training runs shared by tests/test_lora_ema.py and tests/test_resume.py.
+"""The LoRA + EMA training runs shared by tests/test_lora_ema.py and tests/test_resume.py (started with
+`train` of tests/runs.py).
 
 The tiny model's random init is scaled up (model.init_std 0.2) so that its attention branch, and
 with it the adapters, visibly moves the output; with the default init the adapters' effect on the
@@ -8,13 +9,6 @@ sampled frames is near fp32 rounding and an export test could not tell right fro
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-
-from conftest import REPO
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 LORA = ("model.lora.rank=4", "model.lora.alpha=8", "model.lora.extra_trainable=[proj_out]", "model.init_std=0.2",
         "train.lr=1e-2", "train.micro_batch_size=2", "train.log_every=1", "deepspeed.zero_stage=2")
@@ -22,12 +16,6 @@ LORA = ("model.lora.rank=4", "model.lora.alpha=8", "model.lora.extra_trainable=[
 # rebuilds the EMA from each step's consolidated weights), deterministic (the resume test's reference).
 RUN_A = (*LORA, "train.ema.decay=0.9", "train.max_steps=8", "checkpoint.every_steps=1", "checkpoint.keep_last=8",
          "run.deterministic=true")
-
-
-def train(cmd_prefix, out, shards, *overrides, env=None, timeout=600) -> subprocess.CompletedProcess:
-    cmd = [*cmd_prefix, "launcher/train.py", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
-           f"data.latent_shards={shards}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=env or ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def step_dir(run, step: int) -> str:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from latent_shards import make_latent_shards
 from random_vae import RANDOM_VAE
+from runs import subprocess_env
 
 from i2v.core import diffusion
 from i2v.config import load_config
@@ -28,13 +29,6 @@ from i2v.core.errors import CheckpointError, ConfigError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 SUBPROCESS_TIMEOUT = 240
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _train_cmd(out, shards, stage):
@@ -53,7 +47,7 @@ def runs(tmp_path_factory):
     for stage in (2, 3):
         out = str(root / f"zero{stage}")
         cmd = _train_cmd(out, shards, stage) + (["checkpoint.export_on_finish=true"] if stage == 3 else [])
-        procs[stage] = (out, subprocess.Popen(cmd, cwd=REPO, env=_env(),
+        procs[stage] = (out, subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(PYTHONPATH=REPO),
                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     result = {}
     for stage, (out, p) in procs.items():
@@ -157,15 +151,17 @@ def test_export_cli_replaces_atomically_and_reports_errors(runs, tmp_path):
     (out / "model_index.json").write_text("{}")
     (out / "stale.txt").write_text("from an older export")
     p = subprocess.run(cli + ["--checkpoint", os.path.join(run, "checkpoints"), "--out", str(out)], cwd=REPO,
-                       env=_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+                       env=subprocess_env(PYTHONPATH=REPO), capture_output=True, text=True,
+                       timeout=SUBPROCESS_TIMEOUT)
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["README.md", "i2v_export.json", "model_index.json", "scheduler", "text_encoder",
                                        "tokenizer", "transformer", "vae"]
     assert not os.path.exists(f"{out}.tmp") and not os.path.exists(f"{out}.old")
 
     missing = tmp_path / "nope" / "step-00000002"
-    p = subprocess.run(cli + ["--checkpoint", str(missing), "--out", str(tmp_path / "x")], cwd=REPO, env=_env(),
-                       capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    p = subprocess.run(cli + ["--checkpoint", str(missing), "--out", str(tmp_path / "x")], cwd=REPO,
+                       env=subprocess_env(PYTHONPATH=REPO), capture_output=True, text=True,
+                       timeout=SUBPROCESS_TIMEOUT)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == f"error: --checkpoint: directory not found: {missing}"
     assert not os.path.exists(tmp_path / "x")

@@ -11,22 +11,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import REPO
 from i2v.model.flops import default_peak_tflops, training_flops
 from i2v.model.transformer import rotary_embeddings
+from runs import MID, tiny_arch
 
 
-# A mid-size model: 4 heads x 64 (d = 256), 3 layers, wider text, 1.0-style (Conv2d patch embedding).
-MID = dict(num_attention_heads=4, attention_head_dim=64, in_channels=32, out_channels=16, time_embed_dim=128,
-           text_embed_dim=128, num_layers=3, sample_frames=49, sample_height=16, sample_width=24,
-           max_text_seq_length=64, use_rotary_positional_embeddings=True)
 # The same in 1.5 style: frames patched in pairs (a Linear patch embedding), the ofs embedding
 # (as wide as the timestep embedding, which it is added to).
 MID_15 = dict(MID, patch_size_t=2, ofs_embed_dim=128, patch_bias=False, sample_height=24, sample_width=24)
-
-
-def tiny_arch():
-    import yaml
-
-    with open(REPO / "configs" / "tiny.yaml") as f:
-        return yaml.safe_load(f)["model"]["arch"]
 
 
 def counted_flops(arch: dict, frames: int, height: int, width: int, batch: int, checkpointing: bool) -> int:

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 from i2v.core.distributed import free_port
 from i2v.train.run_lock import LOCK_FILE
-from latent_shards import make_latent_shards
+from runs import subprocess_env
 
 DEEPSPEED = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
 LAUNCHERS = {
@@ -27,17 +27,8 @@ LAUNCHERS = {
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("latents")
-    make_latent_shards(d, shards=2, per_shard=4)
-    return d
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+def shards_layout():
+    return dict(shards=2, per_shard=4)
 
 
 def _start(launcher, out, shards, log, *extra):
@@ -47,8 +38,8 @@ def _start(launcher, out, shards, log, *extra):
     cmd = [*prefix, "launcher/train.py", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
            f"data.latent_shards={shards}", "train.log_every=1", "checkpoint.every_steps=0", *extra]
     # A session of its own: the test signals the whole group, as a terminal's Ctrl-C does.
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(PYTHONUNBUFFERED="1"), stdout=log,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _wait_for_steps(out, proc, n, timeout=300):

@@ -22,7 +22,8 @@ from PIL import Image
 
 from conftest import REPO
 from latent_shards import make_latent_shards
-from lora_runs import ENV, LORA, TORCHRUN, step_dir, train
+from lora_runs import LORA, step_dir
+from runs import ENV, TORCHRUN, losses, reference_gifs, spawn_ranks, tensorboard_events, train
 
 from i2v.model.adapters import with_lora
 from i2v.config import load_config
@@ -114,8 +115,6 @@ def _tensor_bytes(path) -> int:
 
 
 def test_lora_run_trains_the_adapters_only_and_its_checkpoints_are_under_half_a_full_runs(runs, lora_run):
-    from test_train import losses
-
     from i2v.checkpoint.reader import consolidated_state_dict
 
     run, full = runs["A"], runs["C"]
@@ -279,14 +278,12 @@ def test_export_errors_name_what_is_missing(runs, tmp_path):
 def test_validation_samples_with_the_ema_at_zero3(runs):
     """Run B validated at steps 3 and 6 with `validation.weights: ema`: its TensorBoard GIF is the pair
     sampled here from the EMA stitched from that step's checkpoint, byte for byte."""
-    from test_validation import _events, _reference_gifs
-
     run = runs["B"]
-    events = _events(run)
+    events = tensorboard_events(run)
     for step in (3, 6):
         (ev,) = [e for e in events.Images("validation/pair-0") if e.step == step]
-        assert ev.encoded_image_string == _reference_gifs(run, step, weights="ema")[0]
-    assert ev.encoded_image_string != _reference_gifs(run, 6)[0]  # the live weights sample differently
+        assert ev.encoded_image_string == reference_gifs(run, step, weights="ema")[0]
+    assert ev.encoded_image_string != reference_gifs(run, 6)[0]  # the live weights sample differently
 
 
 # --------------------------------------------------------------------------- resume refusals
@@ -395,8 +392,6 @@ CONTRACT = textwrap.dedent("""
 
 
 def test_bf16_lora_keeps_a_bf16_base_fp32_masters_and_a_communication_free_ema(tmp_path):
-    from test_resume import spawn_ranks
-
     shards = tmp_path / "latents"
     make_latent_shards(shards, shards=2, per_shard=4)
     script = tmp_path / "contract.py"

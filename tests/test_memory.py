@@ -14,8 +14,7 @@ from conftest import REPO
 from i2v.core.diffusion import loss_v_mse
 from i2v.plan.memory import activation_bytes
 from i2v.model.transformer import predict, rotary_embeddings
-from test_flops import MID, tiny_arch
-from test_train import ENV, TORCHRUN
+from runs import ENV, MID, TORCHRUN, tiny_arch
 
 
 def allocations(prof) -> list[int]:

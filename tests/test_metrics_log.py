@@ -1,23 +1,14 @@
 """metrics.jsonl holds each logged step once, in order, across kills and resumes (i2v/train/telemetry.py)."""
 
 import json
-import os
-import subprocess
 import sys
 
-from conftest import REPO
 from latent_shards import make_latent_shards
+from runs import ENV, train
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # Small and quick: one process, two-sample micro-batches, a checkpoint every 3 steps.
 TINY = ("train.max_steps=7", "train.log_every=1", "checkpoint.every_steps=3", "train.micro_batch_size=2",
         "deepspeed.zero_stage=0")
-
-
-def train(out, shards, *overrides, env=None):
-    cmd = [sys.executable, "launcher/train.py", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
-           f"data.latent_shards={shards}", *TINY, *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=env or ENV, capture_output=True, text=True, timeout=600)
 
 
 def test_killed_run_resumed_logs_each_step_once_in_order(tmp_path):
@@ -26,7 +17,7 @@ def test_killed_run_resumed_logs_each_step_once_in_order(tmp_path):
     metrics = out / "metrics.jsonl"
 
     # Killed hard (no cleanup) in the middle of step 6: steps 1-5 are logged, the last commit is step 3.
-    r = train(out, shards, env={**ENV, "I2V_FAULT": "0:5:after_backward:exit"})
+    r = train([sys.executable], out, shards, *TINY, env={**ENV, "I2V_FAULT": "0:5:after_backward:exit"})
     assert r.returncode == 99, r.stdout[-3000:] + r.stderr[-3000:]
     assert (out / "checkpoints" / "latest").read_text() == "step-00000003"
     lines = metrics.read_text().splitlines()
@@ -35,7 +26,7 @@ def test_killed_run_resumed_logs_each_step_once_in_order(tmp_path):
     with open(metrics, "a") as f:
         f.write('{"step": 6, "loss": 0.4')
 
-    r = train(out, shards)
+    r = train([sys.executable], out, shards, *TINY)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from step-00000003" in r.stdout
     records = [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -25,7 +25,7 @@ from PIL import Image
 from conftest import REPO
 from i2v.core.distributed import free_port
 from latent_shards import make_latent_shards
-from test_train import ENV, losses
+from runs import ENV, losses
 
 # The kill test's ZeRO-2 state, written by 2 ranks, is resharded for the 1-rank resume (i2v.checkpoint.reshard);
 # the global batch keeps 8 samples an optimizer step on either (micro-batch 2: accumulation 2, then 4).

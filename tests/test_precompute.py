@@ -4,22 +4,17 @@ resumable after SIGKILL, and identical at any world size; rejects and empty shar
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import tarfile
 import time
 
 import pytest
 import torch
-from safetensors.torch import load as st_load
 
-from i2v.config import load_config
 from i2v.data.latents import LatentDataset, load_empty_prompt
 from i2v.data.videos import iter_shard_clips
 from i2v.model import encoders
@@ -28,46 +23,7 @@ from i2v.data_prep.make_shards import make_shards
 from i2v.data.synthetic import random_spec, render, write_mp4
 from i2v.core.errors import ConfigError, DataError
 
-from conftest import REPO
-
-CONFIG = str(REPO / "configs" / "tiny.yaml")
-# 32x32 clips keep the VAE cheap; the encoders do not care about the DiT's sample size.
-SMALL = ["data.video.height=32", "data.video.width=32"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def cfg_for(video_shards, latent_shards, *extra):
-    return load_config(CONFIG, [f"data.video_shards={video_shards}", f"data.latent_shards={latent_shards}",
-                                *SMALL, *extra])
-
-
-def read_shard(path) -> dict:
-    """{key: (tensors, meta)} of one latent shard."""
-    out: dict = {}
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            key, _, ext = m.name.partition(".")
-            data = tar.extractfile(m).read()
-            entry = out.setdefault(key, [None, None])
-            if ext == "latents.safetensors":
-                entry[0] = st_load(data)
-            else:
-                entry[1] = json.loads(data)
-    return out
-
-
-def sha(path) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def tars(directory) -> dict:
-    return {n: sha(os.path.join(directory, n)) for n in sorted(os.listdir(directory)) if n.endswith(".tar")}
-
-
-# Backgrounds spread over the RGB cube: the clips differ in their first frames by more than the
-# random-init VAE's response to the conditioning noise, so "nearest own frame" is a fair test.
-BACKGROUNDS = [(r, g, b) for r in (30, 220) for g in (30, 220) for b in (30, 220)] + [
-    (128, 128, 128), (200, 100, 30), (30, 100, 200), (100, 200, 100)]
+from runs import BACKGROUNDS, SMALL, cfg_for, launch_precompute, read_shard, sha, tars
 
 
 @pytest.fixture(scope="module")
@@ -200,17 +156,11 @@ def test_rerun_is_idempotent_and_output_is_deterministic(shards, baseline, tmp_p
     assert tars(fresh) == tars(out)
 
 
-def _launch(cfg_args, env=None):
-    return subprocess.Popen([sys.executable, str(REPO / "launcher" / "precompute.py"), "--config", CONFIG, *cfg_args],
-                            cwd=str(REPO), env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
 def test_sigkill_then_rerun_completes_exactly_what_is_missing(shards, baseline, tmp_path):
     _, ref, _ = baseline
     out = str(tmp_path / "lat")
     args = [f"data.video_shards={shards}", f"data.latent_shards={out}", *SMALL]
-    proc = _launch(args)
+    proc = launch_precompute(args)
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(out, "latents-000000.json")):
         assert proc.poll() is None, proc.communicate()
@@ -221,7 +171,7 @@ def test_sigkill_then_rerun_completes_exactly_what_is_missing(shards, baseline, 
     finished = {n for n in tars(out) if os.path.exists(os.path.join(out, n[:-4] + ".json"))}
     assert "latents-000000.tar" in finished and len(finished) < 4
     assert not os.path.exists(os.path.join(out, "manifest.json"))
-    rerun = _launch(args)
+    rerun = launch_precompute(args)
     stdout, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
     assert f"{4 - len(finished)} shard(s) written" in stdout and f"{len(finished)} already finished" in stdout
@@ -234,7 +184,7 @@ def test_two_ranks_write_disjoint_shards_equal_to_one_process(shards, baseline, 
     _, ref, _ = baseline
     out = str(tmp_path / "lat")
     args = [f"data.video_shards={shards}", f"data.latent_shards={out}", *SMALL]
-    procs = [_launch(args, {"RANK": str(r), "WORLD_SIZE": "2"}) for r in range(2)]
+    procs = [launch_precompute(args, {"RANK": str(r), "WORLD_SIZE": "2"}) for r in range(2)]
     for p in procs:
         _, stderr = p.communicate(timeout=300)
         assert p.returncode == 0, stderr
@@ -373,7 +323,7 @@ def test_config_errors(shards, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match=r"data\.latent_shards: .*file exists and is not a directory"):
         run(cfg_for(shards, tmp_path / "file"), progress=False)
-    proc = _launch([f"data.video_shards={shards}", f"data.latent_shards={tmp_path}/b", *SMALL,
+    proc = launch_precompute([f"data.video_shards={shards}", f"data.latent_shards={tmp_path}/b", *SMALL,
                     "precompute.vae.arch.latent_channels=8"])
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2

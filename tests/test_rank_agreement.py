@@ -6,7 +6,7 @@ from PIL import Image
 
 from conftest import REPO
 from latent_shards import make_latent_shards
-from test_resume import spawn_ranks
+from runs import spawn_ranks
 
 
 def test_one_rank_cannot_read_its_validation_image_and_all_ranks_stop_together(tmp_path):

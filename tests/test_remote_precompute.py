@@ -21,7 +21,7 @@ from i2v.data.lineage import manifest_encoders
 from i2v.data_prep.precompute import run
 from i2v.data.synthetic import random_spec, render, write_mp4
 from remote_servers import moto_s3
-from test_precompute import BACKGROUNDS, SMALL, _launch, cfg_for, read_shard, tars
+from runs import BACKGROUNDS, SMALL, cfg_for, launch_precompute, read_shard, tars
 
 
 def test_precompute_reads_s3_survives_sigkill_and_encodes_each_clip_once(tmp_path):
@@ -44,7 +44,7 @@ def test_precompute_reads_s3_survives_sigkill_and_encodes_each_clip_once(tmp_pat
         out = remote.OutputFolder("s3://videos/latents")
         args = ["data.video_shards=s3://videos/shards/shard-{000000..000002}.tar", f"data.latent_shards={out.spec}",
                 *SMALL]
-        proc = _launch(args, env)
+        proc = launch_precompute(args, env)
         deadline = time.time() + 120
         while not out.exists("latents-000000.json"):
             assert proc.poll() is None, proc.communicate()
@@ -56,7 +56,7 @@ def test_precompute_reads_s3_survives_sigkill_and_encodes_each_clip_once(tmp_pat
         assert "latents-000000.tar" in finished and len(finished) < 3
         assert all(out.exists(n) for n in finished)  # a record is uploaded after its shard
         assert not out.exists("manifest.json")
-        rerun = _launch(args, env)
+        rerun = launch_precompute(args, env)
         stdout, stderr = rerun.communicate(timeout=300)
         assert rerun.returncode == 0, stderr
         listed = sorted(o["Key"] for o in client.list_objects_v2(Bucket="videos", Prefix="latents/")["Contents"])

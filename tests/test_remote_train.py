@@ -13,9 +13,9 @@ import threading
 import pytest
 
 from i2v.data import latent_order
-from test_train import TORCHRUN, losses, train
 from latent_shards import make_latent_shards
 from remote_servers import FaultyHTTPServer
+from runs import TORCHRUN, losses, train
 
 # 4 shards x 8 samples; 2 ranks x micro-batch 2 x 8 steps = 32 samples: one epoch (in stream order, each rank
 # reading its 2 shards; in the global order, 16 global micro-batches read by byte ranges).

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from latent_shards import make_latent_shards
-from test_train import ENV, losses, train
+from runs import ENV, losses, train
 
 TAG = "step-00000006"
 # Constant LR and weight decay on, so the two parameter groups differ (train.no_decay): a load that
@@ -44,13 +43,6 @@ RESUME_AND_SAVE = textwrap.dedent("""
     tr.train()
     shutdown()
 """)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("latents")
-    make_latent_shards(d, shards=4, per_shard=8)
-    return d
 
 
 def stopped_at_step_6(ref, run):

@@ -2,32 +2,15 @@
 
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
 
-import pytest
-
-from conftest import REPO
-from i2v.core.distributed import free_port
-from latent_shards import make_latent_shards
 from lora_runs import RUN_A, step_dir
-from test_train import ENV, TORCHRUN, losses, train
+from runs import TORCHRUN, losses, spawn_ranks, train, with_fault
 
 EXACT = ("train.max_steps=12", "train.log_every=1", "checkpoint.every_steps=4", "run.deterministic=true",
          "train.micro_batch_size=2", "checkpoint.keep_last=5", "deepspeed.zero_stage=2")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("latents")
-    make_latent_shards(d, shards=4, per_shard=8)
-    return d
-
-
-def with_fault(spec):
-    return {**ENV, "I2V_FAULT": spec}
 
 
 def test_sigkill_anywhere_then_relaunch_is_bit_exact_and_stream_or_zero_stage_changes_are_refused(tmp_path, shards):
@@ -114,23 +97,6 @@ def test_world_size_change_continues_the_global_sample_order_at_zero0(tmp_path, 
     # global micro-batches consumed after each step: 2 per step on 2 ranks, then 1 per step on 1 rank,
     # contiguous, so none is trained twice and none is skipped (each position is one micro-batch)
     assert [records[s]["position"] for s in range(1, 6)] == [2, 4, 6, 7, 8]
-
-
-def spawn_ranks(args, world=2, env=None, cwds=None, logs=None):
-    """`world` processes of `args` with the rendezvous variables set; `cwds[r]` is rank r's directory.
-
-    `logs[r]`: a file for rank r's stdout and stderr, for chatty runs (two ranks writing to pipes that
-    are drained one after the other can fill one and block it)."""
-    port = str(free_port())
-    procs = []
-    for rank in range(world):
-        e = {**(env or ENV), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        cwd = cwds[rank] if cwds else REPO
-        out = open(logs[rank], "w") if logs else subprocess.PIPE
-        procs.append(subprocess.Popen(args, cwd=cwd, env=e, stdout=out, stderr=subprocess.STDOUT if logs else out,
-                                      text=True))
-    return procs
 
 
 def test_sigterm_on_one_rank_commits_a_checkpoint_and_exits_143(tmp_path, shards):

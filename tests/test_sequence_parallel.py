@@ -24,9 +24,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from latent_shards import make_latent_shards
-from test_resume import spawn_ranks, with_fault
-from test_train import TORCHRUN, losses, train
-from test_validation import _events, _images, _pairs_arg, _reference_gifs
+from runs import (TORCHRUN, losses, pairs_override, reference_gifs, spawn_ranks, tensorboard_events, train,
+                  validation_images, with_fault)
 
 from i2v.config import load_config
 
@@ -186,16 +185,16 @@ def test_sigkill_and_relaunch_at_the_same_layout_is_bit_exact_and_validation_sam
     r = train(TORCHRUN, run, root / "latents", *common, *layout, env=with_fault("1:6:after_backward:kill"))
     assert r.returncode != 0
     assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
-    images = _images(str(tmp_path / "images"), 2)
+    images = validation_images(str(tmp_path / "images"), 2)
     r = train(TORCHRUN, run, root / "latents", *common, *layout, "validation.every_steps=8",
-              "validation.num_inference_steps=2", _pairs_arg(images))
+              "validation.num_inference_steps=2", pairs_override(images))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from step-00000004" in r.stdout and "(1 DP x 2 SP)" in r.stdout
     assert losses(run)[0] == losses(two_ranks["sp2-zero2"])[0]  # exact, every step
 
     assert "validation at step 8: 2/2 videos" in r.stdout
-    reference = _reference_gifs(str(run), 8)
-    ea = _events(str(run))
+    reference = reference_gifs(str(run), 8)
+    ea = tensorboard_events(str(run))
     for i in (0, 1):
         (event,) = ea.Images(f"validation/pair-{i}")
         assert event.encoded_image_string == reference[i], f"pair {i} differs from the checkpoint's own sample"

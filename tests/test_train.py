@@ -1,41 +1,14 @@
 """End-to-end training runs of the tiny model: one process via python, two via torchrun (gloo)."""
 
-import json
 import os
 import statistics
-import subprocess
 import sys
 
 import pytest
 import yaml
 
-from conftest import REPO
-from latent_shards import SHAPE, make_latent_shards
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("latents")
-    make_latent_shards(d, shards=4, per_shard=8)
-    return d
-
-
-def train(cmd_prefix, out, shards, *overrides, timeout=600, env=None):
-    cmd = [*cmd_prefix, "launcher/train.py", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
-           f"data.latent_shards={shards}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=env or ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def losses(out):
-    by_step = {}
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            by_step[r["step"]] = r  # a resumed run re-logs steps after its checkpoint: keep the last
-    return [by_step[s]["loss"] for s in sorted(by_step)], by_step
+from latent_shards import SHAPE
+from runs import TORCHRUN, losses, train
 
 
 def assert_loss_falls(out, n=8):

@@ -5,7 +5,6 @@ and an export that samples in diffusers as i2v does."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ from PIL import Image
 
 from conftest import REPO
 from random_vae import RANDOM_VAE
+from runs import subprocess_env
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 TINY_VAE = str(REPO / "configs" / "tiny-vae")
@@ -25,16 +25,9 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "
 LORA = ["model.lora.rank=4", "model.lora.extra_trainable=[proj_out]", "train.ema.decay=0.9", "train.lr=5e-3"]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _run(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(PYTHONUNBUFFERED="1"),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from PIL import Image, ImageSequence
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from latent_shards import make_latent_shards
+from runs import pairs_override, reference_gifs, subprocess_env, tensorboard_events, validation_images
 
 from i2v.config import load_config
 from i2v.core.distributed import free_port
@@ -31,42 +32,17 @@ from i2v.core.errors import ConfigError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
 SUBPROCESS_TIMEOUT = 240
-PROMPTS = ["a red ball moving left", "a green square moving up", "a blue disk"]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def _images(directory, n):
-    os.makedirs(directory, exist_ok=True)
-    paths = []
-    for i in range(n):
-        a = np.full((48, 80, 3), 40, np.uint8)  # not the training size: the pipeline's resize applies
-        a[..., i % 3] = 220
-        a[10:30, 8 + 16 * i: 32 + 16 * i] = 255
-        paths.append(os.path.join(directory, f"first-frame-{i}.png"))
-        Image.fromarray(a).save(paths[-1])
-    return paths
-
-
-def _pairs_arg(paths):
-    items = ", ".join(f"{{image: '{p}', prompt: '{t}'}}" for p, t in zip(paths, PROMPTS))
-    return f"validation.pairs=[{items}]"
 
 
 def _overrides(out, shards, images, *extra):
     return [f"run.output_dir={out}", f"data.latent_shards={shards}", "train.max_steps=2", "train.warmup_steps=0",
             "train.micro_batch_size=2", "train.log_every=1", "validation.num_inference_steps=2",
-            _pairs_arg(images), *extra]
+            pairs_override(images), *extra]
 
 
 def _start(cmd):
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _wait(p, timeout=SUBPROCESS_TIMEOUT):
@@ -84,35 +60,6 @@ def _gif_frames(payload: bytes) -> list[np.ndarray]:
     gif = Image.open(io.BytesIO(payload))
     assert gif.format == "GIF"
     return [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)]
-
-
-def _events(run):
-    ea = EventAccumulator(os.path.join(run, "tensorboard"), size_guidance={"images": 0, "scalars": 0})
-    ea.Reload()
-    return ea
-
-
-def _reference_gifs(run, step, weights="live") -> dict[int, bytes]:
-    """Each pair sampled here from the consolidated checkpoint of `step` (or its EMA), as a GIF."""
-    from i2v.checkpoint.reader import load_trained_transformer
-    from i2v.core.distributed import DistEnv
-    from i2v.model.transformer import set_attention
-    from i2v.sample.sampling import sample_video
-    from i2v.sample.tb_video import gif_bytes
-    from i2v.sample.validation import Validator, _pair_seed
-
-    cfg = load_config(os.path.join(run, "config.yaml"))
-    val = Validator(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
-    model = load_trained_transformer(cfg, os.path.join(run, "checkpoints", f"step-{step:08d}"), weights)
-    set_attention(model, cfg.kernels.attention)
-    out = {}
-    for p in val.mine:
-        frames = sample_video(model, val.vae, val.scheduler, p["pixels"], p["embeds"], val.negative, val.num_frames,
-                              cfg.validation.num_inference_steps, cfg.validation.guidance_scale,
-                              torch.Generator().manual_seed(_pair_seed(cfg.run.seed, p["index"])),
-                              ofs=val.ofs)
-        out[p["index"]] = gif_bytes(frames, val.fps)
-    return out
 
 
 def _mp4_frames(path):
@@ -157,19 +104,19 @@ def test_validator_rejects_bad_pairs(tmp_path):
     from i2v.sample.validation import Validator
 
     env = DistEnv(0, 1, 0, torch.device("cpu"))
-    (good,) = _images(str(tmp_path), 1)
+    (good,) = validation_images(str(tmp_path), 1)
     base = [f"run.output_dir={tmp_path}", "validation.every_steps=5"]
     with pytest.raises(ConfigError, match=r"validation\.pairs: empty, but validation\.every_steps is 5"):
         Validator(load_config(TINY, base), env)
     missing = tmp_path / "missing.png"
-    cfg = load_config(TINY, base + [_pairs_arg([good, str(missing)])])
+    cfg = load_config(TINY, base + [pairs_override([good, str(missing)])])
     with pytest.raises(ConfigError, match=rf"validation\.pairs\[1\]\.image: file not found: {missing}"):
         Validator(cfg, env)
     # The pairs' form and the clip length fail when the config is loaded, before any model is built.
     with pytest.raises(ConfigError, match=r"validation\.pairs\[0\]: expected a mapping with exactly the keys"):
         load_config(TINY, base + [f"validation.pairs=[{{image: '{good}', text: hi}}]"])
     with pytest.raises(ConfigError, match=r"validation\.num_frames: is 8"):
-        load_config(TINY, base + [_pairs_arg([good]), "validation.num_frames=8"])
+        load_config(TINY, base + [pairs_override([good]), "validation.num_frames=8"])
 
 
 # --------------------------------------------------------------------------- training runs
@@ -180,7 +127,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("validation")
     shards = str(root / "latents")
     make_latent_shards(shards, shards=2, per_shard=4)
-    return root, shards, _images(str(root / "images"), 3)
+    return root, shards, validation_images(str(root / "images"), 3)
 
 
 def test_single_process_run_writes_mp4_and_gif_summaries(data):
@@ -200,9 +147,9 @@ def test_single_process_run_writes_mp4_and_gif_summaries(data):
         for name in os.listdir(d):
             assert _mp4_frames(os.path.join(d, name)).shape == (9, 64, 64, 3)
     # TensorBoard: an animated GIF per pair and step, the same pixels as a reference sample.
-    ea = _events(a)
+    ea = tensorboard_events(a)
     assert sorted(ea.Tags()["images"]) == ["validation/pair-0", "validation/pair-1"]
-    reference = _reference_gifs(a, 2)
+    reference = reference_gifs(a, 2)
     for i in (0, 1):
         events = ea.Images(f"validation/pair-{i}")
         assert [e.step for e in events] == [1, 2]
@@ -214,7 +161,7 @@ def test_single_process_run_writes_mp4_and_gif_summaries(data):
     # A zero budget: every pair is abandoned at its first forward, nothing is written, training goes on.
     assert "validation at step 1: 0/2 videos" in log_b and "skipped: validation.timeout_s reached" in log_b
     assert not os.path.exists(os.path.join(b, "samples", "step-00000001", "pair-0.mp4"))
-    assert _events(b).Tags()["images"] == []
+    assert tensorboard_events(b).Tags()["images"] == []
     # Sampling leaves training untouched: the same losses with and without videos.
     losses = [[json.loads(line)["loss"] for line in open(os.path.join(r, "metrics.jsonl"))] for r in (a, b)]
     assert len(losses[0]) == 2 and losses[0] == losses[1]
@@ -235,8 +182,8 @@ def test_two_process_zero3_three_pairs_finishes(data):
     d = os.path.join(out, "samples", "step-00000002")
     assert sorted(os.listdir(d)) == ["pair-0.mp4", "pair-1.mp4", "pair-2.mp4"]
     assert "validation at step 2: 3/3 videos" in log
-    ea = _events(out)
-    reference = _reference_gifs(out, 2)
+    ea = tensorboard_events(out)
+    reference = reference_gifs(out, 2)
     for i in range(3):
         (ev,) = ea.Images(f"validation/pair-{i}")
         assert ev.encoded_image_string == reference[i], f"pair {i} differs from the consolidated checkpoint's sample"
