@@ -11,7 +11,6 @@ difference per frame on [0, 1], from tensors (no GIF or MP4 quantisation). A CPU
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

@@ -24,11 +24,12 @@ def _site_packages_file(path: str) -> bool:
 def test_hugging_face_kernels_is_what_import_kernels_finds_under_pytest():
     # `make test` runs python -m pytest from the checkout's root
     import kernels
-    from transformers import T5EncoderModel  # noqa: F401 - the import is the check
+    from transformers import T5EncoderModel  # the import reaches transformers' hub-kernels integration
     from transformers.utils import is_kernels_available
 
     assert _site_packages_file(kernels.__file__), kernels.__file__
     assert is_kernels_available(), "transformers does not see the pinned kernels package"
+    assert T5EncoderModel.__module__.startswith("transformers.")
 
 
 def test_transformers_and_diffusers_import_from_the_checkout_root():

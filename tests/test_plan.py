@@ -1,6 +1,5 @@
 """The planner on the shipped real configs, with no weights present: figures, verdicts, errors."""
 
-import os
 import runpy
 import sys
 
@@ -93,20 +92,13 @@ def test_lora_config_plans_the_adapters_as_the_only_trainable_state(capsys, monk
 
 def test_tiny_plan_counts_the_video_tokens_of_its_real_latents(capsys, monkeypatch, tmp_path):
     """configs/tiny.yaml's VAE compresses 4x in space: the planner prices the latents precompute writes."""
-    import random
-
     from i2v.data.latents import LatentDataset
-    from i2v.data.synthetic import random_spec, render, write_mp4
+    from i2v.data.synthetic import make_clips
     from i2v.data_prep.make_shards import make_shards
     from i2v.data_prep.precompute import run
     from i2v.model.flops import video_tokens
 
-    os.makedirs(tmp_path / "clips")
-    rng = random.Random(0)
-    for i in range(2):
-        spec = random_spec(rng, 64, 64, 9)
-        write_mp4(str(tmp_path / "clips" / f"c{i}.mp4"), [render(spec, t, 64, 64) for t in range(9)], 8)
-        (tmp_path / "clips" / f"c{i}.txt").write_text(spec.caption)
+    make_clips(str(tmp_path / "clips"), 2, frames=9)
     make_shards(str(tmp_path / "clips"), str(tmp_path / "shards"), 2, progress=False)
     monkeypatch.chdir(REPO)  # the config names its VAE relative to the repository
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"data.video_shards={tmp_path / 'shards'}",

@@ -14,7 +14,6 @@ The latents hold two clip sizes, 3x4x4 = 48 and 3x3x3 = 27 video tokens: SP 2 pa
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 

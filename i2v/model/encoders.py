@@ -94,6 +94,24 @@ def dit_dims(cfg: Config) -> dict:
     }
 
 
+def _declared(section, name: str, model_dir, arch_cls, field: str, default, weight_files=None):
+    """(value, key to name in an error) of `field` as encoder `name` declares it: in its pretrained
+    directory's config.json (the directory is checked first) or in its inline `arch` (keys checked)."""
+    key = f"precompute.{name}"
+    if section.pretrained:
+        check_pretrained_dir(model_dir, f"{key}.pretrained", *([weight_files] if weight_files else []))
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return json.load(f).get(field, default), f"{key}.pretrained"
+    check_arch_keys(section.arch, arch_cls, f"{key}.arch")
+    return section.arch.get(field, default), f"{key}.arch.{field}"
+
+
+def _must_match(key: str, said: str, dims: dict, dit_field: str, want, ok: bool) -> None:
+    """An encoder's output must be what the DiT takes: refuse, naming both, before anything is built."""
+    if not ok:
+        raise ConfigError(f"{key}: {said} but the DiT ({dims['where']}) has {dit_field} {want}; they must be equal")
+
+
 # --------------------------------------------------------------------------- VAE
 
 
@@ -103,19 +121,9 @@ def build_vae(cfg: Config) -> AutoencoderKLCogVideoX:
     if not v.pretrained and not v.arch:
         raise ConfigError("precompute.vae: set precompute.vae.pretrained (a diffusers VAE directory) or precompute.vae.arch")
     dims = dit_dims(cfg)
-    if v.pretrained:
-        check_pretrained_dir(v.pretrained, "precompute.vae.pretrained")
-        with open(os.path.join(v.pretrained, "config.json")) as f:
-            conf = json.load(f)
-        latent_channels, key = conf.get("latent_channels", 16), "precompute.vae.pretrained"
-    else:
-        check_arch_keys(v.arch, AutoencoderKLCogVideoX, "precompute.vae.arch")
-        latent_channels, key = v.arch.get("latent_channels", 16), "precompute.vae.arch.latent_channels"
-    if latent_channels != dims["channels"]:
-        raise ConfigError(
-            f"{key}: the VAE has {latent_channels} latent channels but the DiT ({dims['where']}) has "
-            f"out_channels {dims['channels']}; they must be equal"
-        )
+    latent_channels, key = _declared(v, "vae", v.pretrained, AutoencoderKLCogVideoX, "latent_channels", 16)
+    _must_match(key, f"the VAE has {latent_channels} latent channels", dims, "out_channels", dims["channels"],
+                latent_channels == dims["channels"])
     if v.pretrained:
         try:
             vae = AutoencoderKLCogVideoX.from_pretrained(v.pretrained, torch_dtype=DTYPES[v.dtype])
@@ -267,20 +275,10 @@ def build_text_encoder(cfg: Config) -> TextEncoder:
             f"precompute.text_encoder.max_length: is {t.max_length} but the DiT ({dims['where']}) takes "
             f"max_text_seq_length {dims['text_len']}; they must be equal"
         )
-    if t.pretrained:
-        model_dir, tok_dir = _t5_dirs(t.pretrained)
-        check_pretrained_dir(model_dir, "precompute.text_encoder.pretrained", T5_WEIGHT_FILES)
-        with open(os.path.join(model_dir, "config.json")) as f:
-            d_model = json.load(f).get("d_model")
-        key = "precompute.text_encoder.pretrained"
-    else:
-        check_arch_keys(t.arch, T5Config, "precompute.text_encoder.arch")
-        d_model, key = t.arch.get("d_model", 512), "precompute.text_encoder.arch.d_model"
-    if d_model != dims["text_dim"]:
-        raise ConfigError(
-            f"{key}: the text encoder's d_model is {d_model} but the DiT ({dims['where']}) has "
-            f"text_embed_dim {dims['text_dim']}; they must be equal"
-        )
+    model_dir, tok_dir = _t5_dirs(t.pretrained) if t.pretrained else (None, None)
+    d_model, key = _declared(t, "text_encoder", model_dir, T5Config, "d_model", 512, T5_WEIGHT_FILES)
+    _must_match(key, f"the text encoder's d_model is {d_model}", dims, "text_embed_dim", dims["text_dim"],
+                d_model == dims["text_dim"])
     if t.pretrained:
         if not os.path.isdir(tok_dir):
             raise ConfigError(f"precompute.text_encoder.pretrained: no tokenizer directory at {tok_dir}")
