@@ -6,7 +6,6 @@ exit 2 and the path named."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from lora_runs import ENV, step_dir
+from runs import ENV
 
 from i2v.checkpoint.commit import MARKER, TMP_PREFIX, resolve_committed, tag_for
 from i2v.core.errors import CheckpointError
@@ -41,18 +40,20 @@ def test_resolve_committed_takes_a_committed_tag_or_the_root_and_nothing_else(tm
 
 
 @pytest.fixture(scope="module")
-def uncommitted(lora_run, tmp_path_factory):
-    """Copies of the LoRA run's last checkpoint: one without its COMMITTED.json, one still under its tmp- name
-    (marker included), and a first frame to sample from."""
+def uncommitted(tmp_path_factory):
+    """Two directories no reader may take: a step directory whose save never wrote COMMITTED.json, and one
+    still under its tmp- name with the marker already written (a save stopped before its rename). Both hold
+    a file, as a half-written save does; the refusal comes before anything in them is read."""
     root = tmp_path_factory.mktemp("uncommitted")
     no_marker = root / "checkpoints" / tag_for(8)
-    shutil.copytree(step_dir(lora_run["run"], 8), no_marker)
-    os.remove(no_marker / MARKER)
     half = root / "checkpoints" / f"{TMP_PREFIX}{tag_for(8)}"
-    shutil.copytree(step_dir(lora_run["run"], 8), half)
+    for d in (no_marker, half):
+        d.mkdir(parents=True)
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"half-written")
+    (half / MARKER).write_text("{}")
     image = root / "first.png"
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(image)
-    return {"config": os.path.join(lora_run["run"], "config.yaml"), "image": str(image),
+    return {"config": str(REPO / "configs" / "tiny.yaml"), "image": str(image),
             "no_marker": str(no_marker), "tmp": str(half)}
 
 
