@@ -123,22 +123,30 @@ class RunLock:
         return None
 
     def _take_over(self, holder: dict, why: str) -> None:
-        # Rename, not delete: of several contenders exactly one rename succeeds. If what was renamed is
-        # not the lock judged stale (it was replaced in between), put it back and try again.
-        moved = f"{self.path}.stale-{self.token}"
+        # One contender at a time, under a guard file made with O_EXCL: the lock it judged stale is read
+        # again under the guard and moved away only if it is still that one. Without the guard, a slow
+        # contender could move away the fresh lock another one had just created in its place.
+        guard = f"{self.path}.takeover"
         try:
-            os.rename(self.path, moved)
-        except FileNotFoundError:
-            return
-        if (_read(moved) or {}).get("token") != holder.get("token"):
-            try:
-                os.link(moved, self.path)
-            except FileExistsError:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            try:  # a guard older than the timeout was left by a contender that died holding it
+                if time.time() - os.path.getmtime(guard) > self.timeout_s:
+                    os.remove(guard)
+            except FileNotFoundError:
                 pass
-            os.remove(moved)
+            time.sleep(0.2)  # another contender is taking over: look again when it is done
             return
-        os.remove(moved)
-        self.log(f"run.output_dir: took over the lock of {self._who(holder)}: {why}")
+        try:
+            current = _read(self.path)
+            if current is None or current.get("token") != holder.get("token"):
+                return  # released or replaced meanwhile: the next round looks again
+            moved = f"{self.path}.stale-{self.token}"
+            os.rename(self.path, moved)
+            os.remove(moved)
+            self.log(f"run.output_dir: took over the lock of {self._who(holder)}: {why}")
+        finally:
+            os.remove(guard)
 
     # -- holding it -------------------------------------------------------------
 
