@@ -433,27 +433,42 @@ def _check_deepspeed_extra(extra: dict) -> None:
                                   "instead")
 
 
-# AutoencoderKLCogVideoX's defaults, for a VAE config that leaves them out.
+# AutoencoderKLCogVideoX's defaults (CogVideoX's VAE), for a VAE config that leaves them out.
 _VAE_BLOCKS = (128, 256, 256, 512)
 _VAE_TEMPORAL = 4
 
 
-def vae_compression(vae: VAEConfig) -> tuple[int, int] | None:
-    """(spatial, temporal) compression of the VAE that `precompute.vae` names: from its inline arch or the
-    pretrained directory's config.json. None when it names none (training takes the latents' VAE, see
-    i2v.data.lineage) or the file cannot be read (building the VAE reports that)."""
+@dataclass(frozen=True)
+class VAECompression:
+    spatial: int
+    temporal: int
+    source: str  # where the factors were read, for a reader of the plan or an error
+
+
+def compression_of(conf) -> tuple[int, int]:
+    """(spatial, temporal) compression of an AutoencoderKLCogVideoX config (a dict or a diffusers config): it
+    halves height and width once per down block after the first, and compresses time by
+    `temporal_compression_ratio`."""
+    blocks = conf.get("block_out_channels") or _VAE_BLOCKS
+    return 2 ** (len(blocks) - 1), int(conf.get("temporal_compression_ratio") or _VAE_TEMPORAL)
+
+
+def vae_compression(vae: VAEConfig) -> VAECompression | None:
+    """The compression of the VAE that `precompute.vae` names, from its inline arch or the pretrained
+    directory's config.json (never its weights). None when it names none (training takes the latents'
+    VAE, see i2v.data.lineage) or the file cannot be read (building the VAE reports that)."""
     if vae.arch:
-        conf = vae.arch
+        conf, source = vae.arch, "precompute.vae.arch"
     elif vae.pretrained:
+        source = os.path.join(vae.pretrained, "config.json")
         try:
-            with open(os.path.join(vae.pretrained, "config.json")) as f:
+            with open(source) as f:
                 conf = json.load(f)
         except (OSError, ValueError):
             return None
     else:
         return None
-    blocks = conf.get("block_out_channels") or _VAE_BLOCKS
-    return 2 ** (len(blocks) - 1), int(conf.get("temporal_compression_ratio") or _VAE_TEMPORAL)
+    return VAECompression(*compression_of(conf), source)
 
 
 def check_validation(cfg: Config, training: bool = False) -> None:
@@ -476,7 +491,8 @@ def check_validation(cfg: Config, training: bool = False) -> None:
             raise ConfigError(f"{key}: expected a mapping with exactly the keys image and prompt, got {p!r}")
         if not isinstance(p["prompt"], str):
             raise ConfigError(f"{key}.prompt: expected text, got {p['prompt']!r}")
-    spatial, temporal = vae_compression(cfg.precompute.vae) or (None, _VAE_TEMPORAL)
+    known = vae_compression(cfg.precompute.vae)
+    spatial, temporal = (known.spatial, known.temporal) if known else (None, _VAE_TEMPORAL)
     frames = v.num_frames or video.frames
     if (frames - 1) % temporal:
         source = "" if v.num_frames else " (data.video.frames; validation.num_frames is unset)"

@@ -15,7 +15,6 @@ Prompt embeddings follow diffusers' CogVideoX pipelines: pad to `max_length`, no
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5Enc
 
 from i2v.data import lineage
 from i2v.config import Config
+from i2v.config.schema import compression_of
 from i2v.core import seeding
 from i2v.core.errors import ConfigError
 from i2v.model.transformer import DTYPES, check_arch_keys, check_pretrained_dir, transformer_arch
@@ -172,43 +172,6 @@ def init_seed(cfg: Config, section) -> int:
 
 def spatial_compression(vae) -> int:
     return compression_of(vae.config)[0]
-
-
-def compression_of(conf) -> tuple[int, int]:
-    """(spatial, temporal) compression of an AutoencoderKLCogVideoX config: it halves height and width
-    once per down block after the first, and compresses time by `temporal_compression_ratio`."""
-    return 2 ** (len(conf["block_out_channels"]) - 1), int(conf["temporal_compression_ratio"])
-
-
-@dataclass(frozen=True)
-class VAECompression:
-    spatial: int
-    temporal: int
-    source: str  # where the factors were read, for a reader of the plan
-
-
-def vae_compression(cfg: Config) -> VAECompression:
-    """The configured VAE's compression in space and time, from its config alone (never its weights).
-
-    An inline `precompute.vae.arch` has AutoencoderKLCogVideoX's defaults filled in, which are
-    CogVideoX's VAE (8x in space, 4x in time); so is a config with no VAE, or a pretrained directory
-    that is not here yet (planning before the download), which the source says.
-    """
-    defaults = {k: p.default for k, p in inspect.signature(AutoencoderKLCogVideoX.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    v = cfg.precompute.vae
-    if v.pretrained:
-        path = os.path.join(v.pretrained, "config.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                conf, source = {**defaults, **json.load(f)}, path
-        else:
-            conf, source = defaults, f"CogVideoX's VAE: {path} not found"
-    elif v.arch:
-        conf, source = {**defaults, **v.arch}, "precompute.vae.arch"
-    else:
-        conf, source = defaults, "CogVideoX's VAE: no precompute.vae"
-    return VAECompression(*compression_of(conf), source)
 
 
 def image_latent_scale(vae) -> float:

@@ -4,21 +4,22 @@
 `model.arch`, `model.arch_file`, or the `config.json` of `model.pretrained`; never the weights),
 then prices one optimizer step with the cost model (`i2v.model.flops`) and the memory model
 (`i2v.plan.memory`) at the config's clip geometry (the largest bucket when there are buckets).
-The latent shape follows the configured VAE's compression (`i2v.model.encoders.vae_compression`).
+The latent shape follows the configured VAE's compression (`i2v.config.schema.vae_compression`).
 `render` prints it; `launcher/plan.py` is the command.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
 
 from i2v.config import Config, resolve
+from i2v.config.schema import VAECompression, compression_of, vae_compression
 from i2v.train.ds_config import build_deepspeed_config
 from i2v.model.flops import SampleFlops, training_flops
 from i2v.plan.memory import DTYPE_BYTES, ParamCounts, StateBytes, ZeroSettings, activation_bytes, state_bytes
-from i2v.model.encoders import VAECompression, vae_compression
 from i2v.model.transformer import transformer_arch
 
 GiB = 2**30
@@ -68,9 +69,21 @@ class Plan:
         return self.step_flops / self.gpus / (self.mfu * self.peak_tflops * 1e12)
 
 
-def latent_shape(cfg: Config) -> tuple:
+def planned_vae(cfg: Config) -> VAECompression:
+    """The configured VAE's compression (i2v.config.schema.vae_compression); CogVideoX's VAE (8x in space, 4x
+    in time) where the config names none, or names a pretrained directory that is not here yet (planning
+    before the download), which the source says."""
+    v = cfg.precompute.vae
+    known = vae_compression(v)
+    if known is not None:
+        return known
+    missing = f"{os.path.join(v.pretrained, 'config.json')} not found" if v.pretrained else "no precompute.vae"
+    return VAECompression(*compression_of({}), f"CogVideoX's VAE: {missing}")
+
+
+def latent_shape(cfg: Config, vae: VAECompression | None = None) -> tuple:
     """Latent (frames, height, width) of the clip geometry with the most tokens, through the configured VAE."""
-    v, vae = cfg.data.video, vae_compression(cfg)
+    v, vae = cfg.data.video, vae or planned_vae(cfg)
     clips = [(v.frames, v.height, v.width)] + [(f, h, w) for h, w, f in v.buckets]
     frames, height, width = max(clips, key=lambda c: c[0] * c[1] * c[2])
     return (frames - 1) // vae.temporal + 1, height // vae.spatial, width // vae.spatial
@@ -94,7 +107,8 @@ def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_
         model = with_lora(CogVideoXTransformer3DModel(**arch), cfg.model)
     zero = ZeroSettings.from_deepspeed(build_deepspeed_config(cfg, run)["zero_optimization"])
     counts = ParamCounts.of(model, zero.param_persistence_threshold)
-    latent = latent_shape(cfg)
+    vae = planned_vae(cfg)
+    latent = latent_shape(cfg, vae)
     t, d = cfg.train, cfg.deepspeed
     sequence_parallel_size = cfg.parallel.sequence_parallel_size
     checkpointing = cfg.model.gradient_checkpointing
@@ -106,7 +120,7 @@ def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_
         for ckpt in (False, True)
     }
     return Plan(
-        arch=arch, counts=counts, gpus=gpus, gpu_mem_bytes=int(gpu_mem_gb * GiB), latent=latent, vae=vae_compression(cfg),
+        arch=arch, counts=counts, gpus=gpus, gpu_mem_bytes=int(gpu_mem_gb * GiB), latent=latent, vae=vae,
         flops=training_flops(model.config, *latent, gradient_checkpointing=checkpointing),
         samples_per_step=run.global_batch_size, grad_accum_steps=run.grad_accum_steps,
         state=state_bytes(counts, zero, d.precision, gpus, ema=t.ema.decay > 0, model_dtype=cfg.model.dtype),

@@ -12,7 +12,8 @@ pieces as a diffusers pipeline).
   `ofs` value, on one device;
 - `load_sampler`: both, plus the trained transformer in eval mode;
 - `first_frame`: an image or video file as the training loader makes a first frame (i2v.data.frames:
-  resize to cover, centre crop), not the pipeline's stretch: the model learned from that crop.
+  resize to cover, centre crop), not the pipeline's stretch: the model learned from that crop. Validation
+  still makes its first frames with the pipeline's own preprocessing (see i2v.sample.validation).
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ for step, and any process that knows the position can rebuild the same inputs.
 
 from __future__ import annotations
 
-
 import torch
 
 from i2v.core import diffusion, seeding
