@@ -106,7 +106,10 @@ def test_double_ctrl_c_exits_130_and_the_next_launch_resumes(tmp_path, shards):
         time.sleep(0.05)  # two signals sent back to back may arrive as one
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=240)
-    assert proc.returncode == 130, log_path.read_text()[-3000:]
+    # 130 from the second KeyboardInterrupt, or from the first signal's commit when the two arrived as one.
+    # A loaded machine may deliver the second only once the run has committed and Python is tearing down,
+    # where the default disposition is back and SIGINT ends the process: a shell reports 130 for that too.
+    assert proc.returncode in (130, -signal.SIGINT), log_path.read_text()[-3000:]
     # Whatever it left (a committed step, a half-written tmp-step-N, or nothing), the next launch goes on.
     tag = _latest(out)
     target = (int(tag.split("-")[1]) if tag else 0) + 3
