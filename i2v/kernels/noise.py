@@ -27,7 +27,13 @@ Noise stream of the Triton backend (fixed here, independent of block size, grid 
     are distinct Philox counters, hence independent streams; the integers are exact on every
     device, the floats agree across devices to the accuracy of their log/sin/cos (~1e-6).
 
-No autograd.Function: nothing upstream of noise injection is trained (x0 and the image
+Ops: `i2v::inject_noise(x0, image_latents, sqrt_alpha, sqrt_one_minus_alpha, int seed, int offset,
+bool predict_v, bool return_noise) -> (model_input, target, eps)` and `i2v::condition_noise(frames, sigma,
+int seed, int offset, bool return_noise) -> (out, eps)` (eps is an empty [0] tensor unless asked for; seed and
+offset as signed 64-bit images of the unsigned key), each with a fake implementation for the meta device and
+FakeTensor tracing. `inject_noise` and `condition_noise` are the public entries.
+
+No autograd.Function and no autograd formula: nothing upstream of noise injection is trained (x0 and the image
 latents come from the frozen VAE), so the outputs carry no graph.
 
 Tested on CPU under the interpreter: B in {1, 2, 3}, F in {1, 2, 3, 4}, C in {2, 3, 4, 16}, h*w
@@ -296,6 +302,54 @@ def _launch_condition(frames, sigma, seed, offset, return_noise, block=None):
     return out, (eps if return_noise else None)
 
 
+# --------------------------------------------------------------------------- custom ops
+# The launchers as PyTorch custom ops, so the dispatcher (a dispatch mode, FakeTensor tracing, the meta
+# device) sees one op with known output shapes instead of Python. No autograd: the outputs carry no
+# graph (see the module docstring). Op arguments are int64, so the 64-bit seed and offset travel as their
+# signed two's-complement images and are turned back into the same unsigned key inside.
+# An output that is not asked for (eps without return_noise) is an empty [0] tensor.
+
+
+def _signed64(x: int) -> int:
+    return x - 2**64 if x >= 2**63 else x
+
+
+def _unsigned64(x: int) -> int:
+    return x & _MASK64
+
+
+if triton is not None:
+
+    @torch.library.custom_op("i2v::inject_noise", mutates_args=())
+    def inject_noise_op(x0: torch.Tensor, image_latents: torch.Tensor, sqrt_alpha: torch.Tensor,
+                        sqrt_one_minus_alpha: torch.Tensor, seed: int, offset: int, predict_v: bool,
+                        return_noise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(model_input [B, F, 2C, h, w], target [B, F, C, h, w], eps like x0 or empty [0]) in x0's dtype."""
+        model_input, target, eps = _launch_inject(
+            x0, image_latents, sqrt_alpha, sqrt_one_minus_alpha, _unsigned64(seed), _unsigned64(offset),
+            "v" if predict_v else "epsilon", return_noise,
+        )
+        return model_input, target, (x0.new_empty(0) if eps is None else eps)
+
+    @inject_noise_op.register_fake
+    def _inject_noise_fake(x0, image_latents, sqrt_alpha, sqrt_one_minus_alpha, seed, offset, predict_v,
+                           return_noise):
+        b, f, c, h, w = x0.shape
+        model_input = x0.new_empty((b, f, 2 * c, h, w))
+        return model_input, torch.empty_like(x0), (torch.empty_like(x0) if return_noise else x0.new_empty(0))
+
+    @torch.library.custom_op("i2v::condition_noise", mutates_args=())
+    def condition_noise_op(frames: torch.Tensor, sigma: torch.Tensor, seed: int, offset: int,
+                           return_noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frames + sigma * eps, eps or empty [0]) in frames' dtype."""
+        out, eps = _launch_condition(frames, sigma, _unsigned64(seed), _unsigned64(offset), return_noise)
+        return out, (frames.new_empty(0) if eps is None else eps)
+
+    @condition_noise_op.register_fake
+    def _condition_noise_fake(frames, sigma, seed, offset, return_noise):
+        return torch.empty_like(frames), (torch.empty_like(frames) if return_noise else frames.new_empty(0))
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -320,7 +374,7 @@ def _resolve_backend(backend, tensor):
     if backend == "triton":
         if triton is None:
             raise ValueError("backend='triton' needs the triton package, which is not installed")
-        if not tensor.is_cuda and not _INTERPRET:
+        if not (tensor.is_cuda or tensor.is_meta) and not _INTERPRET:
             raise ValueError(
                 f"backend='triton' on a {tensor.device.type} tensor needs TRITON_INTERPRET=1 set before "
                 "i2v.kernels.noise is imported"
@@ -369,8 +423,9 @@ def inject_noise(
     if _resolve_backend(backend, x0) == "triton":
         if image_latents.dtype not in _DTYPES:
             raise ValueError(f"image_latents must be float32, float16 or bfloat16, got {image_latents.dtype}")
-        model_input, target, eps = _launch_inject(
-            x0, image_latents, sqrt_alpha, sqrt_one_minus_alpha, seed, offset, prediction, return_noise
+        model_input, target, eps = inject_noise_op(
+            x0, image_latents, sqrt_alpha, sqrt_one_minus_alpha, _signed64(seed), _signed64(offset),
+            prediction == "v", return_noise,
         )
         return (model_input, target, eps) if return_noise else (model_input, target)
 
@@ -393,7 +448,7 @@ def condition_noise(frames, sigma, seed, offset=0, backend="auto", return_noise=
     seed, offset = _check_key(seed, offset)
 
     if _resolve_backend(backend, frames) == "triton":
-        out, eps = _launch_condition(frames, sigma, seed, offset, return_noise)
+        out, eps = condition_noise_op(frames, sigma, _signed64(seed), _signed64(offset), return_noise)
         return (out, eps) if return_noise else out
 
     noise = torch_noise(frames, seed, offset, _CONDITION_STREAM)
