@@ -1,0 +1,115 @@
+"""The traffic counter (bench/_traffic.py) on a module counted by hand, and bench/block_traffic.py at the tiny shape."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from i2v.kernels import attention  # noqa: F401  (registers the i2v:: attention ops)
+from i2v.model.flops import training_flops
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from _traffic import TrafficCounter, distinct_elements, kind_of  # noqa: E402
+
+
+def test_counter_on_a_module_counted_by_hand():
+    # Linear(4 -> 5) on [2, 3, 4] -> GELU -> + a bias broadcast over [2, 3, 5] -> squared (z * z) -> a view.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, generator=g)
+    linear = torch.nn.Linear(4, 5)
+    bias = torch.randn(5, generator=g)
+    counter = TrafficCounter()
+    with torch.no_grad(), counter:
+        y = F.gelu(linear(x))
+        z = y + bias.expand(2, 3, 5)
+        out = (z * z).view(6, 5)
+    assert out.shape == (6, 5)
+    fwd = counter.report()["forward"]
+    # Launches: addmm (linear: its transpose and reshapes are views), gelu, add, mul; the view is free.
+    assert fwd["launches"] == 4
+    assert fwd["launches_by_kind"] == {"gemm": 1, "other": 3}
+    # GEMM: 2 * M * N * K = 2 * 6 * 5 * 4.
+    assert fwd["gemm_flops"] == 240 and fwd["attention_flops"] == 0
+    # Bytes (fp32): gelu reads 30, writes 30; add reads 30 + the bias's 5 real elements, writes 30;
+    # z * z reads z once (30) and writes 30.  (60 + 65 + 60) * 4.
+    assert fwd["bytes"] == 740
+    assert fwd["ops"] == {"aten.add": {"launches": 1, "bytes": 260}, "aten.gelu": {"launches": 1, "bytes": 240},
+                          "aten.mul": {"launches": 1, "bytes": 240}, "aten.addmm": {"launches": 1, "bytes": 0}}
+    # The GEMM's own traffic, kept apart: reads x (24), W (20), b (5), writes 30.
+    assert fwd["gemm_bytes"] == (24 + 20 + 5 + 30) * 4
+    assert counter.report()["backward"]["launches"] == 0
+
+
+def test_views_allocations_and_in_place_writes():
+    counter = TrafficCounter()
+    a = torch.zeros(4, 6)
+    with counter:
+        a.t().unsqueeze(0).expand(2, 6, 4).permute(0, 2, 1)[:, 1:].detach()  # all views
+        torch.empty(8)
+        a[:, :3].copy_(torch.ones(3))  # ones: writes 3; copy_: reads the 3 source elements once, writes 12
+        a.add_(1.0)  # reads 24, writes 24 (one write, though it returns its argument)
+    fwd = counter.report()["forward"]
+    assert fwd["launches"] == 3
+    assert fwd["ops"]["aten.ones"]["bytes"] == 3 * 4
+    assert fwd["ops"]["aten.copy_"]["bytes"] == (3 + 12) * 4
+    assert fwd["ops"]["aten.add_"]["bytes"] == (24 + 24) * 4
+    assert distinct_elements(torch.ones(5).expand(7, 5)) == 5
+    assert kind_of(torch.ops.aten.transpose.int) == "view" and kind_of(torch.ops.aten.mm.default) == "gemm"
+    assert kind_of(torch.ops.i2v.flash_attention_fwd.default) == "attention"
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("traffic") / "block_traffic.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "bench/block_traffic.py", "--shape", "tiny", "--out", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "checkpointing all" in r.stdout and "top 10" in r.stdout
+    return json.loads(out.read_text())
+
+
+def test_tiny_block_phases(tiny_report):
+    rep = tiny_report
+    assert rep["mode"] == "meta-device proxy, not a GPU measurement"
+    assert rep["shape"]["name"] == "tiny" and rep["shape"]["text"] == 8 and rep["shape"]["video"] == 3 * 8 * 8
+    assert rep["commit"] and rep["torch"] == torch.__version__ and rep["diffusers"]
+    none, full = rep["checkpointing"]["none"], rep["checkpointing"]["all"]
+    for phase in ("forward", "recompute", "backward"):
+        assert full[phase]["launches"] > 0 and full[phase]["bytes"] > 0
+    assert none["recompute"]["launches"] == none["recompute"]["bytes"] == 0
+    assert none["forward"] == full["forward"] and none["backward"] == full["backward"]
+    # Our attention op: one forward launch, and one backward launch in each of forward, recompute and backward.
+    for rep_ in (none, full):
+        assert rep_["forward"]["ops"]["i2v.flash_attention_fwd"]["launches"] == 1
+        assert rep_["backward"]["ops"]["i2v.flash_attention_bwd"]["launches"] == 1
+    assert full["recompute"]["ops"]["i2v.flash_attention_fwd"]["launches"] == 1
+    # The recompute stops early, after the last tensor the backward needs: never more than the forward.
+    assert full["recompute"]["launches"] <= full["forward"]["launches"]
+    assert full["recompute"]["gemm_flops"] == full["forward"]["gemm_flops"]
+    assert len(full["top_ops"]) == 10 and full["top_ops"][0]["bytes"] >= full["top_ops"][-1]["bytes"]
+
+
+def test_tiny_block_flops_match_the_cost_model(tiny_report):
+    sys.path.insert(0, str(REPO / "bench"))
+    from block_traffic import arch_of, latent_shape
+
+    arch = arch_of("tiny")
+    frames, h, w = latent_shape(arch)
+    one, two = (training_flops({**arch, "num_layers": n}, frames, h, w) for n in (1, 2))
+    per_block_fwd, per_block_bwd = two.forward - one.forward, two.backward - one.backward
+    full = tiny_report["checkpointing"]["all"]
+    fwd, bwd = full["forward"], full["backward"]
+    # The cost model's block forward is its linears (GEMMs) plus 4·S²·d of attention; backward twice each.
+    s, d = 8 + 192, arch["num_attention_heads"] * arch["attention_head_dim"]
+    assert fwd["attention_flops"] == 4 * s * s * d
+    assert fwd["gemm_flops"] + fwd["attention_flops"] == per_block_fwd
+    assert bwd["gemm_flops"] + bwd["attention_flops"] == per_block_bwd == 2 * per_block_fwd
+    assert full["recompute"]["gemm_flops"] + full["recompute"]["attention_flops"] == per_block_fwd
