@@ -34,6 +34,9 @@ The rules (what the figures mean):
   Attention forward: 4·B·H·Sq·Sk·D (QK^T and PV); backward: twice that, 8·B·H·Sq·Sk·D, the model-FLOP
   convention of `i2v.model.flops` (a flash kernel's recompute of the scores is not counted).
   Other ops: no FLOPs.
+- Regions. `region_marker(name, fn)` wraps a function so that its ops count, in addition, under
+  `regions[name]` of the phase: in the forward (and recompute) while it runs, and in the backward
+  for the autograd nodes it created (found by walking its outputs' graph back to its inputs').
 """
 
 from __future__ import annotations
@@ -190,6 +193,7 @@ class PhaseTotals:
         self.syncs = 0
         self.launches_by_kind = collections.Counter()
         self.ops = collections.defaultdict(lambda: [0, 0])  # "aten.op" -> [launches, bytes]
+        self.regions = collections.defaultdict(lambda: [0, 0])  # region -> [launches, non-GEMM bytes]
 
     def as_dict(self) -> dict:
         return {
@@ -198,6 +202,7 @@ class PhaseTotals:
             "attention_bytes": self.attention_bytes, "syncs": self.syncs,
             "launches_by_kind": dict(self.launches_by_kind),
             "ops": {k: {"launches": v[0], "bytes": v[1]} for k, v in sorted(self.ops.items())},
+            "regions": {k: {"launches": v[0], "bytes": v[1]} for k, v in sorted(self.regions.items())},
         }
 
 
@@ -208,6 +213,8 @@ class TrafficCounter(TorchDispatchMode):
         super().__init__()
         self.phase = "forward"
         self.totals = {p: PhaseTotals() for p in PHASES}
+        self._active: list[str] = []  # regions running now (forward, recompute)
+        self._node_region: dict = {}  # autograd node -> region that created it (backward)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -238,6 +245,13 @@ class TrafficCounter(TorchDispatchMode):
         else:
             t.bytes += nbytes
             t.ops[op][1] += nbytes
+        region = self._active[-1] if self._active else None
+        if region is None and self.phase == "backward":
+            node = torch._C._current_autograd_node()
+            region = self._node_region.get(node) if node is not None else None
+        if region is not None:
+            t.regions[region][0] += 1
+            t.regions[region][1] += nbytes if kind == "other" else 0
 
     @contextlib.contextmanager
     def in_phase(self, phase: str):
@@ -263,6 +277,31 @@ class TrafficCounter(TorchDispatchMode):
 
         return wrapped
 
+    def region_marker(self, name: str, fn):
+        """Wrap `fn` so that its ops, and in the backward those of the autograd nodes it made, count under `name`."""
+
+        def tensors(tree):
+            return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            before = {t.grad_fn for t in tensors((args, kwargs)) if t.grad_fn is not None}
+            self._active.append(name)
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self._active.pop()
+            stack = [t.grad_fn for t in tensors(out) if t.grad_fn is not None]
+            while stack:
+                node = stack.pop()
+                if node in before or node in self._node_region or type(node).__name__ == "AccumulateGrad":
+                    continue
+                self._node_region[node] = name
+                stack += [n for n, _ in node.next_functions if n is not None]
+            return out
+
+        return wrapped
+
     def report(self) -> dict:
         phases = {p: self.totals[p].as_dict() for p in PHASES}
         total = {key: sum(phases[p][key] for p in PHASES)
@@ -274,6 +313,12 @@ class TrafficCounter(TorchDispatchMode):
                 ops[name]["launches"] += v["launches"]
                 ops[name]["bytes"] += v["bytes"]
         total["ops"] = dict(sorted(ops.items(), key=lambda kv: -kv[1]["bytes"]))
+        regions = collections.defaultdict(lambda: {"launches": 0, "bytes": 0})
+        for p in PHASES:
+            for name, v in phases[p]["regions"].items():
+                regions[name]["launches"] += v["launches"]
+                regions[name]["bytes"] += v["bytes"]
+        total["regions"] = dict(regions)
         return {**phases, "total": total}
 
 

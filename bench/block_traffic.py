@@ -17,6 +17,8 @@ into forward, recompute (the checkpointed block's forward run again inside the b
 wrapping the block's forward) and backward (all of it, not only the block's: the whole training
 step's share for one block, with the gradients of the block's two outputs given, as the next block
 would give them; parameter gradients are the first of the step, so nothing is accumulated).
+diffusers' `apply_rotary_emb` is also counted as a region (its ops forward and recompute, and its
+autograd nodes' ops in the backward; the processor's writes of its result into Q and K are not in it).
 
     python bench/block_traffic.py [--shape 5b|tiny] [--attention triton|torch] [--checkpointing none,all]
                                   [--top 10] [--out bench/results/block_traffic.json]
@@ -113,6 +115,8 @@ def _sdpa_as_flash(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
 
 def count_block(shape: str = "5b", attention: str = "triton", checkpointing: str = "all") -> dict:
     """Launches, bytes and FLOPs of one block's training step, per phase (see the module docstring)."""
+    from diffusers.models import embeddings
+
     from i2v.model.transformer import rotary_embeddings
 
     arch = arch_of(shape)
@@ -135,6 +139,9 @@ def count_block(shape: str = "5b", attention: str = "triton", checkpointing: str
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if attention == "torch":
         torch.nn.functional.scaled_dot_product_attention = _sdpa_as_flash
+    # Both processors import diffusers' apply_rotary_emb when called: its traffic is reported as a region.
+    rope = embeddings.apply_rotary_emb
+    embeddings.apply_rotary_emb = counter.region_marker("apply_rotary_emb", rope)
     try:
         with counter:
             if torch.is_grad_enabled() and model.gradient_checkpointing:  # the model's own loop
@@ -146,6 +153,7 @@ def count_block(shape: str = "5b", attention: str = "triton", checkpointing: str
                 torch.autograd.backward(out, grads)
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
+        embeddings.apply_rotary_emb = rope
     missing = [n for n, p in model.named_parameters() if n.startswith("transformer_blocks.0") and p.grad is None]
     assert not missing, f"no gradient reached {missing}"
     report = counter.report()
@@ -204,6 +212,9 @@ def main(argv=None) -> dict:
         except ValueError as e:
             ap.error(str(e))
         print_table(s, report)
+        for name, v in report["total"]["regions"].items():
+            per = ", ".join(f"{p} {_mb(report[p]['regions'].get(name, {}).get('bytes', 0)).strip()}" for p in PHASES)
+            print(f"  region {name}: {v['launches']} launches, {_mb(v['bytes']).strip()} MB ({per})")
         print(f"  top {args.top} non-GEMM, non-attention ops by bytes (all phases):")
         for name, launches, nbytes in top_ops(report, args.top):
             print(f"    {name:<40} {launches:>5} launches {_mb(nbytes)} MB")

@@ -95,6 +95,12 @@ def test_tiny_block_phases(tiny_report):
     # The recompute stops early, after the last tensor the backward needs: never more than the forward.
     assert full["recompute"]["launches"] <= full["forward"]["launches"]
     assert full["recompute"]["gemm_flops"] == full["forward"]["gemm_flops"]
+    # diffusers' apply_rotary_emb on Q and K: 8 launches each (neg, stack, 3 casts, 2 muls, add), forward and
+    # recompute; its autograd nodes' ops in the backward.
+    rope = {p: full[p]["regions"]["apply_rotary_emb"] for p in ("forward", "recompute", "backward")}
+    assert rope["forward"] == rope["recompute"] and rope["forward"]["launches"] == 16
+    assert rope["backward"]["launches"] > 0 and rope["backward"]["bytes"] > 0
+    assert "apply_rotary_emb" not in none["recompute"]["regions"]
     assert len(full["top_ops"]) == 10 and full["top_ops"][0]["bytes"] >= full["top_ops"][-1]["bytes"]
 
 
