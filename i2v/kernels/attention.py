@@ -460,12 +460,25 @@ def _flash_bwd(do, q, k, v, o, lse, scale, need_dq=True, need_dkdv=True):
     return dq, dk, dv
 
 
+# The forward as one torch op, so that a dispatch mode sees it whole: selective activation checkpointing
+# (i2v.model.checkpointing) keeps its outputs instead of launching the kernel again in backward.
+@torch.library.custom_op("i2v::flash_attention_fwd", mutates_args=())
+def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _flash_fwd(q, k, v, scale)
+
+
+@_flash_fwd_op.register_fake
+def _(q, k, v, scale):
+    b, h, n_q, _ = q.shape
+    return _bshd_like(q), q.new_empty((b * h, n_q), dtype=torch.float32)
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: saves Q, K, V, O and the base-2 logsumexp; the backward recomputes P."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        o, lse = _flash_fwd(q, k, v, scale)
+        o, lse = _flash_fwd_op(q, k, v, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
         return o
