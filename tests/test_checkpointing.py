@@ -51,11 +51,16 @@ class CoreCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("backend", ["torch", "ours-torch", "triton"])
-def test_every_setting_gives_the_loss_and_gradients_of_all(backend):
-    """diffusers' processor (kernels.attention: torch) and ours on SDPA and on the Triton kernel."""
+@pytest.mark.parametrize("backend", ["torch", "ours-torch", "triton", "torch-zero3-linear"])
+def test_every_setting_gives_the_loss_and_gradients_of_all(backend, monkeypatch):
+    """diffusers' processor (kernels.attention: torch) and ours on SDPA and on the Triton kernel; and under
+    DeepSpeed ZeRO-3's replacement of F.linear, which adds the bias in place."""
+    if backend == "torch-zero3-linear":
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+        monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
     model = random_model(tiny_arch())
-    apply_attention_backend(model, "torch" if backend == "torch" else "triton")
+    apply_attention_backend(model, "triton" if backend == "triton" else "torch")
     if backend == "ours-torch":
         for block in model.transformer_blocks:
             block.attn1.set_processor(CogVideoXFlashAttnProcessor("torch"))

@@ -25,6 +25,8 @@ policy sees every aten op the block runs and says MUST_SAVE or PREFER_RECOMPUTE.
 - the attention core, recognised by its op: torch's fused SDPA ops and the Triton kernel's forward
   (`i2v::flash_attention_fwd`, a torch custom op for this reason: an opaque kernel launch would be invisible).
 Views are recomputed (they are free), so a saved projection output does not pin its input's storage.
+An op that finishes a projection's output in place inside the region (DeepSpeed's ZeRO-3 linear adds
+its bias with `+=`) is kept as well, so the recompute neither reruns it nor sees a stale value.
 Random ops would be replayed with the block's RNG state, as in full checkpointing (dropout is 0 here).
 Under sequence parallelism the all-to-alls sit between the projections and the core: they rerun in
 backward, as they do under "all".
@@ -130,7 +132,11 @@ def _run_block(decisions: dict, block, *args):
         return block(*args)
     if kind == "all":
         return checkpoint(block.__call__, *args, use_reentrant=False)
-    context = functools.partial(create_selective_checkpoint_contexts, _policy)
+    # A projection may finish its output in place (DeepSpeed's ZeRO-3 linear adds the bias with `+=`): the
+    # in-place op runs inside the region and is kept too, so the recompute takes the finished tensor and
+    # runs neither op again. Nothing outside the regions writes into a kept tensor: QK-norm makes new Q and K
+    # before RoPE writes into them (apply_checkpointing refuses blocks without it).
+    context = functools.partial(create_selective_checkpoint_contexts, _policy, allow_cache_entry_mutation=True)
     return checkpoint(block.__call__, *args, use_reentrant=False, context_fn=context)
 
 
@@ -147,6 +153,9 @@ def apply_checkpointing(model, setting) -> None:
     for block, kind in zip(blocks, kinds):
         if kind != "selective":
             continue
+        if any(getattr(m, "norm_q", 0) is None or getattr(m, "norm_k", 0) is None for m in block.modules()):
+            raise ValueError("gradient checkpointing 'selective' needs the QK norm (qk_norm) in every block: without "
+                             "it RoPE writes into the kept Q and K; use 'all' or a number of blocks")
         for module in block.modules():
             for name in PROJECTIONS:
                 child = getattr(module, name, None)
