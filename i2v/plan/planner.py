@@ -205,7 +205,7 @@ def describe_checkpointing(cfg: Config, plan: Plan) -> str:
     layers = plan.arch["num_layers"]
     what = plan.checkpointing
     if isinstance(what, int):
-        what = f"{what} (the first {what} of {layers} blocks)"
+        what = f"{what} of {layers} blocks"
     asked = plan.requested if not isinstance(plan.requested, bool) else str(plan.requested).lower()
     return (f"gradient checkpointing: {asked} -> {what} (predicted peak {plan.peak_bytes / GiB:.1f} GiB of "
             f"{plan.gpu_mem_bytes / GiB:.0f} GiB, headroom {plan.headroom_bytes / GiB:.1f} GiB)")
