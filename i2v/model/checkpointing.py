@@ -163,7 +163,6 @@ def apply_checkpointing(model, setting) -> None:
                     hooks.append(child.register_forward_pre_hook(_enter))
                     hooks.append(child.register_forward_hook(_leave, always_call=True))
     model._i2v_checkpoint_hooks = hooks
-    model._i2v_checkpointing = normalize(len(blocks), setting)
     if all(k == "none" for k in kinds):
         model.disable_gradient_checkpointing()
         return
