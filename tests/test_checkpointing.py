@@ -137,7 +137,8 @@ MEASURED = dict(num_attention_heads=4, attention_head_dim=16, in_channels=8, out
                 max_text_seq_length=8, use_rotary_positional_embeddings=True)
 
 
-def test_bytes_each_block_keeps_match_the_memory_model():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bytes_each_block_keeps_match_the_memory_model(backend):
     """What a block's forward leaves alive for backward, per setting, against `activation_bytes`.
 
     torch's saved-tensor hooks cannot see this under checkpointing (the checkpoint's own hooks replace
@@ -147,9 +148,11 @@ def test_bytes_each_block_keeps_match_the_memory_model():
     model counts outside the blocks.
     """
     model = random_model(MEASURED)
-    frames, height, width = 3, 32, 32
+    apply_attention_backend(model, backend)
+    # The Triton interpreter pays per tile: a quarter of the tokens there (200, still mostly per-block bytes).
+    frames, height, width = (3, 32, 32) if backend == "torch" else (3, 16, 16)
     model_bytes = activation_bytes(model.config, frames, height, width, micro_batch=1, dtype_bytes=4,
-                                   attention="torch").kept_per_block
+                                   attention=backend).kept_per_block
     for setting in ("none", "selective", "all"):
         measured = kept_bytes_per_block(model, setting, frames, height, width)[1:]
         for got in measured:
@@ -208,3 +211,45 @@ def test_recompute_flops_are_what_torch_counts_again():
             want -= (1 if setting == 1 else 3) * 4 * tokens**2 * d
         got = counted[setting] - counted["none"]
         assert abs(got - want) <= 0.03 * want, f"{setting}: recompute counted {got:,}, modelled {want:,}"
+
+
+def test_lora_with_dropout_trains_the_same_under_every_setting():
+    """As the trainer builds it: checkpointing applied to the base, then LoRA adapters (with dropout, whose
+    masks the recompute must draw again identically) wrapped around the projections."""
+    from i2v.config.schema import LoRAConfig, ModelConfig
+    from i2v.model.adapters import with_lora
+
+    lora = ModelConfig(arch=tiny_arch(), lora=LoRAConfig(rank=4, dropout=0.2, init="gaussian",
+                                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                                         extra_trainable=["proj_out"]))
+    results = {}
+    for setting in ("all", "none", 1, "selective"):
+        model = random_model(tiny_arch())
+        apply_checkpointing(model, setting)
+        model = with_lora(model, lora, seed=3)
+        with torch.no_grad():  # B starts at zero: make the adapters' path count in the loss too
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+        torch.manual_seed(5)
+        loss = model(**inputs(model, 3, 8, 8))[0].square().mean()
+        loss.backward()
+        results[setting] = loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    torch.manual_seed(6)  # other dropout masks, another loss: the masks are in play
+    with torch.no_grad():
+        assert model(**inputs(model, 3, 8, 8))[0].square().mean().item() != pytest.approx(results["selective"][0])
+    ref_loss, ref_grads = results["all"]
+    assert any("lora_A" in n for n in ref_grads)
+    for setting, (loss, grads) in results.items():
+        assert loss == pytest.approx(ref_loss, rel=1e-6), setting
+        for name, grad in grads.items():
+            err = (grad - ref_grads[name]).abs().max().item()
+            assert err <= 1e-6 * ref_grads[name].abs().max().item(), f"{setting}: {name} differs by {err:.3e}"
+
+
+def test_selective_refuses_a_block_without_qk_norm():
+    model = random_model(tiny_arch())
+    model.transformer_blocks[1].attn1.norm_k = None
+    apply_checkpointing(model, "all")  # full recompute has nothing kept to overwrite
+    with pytest.raises(ValueError, match="'selective' needs the QK norm"):
+        apply_checkpointing(model, "selective")

@@ -20,8 +20,9 @@ state_dict keys stay those of diffusers.
 Selective uses torch's selective activation checkpointing (`create_selective_checkpoint_contexts`): a
 policy sees every aten op the block runs and says MUST_SAVE or PREFER_RECOMPUTE. It saves:
 - every non-view op run inside a Q/K/V projection module (`to_q`, `to_k`, `to_v`, or a fused `to_qkv`);
-  forward hooks on those modules mark the region (`keep_activations`), so it works with diffusers'
-  processors and ours alike, and with LoRA adapters whether they wrap the projection before or after;
+  forward hooks on those modules mark the region, so it works with diffusers' processors and ours alike
+  (attention processors are swapped after the model is built) and with LoRA adapters, whether they wrap
+  the projection before the hooks are set (the whole adapted projection is kept) or after (its base is);
 - the attention core, recognised by its op: torch's fused SDPA ops and the Triton kernel's forward
   (`i2v::flash_attention_fwd`, a torch custom op for this reason: an opaque kernel launch would be invisible).
 Views are recomputed (they are free), so a saved projection output does not pin its input's storage.
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import threading
-from contextlib import contextmanager
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -61,22 +61,14 @@ def _depth() -> int:
     return getattr(_region, "depth", 0)
 
 
-@contextmanager
-def keep_activations():
-    """Ops run inside are saved (not recomputed) by a selectively checkpointed block."""
-    _region.depth = _depth() + 1
-    try:
-        yield
-    finally:
-        _region.depth -= 1
-
-
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     if op.name() in CORE_OPS or (_depth() > 0 and not op.is_view):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+# Forward hooks on the projection modules bracket the region where ops are kept (a thread-local depth:
+# the recompute fires the same hooks, so it sees the same region).
 def _enter(module, args):
     _region.depth = _depth() + 1
 
