@@ -189,6 +189,16 @@ def test_auto_picks_the_least_recompute_that_fits():
     assert make_plan(load_config(REPO / "configs" / "tiny.yaml", ["model.gradient_checkpointing=true"]), 1, 4).checkpointing == "all"
 
 
+def test_training_start_resolves_auto_on_this_machine():
+    """What launcher/train.py hands the trainer: on a CPU, auto is judged against the host's memory."""
+    from i2v.plan.planner import checkpointing_at_start
+
+    assert checkpointing_at_start(load_config(REPO / "configs" / "tiny.yaml"), 1) == (None, None)  # a named setting
+    setting, line = checkpointing_at_start(load_config(REPO / "configs" / "tiny.yaml", ["model.gradient_checkpointing=auto"]), 1)
+    assert setting == "none"  # the tiny model fits anywhere
+    assert line.startswith("gradient checkpointing: auto -> none (predicted peak ") and "host memory" in line
+
+
 def test_recompute_flops_are_what_torch_counts_again():
     """FlopCounterMode (which does not count the CPU flash-attention op, so the cores cancel out) sees the
     recompute as the difference from a run without checkpointing; the cost model's `recompute` predicts it."""

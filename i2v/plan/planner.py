@@ -6,6 +6,11 @@ then prices one optimizer step with the cost model (`i2v.model.flops`) and the m
 (`i2v.plan.memory`) at the config's clip geometry (the largest bucket when there are buckets).
 The latent shape follows the configured VAE's compression (`i2v.config.schema.vae_compression`).
 `render` prints it; `launcher/plan.py` is the command.
+
+Every gradient-checkpointing setting is priced (none, selective, the first N blocks, all);
+`model.gradient_checkpointing: auto` takes the one with the least recompute whose peak fits the
+accelerator's memory less the headroom (`resolve_checkpointing`; at training start
+`checkpointing_at_start`, on the rank's own device).
 """
 
 from __future__ import annotations
