@@ -232,7 +232,7 @@ def shape_benchmark(args) -> dict:
         "i2v": ours, "stock": stock, "speedup": stock["step_s"] / ours["step_s"], "goal_speedup": 1.3, "goal_mfu": 0.4,
         "planner": {"peak_gb": plan.peak_bytes / 2**30, "measured_peak_gb": measured,
                     "estimate_over_measured": plan.peak_bytes / 2**30 / measured if measured else None,
-                    "state_gb": plan.state.device / 2**30, "activations_gb": plan.activations[True].peak / 2**30},
+                    "state_gb": plan.state.device / 2**30, "activations_gb": plan.activations["all"].peak / 2**30},
     }
 
 

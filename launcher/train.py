@@ -29,12 +29,15 @@ def main():
         return 0
 
     from i2v.core.distributed import init_distributed, shutdown
+    from i2v.plan.planner import checkpointing_at_start
     from i2v.train.trainer import Trainer
 
+    # `model.gradient_checkpointing: auto` is decided here, by the memory model, on this rank's device.
+    checkpointing = checkpointing_at_start(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     env = init_distributed()
     trainer = None
     try:
-        trainer = Trainer(cfg, env)
+        trainer = Trainer(cfg, env, checkpointing=checkpointing)
         trainer.train()
     except BaseException:
         shutdown(clean=False)

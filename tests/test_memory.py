@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from conftest import REPO
 from i2v.core.diffusion import loss_v_mse
+from i2v.model.checkpointing import apply_checkpointing
 from i2v.plan.memory import activation_bytes
 from i2v.model.transformer import predict, rotary_embeddings
 from runs import ENV, MID, TORCHRUN, tiny_arch
@@ -27,8 +28,7 @@ def measure_activations(arch, frames, height, width, batch, checkpointing):
     """(bytes the forward and loss leave allocated, peak bytes above that during backward)."""
     torch.manual_seed(0)
     model = CogVideoXTransformer3DModel(**arch)
-    if checkpointing:
-        model.enable_gradient_checkpointing()
+    apply_checkpointing(model, checkpointing)
     c = model.config
     rotary = rotary_embeddings(c, frames, height, width, "cpu")
     t = torch.randint(0, 1000, (batch,))
@@ -60,7 +60,8 @@ def measure_activations(arch, frames, height, width, batch, checkpointing):
     ("tiny", (3, 8, 8), 2, True),
     ("mid", (7, 16, 24), 1, False),
     ("mid", (7, 16, 24), 1, True),
-], ids=["tiny", "tiny-checkpointed", "mid", "mid-checkpointed"])
+    ("mid", (7, 16, 24), 1, "selective"),
+], ids=["tiny", "tiny-checkpointed", "mid", "mid-checkpointed", "mid-selective"])
 def test_activation_estimate_matches_bytes_held(arch, shape, batch, checkpointing):
     arch = tiny_arch() if arch == "tiny" else MID
     held, backward_peak = measure_activations(arch, *shape, batch, checkpointing)

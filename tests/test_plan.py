@@ -34,10 +34,12 @@ def test_too_small_gpus_do_not_fit_and_the_plan_names_what_would():
     cfg = load_config(REPO / "configs" / "cogvideox-5b-i2v.yaml", ["model.gradient_checkpointing=false"])
     plan = make_plan(cfg, gpus=8, gpu_mem_gb=40)
     assert not plan.fits
-    assert plan.activations[False].peak > 10 * plan.activations[True].peak  # what checkpointing buys at 17,776 tokens
+    assert plan.checkpointing == "none" and plan.reason == "configured"
+    assert plan.activations["none"].peak > 10 * plan.activations["all"].peak  # what checkpointing buys at 17,776 tokens
+    assert plan.activations["all"].peak < plan.activations["selective"].peak < plan.activations["none"].peak
     from i2v.plan.planner import alternatives
 
-    assert alternatives(cfg, plan)[0].startswith("model.gradient_checkpointing=true ")
+    assert alternatives(cfg, plan)[0].startswith("model.gradient_checkpointing=auto (picks ")
 
 
 def test_zero3_and_offload_move_state_off_the_gpu():
@@ -75,7 +77,7 @@ def test_plan_memory_figures_are_the_memory_model_of_the_tiny_config():
     assert plan.counts.total == plan.counts.trainable > 0 and plan.fits
     # DeepSpeed's 5e8-element fp32 reduction bucket dwarfs a tiny model's own state.
     assert plan.state.buckets == 2_000_000_000
-    assert plan.peak_bytes == plan.state.device + plan.activations[False].peak < 4 * GiB
+    assert plan.peak_bytes == plan.state.device + plan.activations["none"].peak < 4 * GiB
 
 
 def test_lora_config_plans_the_adapters_as_the_only_trainable_state(capsys, monkeypatch):

@@ -116,7 +116,10 @@ def two_ranks(setup):
                              "train.max_steps=3"])
     checkpointed = ("sp2-checkpointed", ["deepspeed.zero_stage=2", "parallel.sequence_parallel_size=2",
                                          "model.gradient_checkpointing=true", "train.max_steps=3"])
-    return launch(setup, 2, [("dp2", ["deepspeed.zero_stage=2"]), *sp2, triton, checkpointed])
+    partial = [(f"sp2-checkpointed-{what}", ["deepspeed.zero_stage=2", "parallel.sequence_parallel_size=2",
+                                              f"model.gradient_checkpointing={what}", "train.max_steps=3"])
+               for what in ("selective", "1")]
+    return launch(setup, 2, [("dp2", ["deepspeed.zero_stage=2"]), *sp2, triton, checkpointed, *partial])
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +156,13 @@ def test_sp2_with_the_triton_kernel_trains_like_one_rank(one_rank, two_ranks):
 def test_sp2_with_gradient_checkpointing_trains_like_one_rank(one_rank, two_ranks):
     # Backward recomputes each block's forward, its all-to-alls included.
     assert_same_training(two_ranks["sp2-checkpointed"], one_rank["ref"], steps=3)
+
+
+@pytest.mark.parametrize("what", ["selective", "1"])
+def test_sp2_with_selective_or_first_block_checkpointing_trains_like_one_rank(one_rank, two_ranks, what):
+    # Selective: the all-to-alls between the kept projections and the kept attention core rerun in backward;
+    # 1: only the first block recomputes (the per-block decision of the SP block loop).
+    assert_same_training(two_ranks[f"sp2-checkpointed-{what}"], one_rank["ref"], steps=3)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

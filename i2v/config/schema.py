@@ -31,6 +31,8 @@ from typing import Any, Literal, Optional
 
 from i2v.core.errors import ConfigError
 
+CHECKPOINTING_VALUES = ("none, all, selective, auto, or an integer N >= 0 (the first N blocks); "
+                        "true/false mean all/none")
 REQUIRED: Any = "???"  # sentinel default of a field the YAML must set
 # Values that were renamed: a config that still says the old one is told the new one, not aliased.
 RENAMED = {"kernels.attention": {"sdpa": "torch"}}
@@ -96,7 +98,19 @@ class ModelConfig:
         "The planner reads it, so planning needs no weights.",
     )
     dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "Parameter dtype when not training under DeepSpeed mixed precision.")
-    gradient_checkpointing: bool = doc(False, "Recompute transformer blocks in backward to save activation memory.")
+    gradient_checkpointing: bool | int | Literal["none", "all", "selective", "auto"] = doc(
+        "none",
+        "Activation checkpointing of the transformer blocks (recompute in backward to save memory): `none`; `all` "
+        "(each block keeps only its input); an integer N (the first N blocks as `all`, the rest as `none`); "
+        "`selective` (every block keeps its Q/K/V projections' and attention core's outputs and recomputes the "
+        "norms, QK-norm, RoPE, output projection and feed-forward); `auto` (the cheapest of these whose "
+        "predicted peak fits the accelerator's memory less `memory_headroom_gb`; i2v.plan.planner.resolve_checkpointing). "
+        "true and false, the old form, mean `all` and `none`.",
+    )
+    memory_headroom_gb: Optional[float] = doc(
+        None, "GiB of accelerator memory that `gradient_checkpointing: auto` leaves free beyond its predicted peak "
+        "(CUDA context, workspaces, fragmentation); null means 10% of the accelerator's memory.",
+    )
     init_std: float = doc(0.02, "Std of the explicit normal init of Linear weights for a random-init (inline) model.")
     lora: LoRAConfig = doc(help="LoRA fine-tuning: adapters on a frozen base.", default_factory=LoRAConfig)
 
@@ -312,6 +326,9 @@ class Config:
             raise ConfigError("model: set model.pretrained (a diffusers transformer directory), model.arch (inline) "
                               "or model.arch_file (a config.json)")
         _check_exclusive(self)
+        ckpt = m.gradient_checkpointing
+        if isinstance(ckpt, int) and not isinstance(ckpt, bool) and ckpt < 0:
+            raise ConfigError(f"model.gradient_checkpointing: is {ckpt}, expected {CHECKPOINTING_VALUES}")
         if self.diffusion.t_max >= self.diffusion.num_train_timesteps:
             raise ConfigError(
                 f"diffusion.t_max: is {self.diffusion.t_max}, expected < diffusion.num_train_timesteps "
@@ -508,6 +525,7 @@ def check_validation(cfg: Config, training: bool = False) -> None:
 
 # Ranges of numeric fields: dotted key -> (low, high), inclusive; None is unbounded.
 _RANGES = {
+    "model.memory_headroom_gb": (0.0, None),
     "train.max_steps": (1, None),
     "run.lock_timeout_s": (1.0, None),
     "train.micro_batch_size": (1, None),

@@ -13,8 +13,10 @@ What is counted (the usual MFU convention):
   of the scores in its backward is an implementation's extra work, not counted.
 - the adaptive norms' and the timestep embedding's linears act once per sample, not per token.
 - elementwise work (norms, softmax, GELU, RoPE) is not counted.
-Gradient checkpointing reruns every transformer block's forward during backward; that work is
-`recompute`, outside the model FLOPs, so MFU uses `model` and HFU uses `hardware`.
+Gradient checkpointing reruns forward work during backward; that work is `recompute`, outside the
+model FLOPs, so MFU uses `model` and HFU uses `hardware`. By setting (`i2v.model.checkpointing`):
+"all" reruns every block's forward, an int N the first N blocks' forwards, "selective" every block's
+forward except the Q/K/V projections and the attention core (what it keeps), "none" nothing.
 
 Reference: CogVideoX-5b-I2V at 13x60x90 latents (49x480x720 clips) has 226 + 17,550 = 17,776
 tokens per sample and about 0.997 PFLOP of model FLOPs per sample.
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 class SampleFlops:
     forward: int
     backward: int
-    recompute: int  # gradient-checkpointing reruns of the blocks' forward (0 without it)
+    recompute: int  # gradient-checkpointing reruns of forward work in backward (0 without it)
     text_tokens: int
     video_tokens: int
 
@@ -60,14 +62,17 @@ def video_tokens(config: Mapping, frames: int, height: int, width: int) -> int:
 
 
 def training_flops(config: Mapping, frames: int, height: int, width: int, text_tokens: int | None = None,
-                   gradient_checkpointing: bool = False) -> SampleFlops:
+                   gradient_checkpointing="none") -> SampleFlops:
     """FLOPs of one training sample with latents of [frames, height, width].
 
     `config` is the model's full config (`model.config`, or a dict of every constructor
     argument); `text_tokens` defaults to its `max_text_seq_length` (prompts are padded to it).
     A 1.5-style model (`patch_size_t`) sees its latent frames padded up to a multiple of it,
-    as the trainer does.
+    as the trainer does. `gradient_checkpointing` is a resolved setting ("none", "all", "selective",
+    an int N; True/False mean "all"/"none").
     """
+    from i2v.model.checkpointing import block_counts
+
     c = dict(config)
     d = c["num_attention_heads"] * c["attention_head_dim"]
     p, pt = c["patch_size"], c.get("patch_size_t")
@@ -100,10 +105,13 @@ def training_flops(config: Mapping, frames: int, height: int, width: int, text_t
         outer += [linear(1, o, o, input_grad=False), linear(1, o, o)]
     block_fwd = sum(f for f, _ in block)
     layers = c["num_layers"]
+    # A selective block keeps the Q/K/V projections' and the attention core's outputs.
+    kept_fwd = 3 * block[0][0] + block[-1][0]
+    counts = block_counts(layers, gradient_checkpointing)
     return SampleFlops(
         forward=layers * block_fwd + sum(f for f, _ in outer),
         backward=layers * sum(b for _, b in block) + sum(b for _, b in outer),
-        recompute=layers * block_fwd if gradient_checkpointing else 0,
+        recompute=counts["all"] * block_fwd + counts["selective"] * (block_fwd - kept_fwd),
         text_tokens=text, video_tokens=video,
     )
 

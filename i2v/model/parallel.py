@@ -375,6 +375,7 @@ def sharded_forward(model, shard: VideoShard, hidden_states, encoder_hidden_stat
 
     kwargs = {**(attention_kwargs or {}), "video_shard": shard}
     for block in model.transformer_blocks:
+        # i2v.model.checkpointing's function decides per block (none, all or selective), as in diffusers' loop.
         if torch.is_grad_enabled() and model.gradient_checkpointing:
             video, text = model._gradient_checkpointing_func(block, video, text, emb, image_rotary_emb, kwargs)
         else:
@@ -405,15 +406,20 @@ def sharded_loss(model, inputs: dict, ofs, rotary, layout: Layout) -> torch.Tens
 
 
 def all_to_all_bytes(config, frames: int, height: int, width: int, micro_batch: int, dtype_bytes: int, sp: int,
-                     text_tokens: int | None = None, gradient_checkpointing: bool = False) -> int:
+                     text_tokens: int | None = None, gradient_checkpointing="none") -> int:
     """Bytes one rank sends per transformer layer and training step (forward + backward) at SP `sp`.
 
     Per layer the forward moves Q, K and V of the local tokens (3 vectors of width d = heads x
     head_dim per token, padding included), the attention output back (1), and the text's head
     gather (the text's d-wide vectors, once); each all-to-all keeps 1/sp of its input at home. The
-    backward moves the same amounts the other way; gradient checkpointing repeats the forward's.
+    backward moves the same amounts the other way; a checkpointed block repeats the forward's in its
+    recompute, fully or selectively (the all-to-alls lie between the kept projections and the kept
+    attention core, so they rerun), and the figure is the average over the layers under
+    `gradient_checkpointing` ("none", "all", "selective", N; True/False mean "all"/"none").
     Latents are [frames, height, width]; `text_tokens` defaults to the model's max_text_seq_length.
     """
+    from i2v.model.checkpointing import block_counts
+
     if sp == 1:
         return 0
     c = dict(config)
@@ -421,4 +427,6 @@ def all_to_all_bytes(config, frames: int, height: int, width: int, micro_batch: 
     text = c["max_text_seq_length"] if text_tokens is None else text_tokens
     per_rank = -(-video_tokens(c, frames, height, width) // sp)
     one_pass = micro_batch * d * (4 * per_rank + text) * (sp - 1) // sp
-    return (3 if gradient_checkpointing else 2) * one_pass * dtype_bytes
+    layers = c["num_layers"]
+    rerun = layers - block_counts(layers, gradient_checkpointing)["none"]
+    return (2 * layers + rerun) * one_pass * dtype_bytes // layers

@@ -17,6 +17,7 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
 from i2v.config import ModelConfig
+from i2v.model.checkpointing import apply_checkpointing, effective
 from i2v.core import seeding
 from i2v.core.errors import ConfigError
 
@@ -87,8 +88,12 @@ def transformer_arch(cfg: ModelConfig) -> dict:
     return {**defaults, **arch}
 
 
-def build_transformer(cfg: ModelConfig, seed: int = 0) -> CogVideoXTransformer3DModel:
-    """Load or construct the transformer; random init is explicit and seeded."""
+def build_transformer(cfg: ModelConfig, seed: int = 0, checkpointing=None) -> CogVideoXTransformer3DModel:
+    """Load or construct the transformer; random init is explicit and seeded.
+
+    `checkpointing` is `model.gradient_checkpointing` resolved (i2v.plan.planner.resolve_checkpointing turns
+    `auto` into none/selective/N/all); None applies the configured value (an unresolved `auto` runs as `all`).
+    """
     if cfg.pretrained:
         check_pretrained_dir(cfg.pretrained, "model.pretrained")
         conf = transformer_arch(ModelConfig(pretrained=cfg.pretrained))
@@ -111,8 +116,7 @@ def build_transformer(cfg: ModelConfig, seed: int = 0) -> CogVideoXTransformer3D
         torch.random.set_rng_state(gen_state)
         if cfg.dtype != "fp32":
             model = model.to(DTYPES[cfg.dtype])
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    apply_checkpointing(model, effective(cfg.gradient_checkpointing, checkpointing))
     return model
 
 

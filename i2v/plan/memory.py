@@ -23,10 +23,21 @@ the norms' outputs, Q and K before the QK norm, Q/K/V after RoPE, the attention 
 projections' inputs and outputs) and 2 of the feed-forward width (before and after the GELU);
 our Triton attention's output is already the output projection's input, one vector fewer.
 Outside the blocks: four more vectors per video token (the final norms and the output
-projection's input), the inputs and the loss's difference. With gradient checkpointing a block
-keeps only its inputs (one vector per token), and backward recomputes one block at a time, so
-the peak adds one block's full set. Sequence parallelism splits the video tokens over its
-group; text tokens are replicated.
+projection's input), the inputs and the loss's difference. Sequence parallelism splits the video
+tokens over its group; text tokens are replicated.
+
+What a block keeps depends on its checkpointing (`model.gradient_checkpointing`, see
+`i2v.model.checkpointing`):
+
+| block | kept per token until backward | backward's extra peak |
+|---|---|---|
+| none | the 15 d + 2 ffn vectors above | - |
+| all | its input: 1 vector of width d | the block's full set, recomputed |
+| selective | 5 vectors of width d (its input; Q, K and V as the projections return them; the attention core's output) and the core's fp32 logsumexp (one float per head) | the full set less what was kept |
+
+A setting of N checkpoints the first N blocks fully and leaves the rest as under none. Backward
+recomputes one block at a time, so the peak adds one block's recomputed activations (the largest
+of the checkpointed kinds present). `tests/test_checkpointing.py` measures the per-block figures.
 """
 
 from __future__ import annotations
@@ -166,13 +177,20 @@ def checkpoint_bytes(counts: ParamCounts, stage: int, precision: str, ema: bool 
 class ActivationBytes:
     held: int  # what the forward leaves for backward
     peak: int  # held plus, under gradient checkpointing, one block's recomputed activations
-    per_block: int = field(repr=False, default=0)
+    per_block: int = field(repr=False, default=0)  # one block's full set (what a block keeps without checkpointing)
+    kept_per_block: dict = field(repr=False, default_factory=dict)  # "none"/"all"/"selective" -> bytes one block keeps
 
 
 def activation_bytes(config, frames: int, height: int, width: int, micro_batch: int, dtype_bytes: int,
-                     gradient_checkpointing: bool, attention: str = "triton", text_tokens: int | None = None,
+                     gradient_checkpointing="none", attention: str = "triton", text_tokens: int | None = None,
                      sequence_parallel_size: int = 1) -> ActivationBytes:
-    """Activation bytes of one micro-batch on one rank (latents of [frames, height, width])."""
+    """Activation bytes of one micro-batch on one rank (latents of [frames, height, width]).
+
+    `gradient_checkpointing` is a resolved setting: "none", "all", "selective" or an int N (the
+    first N blocks); True and False mean "all" and "none".
+    """
+    from i2v.model.checkpointing import block_counts
+
     c = dict(config)
     d = c["num_attention_heads"] * c["attention_head_dim"]
     pt = c.get("patch_size_t") or 1
@@ -180,17 +198,19 @@ def activation_bytes(config, frames: int, height: int, width: int, micro_batch: 
     padded_frames = -(-frames // pt) * pt
     video = video_tokens(c, frames, height, width) // sequence_parallel_size
     seq = text + video
+    scale = micro_batch * dtype_bytes
     vectors = 15 * d + 2 * 4 * d - (d if attention == "triton" else 0)
-    per_block = seq * vectors
+    full = seq * vectors * scale
+    kept = {"none": full, "all": seq * d * scale,
+            "selective": seq * 5 * d * scale + micro_batch * seq * c["num_attention_heads"] * 4}
     # Outside the blocks, per video token: the last block's output, the final norm's output,
     # norm_out's normalised and modulated outputs; then the inputs (model input with the image
     # latents, prompt embeddings) and the loss's fp32 difference from the target.
     pixels = padded_frames * height * width // sequence_parallel_size
     outer = 4 * video * d + pixels * c["in_channels"] + text * c["text_embed_dim"]
     loss = micro_batch * 4 * pixels * c["out_channels"]
-    layers = c["num_layers"]
-    scale = micro_batch * dtype_bytes
-    kept = layers * seq * d if gradient_checkpointing else layers * per_block  # per micro-batch sample
-    held = (kept + outer) * scale + loss
-    peak = held + (per_block * scale if gradient_checkpointing else 0)
-    return ActivationBytes(held=held, peak=peak, per_block=per_block * scale)
+    counts = block_counts(c["num_layers"], gradient_checkpointing)
+    held = sum(n * kept[kind] for kind, n in counts.items()) + outer * scale + loss
+    recompute = max([full - (kept[kind] if kind == "selective" else 0) for kind in ("all", "selective")
+                     if counts[kind]], default=0)
+    return ActivationBytes(held=held, peak=held + recompute, per_block=full, kept_per_block=kept)

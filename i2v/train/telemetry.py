@@ -29,13 +29,16 @@ import torch
 
 from i2v.config import Config, resolve
 from i2v.core.distributed import DistEnv, all_mean
+from i2v.model.checkpointing import effective
 from i2v.model.flops import default_peak_tflops, training_flops
 from i2v.core.fsutil import fsync_dir, write_text_atomic
 
 
 class StepLogger:
-    def __init__(self, cfg: Config, env: DistEnv, model_config):
+    def __init__(self, cfg: Config, env: DistEnv, model_config, checkpointing=None):
+        """`checkpointing`: the gradient checkpointing the model runs (`auto` resolved); it prices the recompute (HFU)."""
         self.cfg, self.env, self.model_config = cfg, env, model_config
+        self.checkpointing = effective(cfg.model.gradient_checkpointing, checkpointing)
         self.flops_by_shape: dict = {}
         self.peak_tflops = cfg.train.peak_tflops
         if self.peak_tflops is None and env.device.type == "cuda":
@@ -78,7 +81,7 @@ class StepLogger:
         key = (frames, height, width, batch["prompt_embeds"].shape[1])
         if key not in self.flops_by_shape:
             self.flops_by_shape[key] = training_flops(self.model_config, frames, height, width, text_tokens=key[3],
-                                                      gradient_checkpointing=self.cfg.model.gradient_checkpointing)
+                                                      gradient_checkpointing=self.checkpointing)
         f, sp = self.flops_by_shape[key], self.cfg.parallel.sequence_parallel_size
         self.window["flops"] += b * f.model / sp
         self.window["hw_flops"] += b * f.hardware / sp

@@ -57,7 +57,8 @@ class TooManySkips(I2VError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv):
+    def __init__(self, cfg: Config, env: DistEnv, checkpointing: tuple = (None, None)):
+        """`checkpointing`: (setting, line) of `model.gradient_checkpointing: auto` resolved at start (launcher/train.py)."""
         self.cfg, self.env = cfg, env
         self.resolved = resolve(cfg, env.world_size)  # the accumulation at this world size
         self.out = cfg.run.output_dir
@@ -81,7 +82,8 @@ class Trainer:
             os.makedirs(self.out, exist_ok=True)
             dump_yaml(cfg, os.path.join(self.out, "config.yaml"))
 
-        model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed), cfg.model, seed=cfg.run.seed)
+        ckpt, ckpt_line = checkpointing
+        model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed, checkpointing=ckpt), cfg.model, seed=cfg.run.seed)
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
         self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
         noise_backend = resolve_backend(cfg.kernels.noise, env.device, "kernels.noise")
@@ -124,8 +126,12 @@ class Trainer:
         empty = load_empty_prompt(cfg.data.latent_shards, cfg.data.remote)
         self.objective = Objective(self.cfg, env.device, empty.to(env.device) if empty is not None else None,
                                    noise_backend, self.layout)
-        self.telemetry = StepLogger(cfg, env, self.engine.module.config)
+        self.telemetry = StepLogger(cfg, env, self.engine.module.config, checkpointing=ckpt)
         self.writer = self.telemetry.writer  # rank 0 only; None elsewhere
+        if ckpt_line:
+            self.log(ckpt_line)
+        if ckpt_line and self.writer is not None:
+            self.writer.add_text("run/gradient_checkpointing", ckpt_line, self.step)
         self.keys = KeyLog(self.out, env.rank) if cfg.data.log_keys else None
         self._preempt = 0  # the first stopping signal received, 0 for none
         self.validator = None
