@@ -20,7 +20,7 @@ would give them; parameter gradients are the first of the step, so nothing is ac
 diffusers' `apply_rotary_emb` is also counted as a region (its ops forward and recompute, and its
 autograd nodes' ops in the backward; the processor's writes of its result into Q and K are not in it).
 
-    python bench/block_traffic.py [--shape 5b|tiny] [--attention triton|torch] [--checkpointing none,all]
+    python bench/block_traffic.py [--shape 5b|tiny] [--attention triton|torch] [--checkpointing none,selective,all]
                                   [--top 10] [--out bench/results/block_traffic.json]
 
 It prints one table per checkpointing setting and the top ops by bytes, and writes JSON.
@@ -46,8 +46,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from _traffic import PHASES, TrafficCounter, top_ops  # noqa: E402
 
 SHAPES = {"5b": REPO / "configs" / "arch" / "cogvideox-5b-i2v.json", "tiny": REPO / "configs" / "tiny.yaml"}
-CHECKPOINTING = ("none", "all", "selective")
-AVAILABLE = ("none", "all")  # "selective" arrives with i2v.model.checkpointing
+CHECKPOINTING = ("none", "selective", "all")
 DEFAULT_OUT = REPO / "bench" / "results" / "block_traffic.json"
 
 
@@ -86,22 +85,13 @@ def build_model(arch: dict, attention: str, dtype=torch.bfloat16):
     return model
 
 
-def _install_checkpointing(block_or_model, setting: str):
-    """Gradient checkpointing of the blocks, as the trainer installs it: "none" or "all" today.
+def _install_checkpointing(model, setting: str):
+    """Gradient checkpointing of the blocks as the trainer installs it (i2v.model.checkpointing)."""
+    from i2v.model.checkpointing import apply_checkpointing
 
-    "all" is diffusers' own: `enable_gradient_checkpointing()`, which checkpoints every block with
-    torch.utils.checkpoint.checkpoint(use_reentrant=False) from the model's forward loop.
-    """
-    if setting == "selective":
-        raise ValueError("--checkpointing selective: not available in this version (it needs "
-                         "i2v.model.checkpointing.apply_checkpointing); use none or all")
-    if setting not in ("none", "all"):
+    if setting not in CHECKPOINTING:
         raise ValueError(f"--checkpointing must be among {', '.join(CHECKPOINTING)}, got {setting!r}")
-    model = block_or_model
-    if setting == "all":
-        model.enable_gradient_checkpointing()
-    elif getattr(model, "gradient_checkpointing", False):
-        model.disable_gradient_checkpointing()
+    apply_checkpointing(model, setting)
     return model
 
 
@@ -194,9 +184,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="5b")
     ap.add_argument("--attention", choices=("triton", "torch"), default="triton")
-    ap.add_argument("--checkpointing", default=",".join(AVAILABLE),
-                    help=f"comma-separated among {', '.join(CHECKPOINTING)} (default: those available: "
-                         f"{', '.join(AVAILABLE)})")
+    ap.add_argument("--checkpointing", default=",".join(CHECKPOINTING),
+                    help=f"comma-separated among {', '.join(CHECKPOINTING)} (default: all three)")
     ap.add_argument("--top", type=int, default=10, help="ops listed by bytes")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)

@@ -120,3 +120,19 @@ def test_tiny_block_flops_match_the_cost_model(tiny_report):
     assert fwd["gemm_flops"] + fwd["attention_flops"] == per_block_fwd
     assert bwd["gemm_flops"] + bwd["attention_flops"] == per_block_bwd == 2 * per_block_fwd
     assert full["recompute"]["gemm_flops"] + full["recompute"]["attention_flops"] == per_block_fwd
+
+
+def test_tiny_block_selective_recomputes_neither_qkv_nor_attention(tiny_report):
+    from i2v.model.flops import training_flops
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from block_traffic import arch_of, latent_shape
+
+    arch = {**arch_of("tiny"), "num_layers": 1}
+    frames, h, w = latent_shape(arch)
+    sel, full = (tiny_report["checkpointing"][k] for k in ("selective", "all"))
+    assert sel["forward"] == full["forward"] and sel["backward"] == full["backward"]
+    assert sel["recompute"]["attention_flops"] == 0 and "i2v.flash_attention_fwd" not in sel["recompute"]["ops"]
+    assert 0 < sel["recompute"]["gemm_flops"] < full["recompute"]["gemm_flops"]
+    # What the counter sees run again is what the cost model prices as selective's recompute.
+    assert sel["recompute"]["gemm_flops"] == training_flops(arch, frames, h, w, gradient_checkpointing="selective").recompute
