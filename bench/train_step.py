@@ -14,18 +14,25 @@ Results go to bench/results/train_step-<device>.json.
 
 The real shape (GPU):
 
-    python bench/train_step.py --shape 5b [--layers K] [--steps 8] [--peak-tflops T]
+    python bench/train_step.py --shape 5b [--layers K] [--steps 8] [--variants LIST] [--peak-tflops T]
 
 The CogVideoX-5b-I2V architecture (configs/arch/cogvideox-5b-i2v.json, random init, `--layers`
-blocks of its 42) at 49 x 480 x 720 clips (13 x 60 x 90 latents, 17,776 tokens), bf16, gradient
-checkpointing, one micro-batch per step. Two sides, each on its own fresh model:
-  - stock: what a diffusers example user runs: diffusers' model with its SDPA processor in fp32
-    under bf16 autocast, the eager noise chain (bench/noise.py's), torch AdamW, gradient clipping;
-  - i2v: the real `Trainer` of configs/cogvideox-5b-i2v.yaml (DeepSpeed ZeRO-2 bf16, fused noise
-    kernel, Triton flash attention), its own telemetry read back from metrics.jsonl.
-Both read the same random latent shards. It reports s/step, samples/s, TFLOP/s, MFU, HFU and
-peak memory (allocated and reserved) per side, `speedup` = stock / i2v step time (goal >= 1.3),
-and the planner's peak estimate for the i2v side against torch.cuda.max_memory_allocated.
+blocks of its 42) at 49 x 480 x 720 clips (13 x 60 x 90 latents, 17,776 tokens), bf16, one
+micro-batch per step. Each variant trains a fresh model on the same random latent shards:
+  - stock: what a diffusers example user runs: diffusers' model with its SDPA processor (SDPA's
+    default backend) in fp32 under bf16 autocast, diffusers' gradient checkpointing of every block
+    (the example's --gradient_checkpointing), the eager noise chain, torch AdamW, gradient clipping;
+  - stock-compile: the same with each transformer block through torch.compile;
+  - i2v-all: the real `Trainer` of configs/cogvideox-5b-i2v.yaml (DeepSpeed ZeRO-2 bf16, fused noise
+    kernel, i2v's attention) with `model.gradient_checkpointing: all`;
+  - i2v-auto: the same with `auto` (the planner's choice for this device's memory).
+Each variant runs --steps timed steps (the median after --warmup), then 2 more under torch.profiler:
+the 15 costliest CUDA kernels with their share of the step, the time the device sat idle waiting
+for the host, and the attention op that actually ran (bench/_profile.py states the rules). It
+records the checkpointing setting, the optimizer, torch.compile on or off, s/step, TFLOP/s, MFU
+(model FLOPs) and HFU (with the recompute), and peak memory (allocated and reserved); `speedups`
+compare the i2v variants with both stock ones (goals: auto >= 1.3x stock, >= 1.1x stock-compile,
+MFU >= 40%), and the planner's peak estimate is set against i2v-all's torch.cuda.max_memory_allocated.
 FLOPs come from i2v.model.flops; MFU is against --peak-tflops or the device's dense bf16 peak.
 Writes bench/results/train_step-5b-<gpu>.json. Without CUDA it runs the same code on the tiny
 config (fp32) as a smoke test and writes train_step-5b-cpu-smoke.json ("mode": "cpu-smoke").
@@ -55,11 +62,13 @@ from i2v.model.flops import default_peak_tflops, training_flops
 from i2v.model.transformer import build_transformer, predict, read_arch_file, rotary_embeddings, transformer_arch
 from i2v.train.objective import Objective
 from i2v.train.optim import build_optimizer
-from i2v.plan.planner import latent_shape, make_plan
+from i2v.model.checkpointing import effective
+from i2v.plan.planner import checkpointing_at_start, latent_shape, make_plan
 from i2v.train.trainer import Trainer
 
 from _kernels import REPO, git_commit, write_result  # noqa: E402  (bench/ is the script's directory)
 from noise import stock_chain  # noqa: E402
+from _profile import print_table, profile_steps  # noqa: E402
 
 
 def write_random_latents(directory: str, cfg, shards: int = 4, per_shard: int = 16) -> None:
@@ -130,13 +139,15 @@ def bare_engine_loop(cfg, steps: int, device, world_size: int) -> list[float]:
 
 
 ARCH_5B = REPO / "configs" / "arch" / "cogvideox-5b-i2v.json"
+VARIANTS = ("stock", "stock-compile", "i2v-all", "i2v-auto")
+PROFILED_STEPS = 2  # recorded by the profiler after the timed steps
 
 
-def shape_config(smoke: bool, layers: int, steps: int, latents: str, out: str):
+def shape_config(smoke: bool, layers: int, steps: int, latents: str, out: str, checkpointing: str = "all"):
     """configs/cogvideox-5b-i2v.yaml on a random-init `layers`-block 5B, set up for timing (tiny.yaml for a smoke run)."""
     base = REPO / "configs" / ("tiny.yaml" if smoke else "cogvideox-5b-i2v.yaml")
     cfg = load_config(base, [
-        "model.gradient_checkpointing=true", f"data.latent_shards={latents}", f"run.output_dir={out}",
+        f"model.gradient_checkpointing={checkpointing}", f"data.latent_shards={latents}", f"run.output_dir={out}",
         f"train.max_steps={steps}", "train.log_every=1", "train.warmup_steps=0", "train.micro_batch_size=1",
         "train.grad_accum_steps=1", "checkpoint.resume=false", "checkpoint.save_at_end=false",
         "validation.every_steps=0", "data.num_workers=0"])
@@ -146,10 +157,28 @@ def shape_config(smoke: bool, layers: int, steps: int, latents: str, out: str):
     return cfg
 
 
-def stock_loop(cfg, steps: int, device) -> list[float]:
-    """A diffusers example's step: fp32 weights under bf16 autocast, diffusers' SDPA processor, the eager
-    noise chain, torch AdamW, gradient clipping."""
-    model = build_transformer(dataclasses.replace(cfg.model, dtype="fp32"), seed=cfg.run.seed).to(device).train()
+def optimizer_name(opt) -> str:
+    """The optimizer that updates the weights, under DeepSpeed's wrappers, and how its step runs."""
+    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer
+    inner = getattr(opt, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):  # a ZeRO optimizer holding the torch one
+        opt = inner
+    defaults = getattr(opt, "defaults", {})
+    how = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "default"
+    return f"{type(opt).__module__}.{type(opt).__name__} ({how})"
+
+
+def stock_loop(cfg, steps: int, device, after_step=None, compile_blocks: bool = False) -> tuple[list[float], dict]:
+    """A diffusers example's step: fp32 weights under bf16 autocast, diffusers' SDPA processor and its own
+    gradient checkpointing of every block, the eager noise chain, torch AdamW, gradient clipping;
+    `compile_blocks`: each transformer block through torch.compile, the most a user gets for free."""
+    model = build_transformer(dataclasses.replace(cfg.model, dtype="fp32", gradient_checkpointing="none"),
+                              seed=cfg.run.seed).to(device).train()
+    model.enable_gradient_checkpointing()  # as the diffusers CogVideoX example's --gradient_checkpointing does
+    if compile_blocks:
+        for block in model.transformer_blocks:
+            block.compile()
     opt, abar, data = _optimizer_and_data(cfg, model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.precision == "bf16")
     times, rotary = [], {}
@@ -167,7 +196,35 @@ def stock_loop(cfg, steps: int, device) -> list[float]:
             pred = predict(model, model_input, prompt, t.to(device), cfg.diffusion.ofs, rotary[shape])
         _backward_and_step(diffusion.loss_v_mse(pred, target), model, opt, cfg, device)
         times.append(time.perf_counter() - t0)
-    return times
+        if after_step is not None:
+            after_step()
+    info = {"checkpointing": "all (diffusers)", "optimizer": optimizer_name(opt), "compile": compile_blocks,
+            "attention_requested": "torch SDPA, default backend"}
+    return times, info
+
+
+def trainer_run(cfg, env, after_step) -> tuple[list[float], dict]:
+    """The real Trainer, `auto` resolved as launcher/train.py does; `after_step` runs after each step's telemetry record."""
+    setting, line = checkpointing_at_start(cfg, env.world_size)
+    trainer = Trainer(cfg, env, checkpointing=(setting, line))
+    record = trainer.telemetry.record_step
+
+    def record_then_hook(*args, **kwargs):
+        record(*args, **kwargs)
+        after_step()
+
+    trainer.telemetry.record_step = record_then_hook
+    try:
+        trainer.train()
+        info = {"checkpointing": str(effective(cfg.model.gradient_checkpointing, setting)),
+                "checkpointing_line": line, "optimizer": optimizer_name(trainer.engine.optimizer),
+                "compile": False, "attention_requested": cfg.kernels.attention}
+    finally:
+        trainer.close()
+    with open(os.path.join(cfg.run.output_dir, "metrics.jsonl")) as f:
+        times = [json.loads(line)["step_time_s"] for line in f]
+    del trainer
+    return times, info
 
 
 def _peak_memory(device) -> dict:
@@ -184,11 +241,35 @@ def _fresh_memory(device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def run_variant(name: str, args, env, smoke: bool, latents: str, out: str) -> dict:
+    """One variant's timed steps, then PROFILED_STEPS more under the profiler; a fresh model each."""
+    device, total = env.device, args.steps + PROFILED_STEPS
+    checkpointing = name.split("-", 1)[1] if name.startswith("i2v-") else "none"
+    cfg = shape_config(smoke, args.layers, total, latents, os.path.join(out, name), checkpointing)
+    _fresh_memory(device)
+    t0 = time.perf_counter()
+    if name.startswith("stock"):
+        runner = lambda hook: stock_loop(cfg, total, device, hook, compile_blocks=name == "stock-compile")  # noqa: E731
+    else:
+        runner = lambda hook: trainer_run(cfg, env, hook)  # noqa: E731
+    ran = {}
+    profile = profile_steps(lambda hook: ran.update(zip(("times", "info"), runner(hook))), args.steps, PROFILED_STEPS,
+                            device)
+    times = ran["times"][:args.steps]
+    step_s = statistics.median(times[args.warmup:])
+    return {"variant": name, **ran["info"], "step_s": step_s, "samples_per_s": 1 / step_s, "step_times_s": times,
+            "wall_s": time.perf_counter() - t0, **_peak_memory(device), "profile": profile}
+
+
 def shape_benchmark(args) -> dict:
     env = init_distributed()
     device, smoke = env.device, env.device.type != "cuda"
     name = torch.cuda.get_device_name() if not smoke else f"cpu-{os.cpu_count()}cores"
     peak = args.peak_tflops or default_peak_tflops(name)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
         latents, out = os.path.join(tmp, "latents"), os.path.join(tmp, "run")
         os.makedirs(latents)
@@ -196,44 +277,53 @@ def shape_benchmark(args) -> dict:
         write_random_latents(latents, cfg, shards=1, per_shard=4)
         arch = transformer_arch(cfg.model)
         latent = latent_shape(cfg)
-        flops = training_flops(arch, *latent, gradient_checkpointing=True)
-
-        _fresh_memory(device)
-        stock_times = stock_loop(cfg, args.steps, device)
-        stock_mem = _peak_memory(device)
-        _fresh_memory(device)
-        Trainer(cfg, env).train()
-        ours_mem = _peak_memory(device)
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
+        results = []
+        for variant in variants:
+            print(f"== {variant}", flush=True)
+            results.append(run_variant(variant, args, env, smoke, latents, out))
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if not smoke else 64.0
     plan = make_plan(cfg, gpus=1, gpu_mem_gb=total_gib, peak_tflops=peak)
-
-    def side(times: list[float], mem: dict) -> dict:
-        step_s = statistics.median(times[args.warmup:])
-        tflops = flops.model / step_s / 1e12
-        return {"step_s": step_s, "samples_per_s": 1 / step_s, "tflops": tflops,
-                "mfu": tflops / peak if peak else None, "hfu": flops.hardware / step_s / 1e12 / peak if peak else None,
-                "step_times_s": times, **mem}
-
-    ours = side([r["step_time_s"] for r in records], ours_mem)
-    ours["telemetry_mfu"] = statistics.median(r["mfu"] for r in records[args.warmup:]) if peak and not smoke else None
-    stock = side(stock_times, stock_mem)
+    model_flops = training_flops(arch, *latent, gradient_checkpointing="none")
+    for r in results:
+        setting = "all" if r["variant"].startswith("stock") else r["checkpointing"]
+        hardware = training_flops(arch, *latent, gradient_checkpointing=setting).hardware
+        tflops = model_flops.model / r["step_s"] / 1e12
+        r.update(tflops=tflops, mfu=tflops / peak if peak else None,
+                 hfu=hardware / r["step_s"] / 1e12 / peak if peak else None)
+    by_name = {r["variant"]: r for r in results}
+    speedups = {}
+    for ours in ("i2v-all", "i2v-auto"):
+        for theirs in ("stock", "stock-compile"):
+            if ours in by_name and theirs in by_name:
+                speedups[f"{ours}_vs_{theirs}"] = by_name[theirs]["step_s"] / by_name[ours]["step_s"]
     commit, dirty = git_commit("i2v", "bench", "configs")
-    measured = ours["peak_mem_gb"]
+    measured = by_name.get("i2v-all", {}).get("peak_mem_gb")
     return {
         "mode": "cpu-smoke" if smoke else "gpu", "device": name, "torch": torch.__version__,
-        "python": platform.python_version(), "commit": commit, "dirty": dirty,
+        "python": platform.python_version(), "versions": _versions(), "commit": commit, "dirty": dirty,
         "command": "python bench/train_step.py " + " ".join(sys.argv[1:]),
-        "shape": args.shape, "layers": arch["num_layers"], "latent": list(latent), "tokens": flops.tokens,
-        "params": plan.counts.total, "model_flops_per_sample": flops.model, "hardware_flops_per_sample": flops.hardware,
-        "peak_tflops": peak, "steps": args.steps, "warmup": args.warmup,
+        "shape": args.shape, "layers": arch["num_layers"], "latent": list(latent), "tokens": model_flops.tokens,
+        "params": plan.counts.total, "model_flops_per_sample": model_flops.model,
+        "peak_tflops": peak, "steps": args.steps, "warmup": args.warmup, "profiled_steps": PROFILED_STEPS,
         "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision,
-        "i2v": ours, "stock": stock, "speedup": stock["step_s"] / ours["step_s"], "goal_speedup": 1.3, "goal_mfu": 0.4,
+        "variants": results, "speedups": speedups,
+        "goals": {"i2v-auto_vs_stock": 1.3, "i2v-auto_vs_stock-compile": 1.1, "i2v-auto_mfu": 0.4},
         "planner": {"peak_gb": plan.peak_bytes / 2**30, "measured_peak_gb": measured,
                     "estimate_over_measured": plan.peak_bytes / 2**30 / measured if measured else None,
                     "state_gb": plan.state.device / 2**30, "activations_gb": plan.activations["all"].peak / 2**30},
     }
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    found = {}
+    for package in ("deepspeed", "diffusers", "triton"):
+        try:
+            found[package] = md.version(package)
+        except md.PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def main() -> None:
@@ -242,6 +332,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=["5b"], default=None, help="the real-shape benchmark (see above)")
     ap.add_argument("--layers", type=int, default=42, help="--shape 5b: transformer blocks of the 42")
     ap.add_argument("--peak-tflops", type=float, default=None, help="--shape 5b: MFU denominator (default: by device)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"--shape 5b: comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=None, help="steps per side (default 40; 8 with --shape)")
     ap.add_argument("--warmup", type=int, default=None, help="steps left out of the median (default 5; 3 with --shape)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
@@ -252,16 +343,19 @@ def main() -> None:
     if args.shape:
         result = shape_benchmark(args)
         write_result("train_step-5b", result["device"], result["mode"] == "cpu-smoke", result)
-        ours, stock, plan = result["i2v"], result["stock"], result["planner"]
-        mfu = lambda r: f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""  # noqa: E731
-        for label, r in (("i2v", ours), ("stock", stock)):
+        for r in result["variants"]:
+            mfu = f", MFU {r['mfu']:.1%}, HFU {r['hfu']:.1%}" if r["mfu"] is not None else ""
             mem = f", peak {r['peak_mem_gb']:.1f} GiB" if r["peak_mem_gb"] is not None else ""
-            print(f"{label:5s} {r['step_s']:.3f} s/step, {r['samples_per_s']:.3f} samples/s, "
-                  f"{r['tflops']:.3g} TFLOP/s{mfu(r)}{mem}")
-        print(f"speedup {result['speedup']:.2f}x (goal >= 1.3) | {result['layers']} layers, {result['tokens']:,} tokens")
+            print(f"{r['variant']:14s} {r['step_s']:.3f} s/step, {r['tflops']:.3g} TFLOP/s{mfu}{mem} | "
+                  f"checkpointing {r['checkpointing']}, compile {r['compile']}, {r['optimizer']}")
+        for r in result["variants"]:
+            print_table(r["variant"], r["profile"])
+        for key, value in result["speedups"].items():
+            print(f"speedup {key} {value:.2f}x")
+        plan = result["planner"]
         if plan["measured_peak_gb"]:
             print(f"planner {plan['peak_gb']:.2f} GiB estimated vs {plan['measured_peak_gb']:.2f} GiB "
-                  f"max_memory_allocated ({plan['estimate_over_measured']:.3f})")
+                  f"max_memory_allocated for i2v-all ({plan['estimate_over_measured']:.3f})")
         if args.json:
             print(json.dumps(result))
         return
