@@ -68,18 +68,28 @@ def _short(path: str) -> str:
 
 def attribute(stack: list[traceback.FrameSummary] | None = None) -> tuple[str, str, str] | None:
     """(owner, file:line, code) of the innermost i2v or DeepSpeed frame of `stack` (the caller's
-    stack when None), or None when that frame is host-only code (the data loader)."""
+    stack when None), or None when that frame is host-only code (the data loader). A DeepSpeed
+    helper's line is followed by its caller's (`utils.py:233 < stage_1_and_2.py:3043`)."""
     stack = stack if stack is not None else traceback.extract_stack()
+    found = None
     for frame in reversed(stack):
         path = os.path.abspath(frame.filename)
         if path == _THIS:
             continue
         if any(h in path for h in _HOST_ONLY):
-            return None
-        if path.startswith(_I2V_ROOT + os.sep):
-            return "i2v", f"{_short(path)}:{frame.lineno}", (frame.line or "").strip()
-        if _DEEPSPEED in path:
-            return "deepspeed", f"{_short(path)}:{frame.lineno}", (frame.line or "").strip()
+            return None if found is None else found
+        owner = "i2v" if path.startswith(_I2V_ROOT + os.sep) else "deepspeed" if _DEEPSPEED in path else None
+        if owner is None:
+            continue
+        where = f"{_short(path)}:{frame.lineno}"
+        if found is None:
+            found = (owner, where, (frame.line or "").strip())
+            if owner == "i2v":
+                return found
+        else:  # the DeepSpeed helper's caller
+            return found[0], f"{found[1]} < {where}", found[2]
+    if found is not None:
+        return found
     inner = next((f for f in reversed(stack) if os.path.abspath(f.filename) != _THIS and _TORCH not in f.filename),
                  None)
     if inner is None:

@@ -9,7 +9,8 @@ Two ways to keep it, chosen once per run by `deferred_reason`:
 
 - **Eager** (any engine): after each forward, the ranks all-reduce "is my loss finite" and read it
   on the host before backward, so a bad micro-batch never runs backward. One host sync per
-  micro-batch, and a collective.
+  micro-batch, and a collective. Used where DeepSpeed's step would apply a NaN gradient or count a
+  skipped step against the loss scale: ZeRO-0 and ZeRO-3, fp16, optimizer offload.
 - **Deferred** (ZeRO-1/2 on fp32 or bf16 weights, no optimizer offload: the engines whose step skips
   itself on a non-finite gradient norm): nothing is read per micro-batch. A bad micro-batch's loss is
   multiplied by NaN (a finite one by 1.0, which changes no bit), so its backward turns every gradient
@@ -25,10 +26,15 @@ Two ways to keep it, chosen once per run by `deferred_reason`:
   NaN: every rank must run its backward, whose gradient reductions are collectives.
 
   The price: a bad micro-batch costs its backward and the step's other micro-batches once more, and
-  for bf16 DeepSpeed's `check_grad_overflow` (one host read of its own) is turned on. The first step
-  of a loop is always eager, so that every rank has a trained micro-batch to stand in for an empty
-  one. A step DeepSpeed skips with no bad loss anywhere (a gradient overflow of a finite loss) counts
-  as a step, as it did before.
+  for bf16 DeepSpeed's `check_grad_overflow` (one host read of its own) is turned on. Until a process
+  has trained a step (on every rank alike), the guard is eager, so that every rank has a trained
+  micro-batch to stand in for an empty one. A step DeepSpeed skips with no bad loss anywhere (a gradient overflow of a finite loss) counts
+  as a step, as it did before. Nothing is read on the host but on that rare path, so the loss of a
+  steady-state step is not known on the host until a logging step reads it.
+
+Why not fully on the device: a zero-weighted backward of a NaN micro-batch still gives NaN gradients
+(0 x NaN), ZeRO-2 reduces them into its partitions during backward, and how many micro-batches to draw
+to replace a dropped one is a host decision; DeepSpeed's norm check is a host read already paid for.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.distributed as dist
 
-from i2v.core.distributed import all_max
 from i2v.core.faults import is_armed, maybe_fault
 
 
@@ -124,7 +130,7 @@ class StepRunner:
             if attempts == 0 and is_armed("nan_loss", tr.env.rank, tr.step):
                 loss = loss * float("nan")
             attempts += 1
-            if all_max(0.0 if torch.isfinite(loss).item() else 1.0, tr.env.device) > 0:
+            if _any_rank(~torch.isfinite(loss.detach()), tr.env.device).item():  # the one read
                 # Dropped on every rank before backward: parameters and optimizer state stay untouched.
                 self._skipped()
                 continue
@@ -172,10 +178,7 @@ class StepRunner:
             if not getattr(tr.engine.optimizer, "overflow", False):
                 bad = None
             else:  # the step was skipped: was it one of ours? (a rare path; it may read on the host)
-                local = torch.stack(flags).to(torch.float64)
-                if torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
-                bad = [bool(b) for b in local.tolist()]
+                bad = [bool(b) for b in _any_rank(torch.stack(flags), tr.env.device).tolist()]
             if not bad or not any(bad):
                 for batch, _, fresh, loss in entries:
                     self.consecutive = 0 if fresh else self.consecutive
@@ -190,6 +193,14 @@ class StepRunner:
                     if fresh:
                         self.consecutive = 0
                     again.append((batch, index))
+
+
+def _any_rank(flags: torch.Tensor, device) -> torch.Tensor:
+    """Element-wise OR of bool `flags` over all ranks, on the device (nothing read on the host)."""
+    t = flags.to(device=device, dtype=torch.float32).reshape(-1)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t > 0
 
 
 _ENGINE_COUNTERS = ("global_steps", "skipped_steps", "global_samples", "micro_steps")
