@@ -49,23 +49,31 @@ SCRIPT = textwrap.dedent("""
     # Grad accumulation 2, a NaN loss at the first micro-batch of step 3: the deferred guard (default)
     # and the eager one end with the same parameters, counters and losses.
     os.environ["I2V_FAULT"] = "0:2:nan_loss"
-    ends = {}
-    for mode in ("deferred", "eager"):
-        cfg = load_config("configs/tiny.yaml", [*common, f"run.output_dir={out}/{mode}", "train.global_batch_size=8",
-                                                "train.max_steps=4", "train.log_every=1"])
-        tr = Trainer(cfg, env)
-        if mode == "eager":
-            tr.steps.why_eager = "chosen by the test"
-        tr.train()
-        params = torch.cat([p.detach().flatten() for p in tr.engine.module.parameters()])
-        with open(f"{out}/{mode}/metrics.jsonl") as f:
-            losses = [json.loads(line)["loss"] for line in f]
-        ends[mode] = {"params": params, "losses": losses, "counters": [tr.step, tr.skipped, tr.position,
-                      tr.engine.global_steps, tr.engine.skipped_steps, tr.engine.global_samples]}
-    d, e = ends["deferred"], ends["eager"]
-    result["same_params"] = bool(torch.equal(d["params"], e["params"]))
-    result["same_losses"] = d["losses"] == e["losses"]
-    result["counters"] = [d["counters"], e["counters"]]
+    for stage in (2, 3):
+        ends = {}
+        for mode in ("deferred", "eager"):
+            run = f"{out}/{stage}-{mode}"
+            cfg = load_config("configs/tiny.yaml", [*common, f"run.output_dir={run}", "train.global_batch_size=8",
+                                                    "train.max_steps=4", "train.log_every=1",
+                                                    f"deepspeed.zero_stage={stage}"])
+            tr = Trainer(cfg, env)
+            assert tr.steps.why_eager is None, tr.steps.why_eager
+            if mode == "eager":
+                tr.steps.why_eager = "chosen by the test"
+            tr.train()
+            from i2v.checkpoint.reader import consolidated_state_dict
+            tr.save()
+            weights = consolidated_state_dict(os.path.join(run, "checkpoints", "step-00000004"))
+            with open(f"{run}/metrics.jsonl") as f:
+                losses = [json.loads(line)["loss"] for line in f]
+            ends[mode] = {"weights": weights, "losses": losses, "counters": [tr.step, tr.skipped, tr.position,
+                          tr.engine.global_steps, tr.engine.skipped_steps, tr.engine.global_samples]}
+            tr.close()
+        d, e = ends["deferred"], ends["eager"]
+        result[f"z{stage}_same_weights"] = sorted(d["weights"]) == sorted(e["weights"]) and all(
+            torch.equal(d["weights"][k], e["weights"][k]) for k in d["weights"])
+        result[f"z{stage}_same_losses"] = d["losses"] == e["losses"]
+        result[f"z{stage}_counters"] = [d["counters"], e["counters"]]
     print("RESULT " + json.dumps(result), flush=True)
     shutdown()
 """)
@@ -89,9 +97,10 @@ def test_steady_state_step_has_no_i2v_syncs_and_the_deferred_nan_guard_matches_t
     assert z2["non_logging"]["deepspeed"] <= 5, z2
     assert all("deepspeed/runtime/" in site for site in z2["non_logging"]["sites"]), z2
 
-    assert result["same_params"] and result["same_losses"], result
-    deferred, eager = result["counters"]
-    assert deferred == eager, result
-    step, skipped, position, global_steps, ds_skipped, _ = deferred
-    # 4 steps of 2 micro-batches, one dropped and replaced: 9 drawn; DeepSpeed counts no skipped step
-    assert (step, skipped, position, global_steps, ds_skipped) == (4, 1, 9, 4, 0)
+    for stage in (2, 3):  # ZeRO-2 (gradients reduced during backward) and ZeRO-3 (parameters partitioned)
+        assert result[f"z{stage}_same_weights"] and result[f"z{stage}_same_losses"], result
+        deferred, eager = result[f"z{stage}_counters"]
+        assert deferred == eager, result
+        step, skipped, position, global_steps, ds_skipped, _ = deferred
+        # 4 steps of 2 micro-batches, one dropped and replaced: 9 drawn; DeepSpeed counts no skipped step
+        assert (step, skipped, position, global_steps, ds_skipped) == (4, 1, 9, 4, 0), result

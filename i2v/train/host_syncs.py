@@ -238,6 +238,11 @@ def measure_trainer(trainer, steps: int = 3, warmup: int = 2) -> dict:
     sites.subtract(one.by_site())
     non_logging["sites"] = {k: v / (steps - 1) for k, v in sites.items() if v}
     result["non_logging"] = non_logging
+    from i2v.train.optim import optimizer_name
+
+    why = trainer.steps.why_eager
+    result["nan_guard"] = "deferred" if why is None else f"eager ({why})"
+    result["optimizer"] = optimizer_name(trainer.engine)
     return result
 
 

@@ -10,9 +10,9 @@ Two ways to keep it, chosen once per run by `deferred_reason`:
 - **Eager** (any engine): after each forward, the ranks all-reduce "is my loss finite" and read it
   on the host before backward, so a bad micro-batch never runs backward. One host sync per
   micro-batch, and a collective. Used where DeepSpeed's step would apply a NaN gradient or count a
-  skipped step against the loss scale: ZeRO-0 and ZeRO-3, fp16, optimizer offload.
-- **Deferred** (ZeRO-1/2 on fp32 or bf16 weights, no optimizer offload: the engines whose step skips
-  itself on a non-finite gradient norm): nothing is read per micro-batch. A bad micro-batch's loss is
+  skipped step against the loss scale: ZeRO-0, fp16, optimizer offload.
+- **Deferred** (ZeRO-1/2/3 on fp32 or bf16 weights, no optimizer offload: the engines whose step
+  skips itself on a non-finite gradient norm): nothing is read per micro-batch. A bad micro-batch's loss is
   multiplied by NaN (a finite one by 1.0, which changes no bit), so its backward turns every gradient
   it touches into NaN. DeepSpeed reduces the gradients across ranks and checks the global norm before
   the optimizer step, a host read it makes anyway; on NaN it skips the step, clears the gradients and
@@ -50,21 +50,24 @@ from i2v.core.faults import is_armed, maybe_fault
 def deferred_reason(engine) -> str | None:
     """None when `engine`'s optimizer step skips itself on a non-finite gradient norm (the deferred
     guard is then safe), else why not (the eager guard is used)."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     opt = engine.optimizer
-    if not isinstance(opt, DeepSpeedZeroOptimizer):
+    if isinstance(opt, DeepSpeedZeroOptimizer):  # ZeRO-1/2
+        if opt.cpu_offload:
+            return "optimizer offload"
+        if not opt.compute_grad_norm:
+            return "zero_optimization.compute_grad_norm is off"
+        if opt.dtype == torch.bfloat16 and not opt.check_grad_overflow:
+            return "bf16 without bf16.check_grad_overflow"
+    elif isinstance(opt, DeepSpeedZeroOptimizer_Stage3):  # its step checks the norm at any precision
+        if opt.offload_optimizer:
+            return "optimizer offload"
+    else:
         return f"{type(opt).__name__} does not skip a step on a non-finite gradient"
-    if opt.cpu_offload:
-        return "optimizer offload"
-    if opt.dynamic_loss_scale:
-        return "dynamic loss scaling (a skipped step would lower the scale)"
-    if not opt.compute_grad_norm:
-        return "zero_optimization.compute_grad_norm is off"
-    if opt.dtype == torch.bfloat16 and not opt.check_grad_overflow:
-        return "bf16 without bf16.check_grad_overflow"
-    if opt.dtype not in (torch.float32, torch.bfloat16):
-        return f"{opt.dtype} weights"
+    if opt.dtype not in (torch.float32, torch.bfloat16) or opt.loss_scaler.dynamic:
+        return "fp16's dynamic loss scale (a skipped step would lower the scale)"
     return None
 
 
