@@ -58,6 +58,14 @@ def _latest(out):
     return latest.read_text().strip() if latest.exists() else None
 
 
+def _newest_committed(out):
+    """The step a launch resumes from: the newest step with its commit marker. A second Ctrl-C may land
+    after that marker and before the `latest` pointer is replaced, so `latest` can lag behind it."""
+    root = out / "checkpoints"
+    tags = sorted(p.name for p in root.glob("step-*") if (p / "COMMITTED.json").is_file()) if root.is_dir() else []
+    return tags[-1] if tags else None
+
+
 @pytest.mark.parametrize("launcher,workers", [("python", 0), ("python", 2), ("torchrun", 0), ("deepspeed", 0)])
 def test_ctrl_c_commits_and_exits_130(tmp_path, shards, launcher, workers):
     """`workers`: DataLoader worker processes, which get the terminal's SIGINT too."""
@@ -111,7 +119,7 @@ def test_double_ctrl_c_exits_130_and_the_next_launch_resumes(tmp_path, shards):
     # where the default disposition is back and SIGINT ends the process: a shell reports 130 for that too.
     assert proc.returncode in (130, -signal.SIGINT), log_path.read_text()[-3000:]
     # Whatever it left (a committed step, a half-written tmp-step-N, or nothing), the next launch goes on.
-    tag = _latest(out)
+    tag = _newest_committed(out)
     target = (int(tag.split("-")[1]) if tag else 0) + 3
     with open(tmp_path / "log2.txt", "w") as log:
         again = _start("python", out, shards, log, f"train.max_steps={target}")

@@ -126,10 +126,16 @@ def unshare_step_counters(engine) -> None:
     The ZeRO-3 universal load assigns one step tensor to every sub-group's state; Adam increments it
     in place, once per sub-group, so with two groups it would count two steps per optimizer step and
     skew the bias correction from the first step after the resume.
+
+    A fused Adam (on CUDA, i2v.train.optim) keeps its counters as fp32 tensors beside its parameters,
+    where torch's own `load_state_dict` puts them; the universal load leaves them where they were read.
     """
-    for state in engine.optimizer.optimizer.state.values():
+    opt = engine.optimizer.optimizer
+    fused = any(g.get("fused") for g in opt.param_groups)
+    for p, state in opt.state.items():
         if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
+            step = state["step"]
+            state["step"] = step.to(p.device, torch.float32, copy=True) if fused else step.clone()
 
 
 def load_resharded(engine, root: str, tag: str, env: DistEnv, strict: bool = True):

@@ -419,7 +419,7 @@ PASSTHROUGH_KEYS = {
     "wall_clock_breakdown", "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
     "sparse_gradients", "steps_per_print", "dump_state", "memory_breakdown", "data_types", "checkpoint",
     "aio", "compile", "seq_parallel_communication_data_type", "zero_force_ds_cpu_optimizer",
-    "zero_allow_untested_optimizer", "graph_harvesting", "use_data_before_expert_parallelism",
+    "zero_allow_untested_optimizer", "graph_harvesting", "use_data_before_expert_parallelism", "timers",
 }
 # DeepSpeed keys owned by the run config: dotted path -> the config key to set instead.
 OWNED = {

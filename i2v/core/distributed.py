@@ -54,22 +54,6 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def all_max(value: float, device) -> float:
-    """Max of a float over all ranks: every rank agrees on a flag (NaN, preemption)."""
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def all_mean(value: float, device) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return float(t.item())
-
-
 @contextlib.contextmanager
 def all_ranks_agree(env: DistEnv, what: str = "setup"):
     """Run a block of rank-local checks; if any rank raises a user error there, every rank raises it.

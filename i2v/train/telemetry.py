@@ -26,9 +26,10 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 
 from i2v.config import Config, resolve
-from i2v.core.distributed import DistEnv, all_mean
+from i2v.core.distributed import DistEnv
 from i2v.model.checkpointing import effective
 from i2v.model.flops import default_peak_tflops, training_flops
 from i2v.core.fsutil import fsync_dir, write_text_atomic
@@ -92,18 +93,28 @@ class StepLogger:
         self.window["wait"] += data_wait
         self.window["steps"] += 1
 
-    def log(self, step: int, local_loss: float, engine, counters: dict) -> None:
-        """One logged step; `counters` are extra integer fields (position, skipped, bad samples)."""
+    def log(self, step: int, local_loss, engine, counters: dict) -> None:
+        """One logged step; `local_loss` is this rank's mean loss (a device tensor or a float), `counters`
+        are extra integer fields (position, skipped, bad samples).
+
+        One host read in all: the loss, the window's FLOPs and tokens and the remote retries are summed
+        over the ranks in one all-reduce of one device tensor, read together with the gradient norm."""
         cfg, env, window = self.cfg, self.env, self.window
-        loss = all_mean(local_loss, env.device)
+        loss_t = torch.as_tensor(local_loss, dtype=torch.float64, device=env.device).reshape(1)
+        host = torch.tensor([counters.get("remote_retries", 0), window["flops"], window["hw_flops"], window["tokens"]],
+                            dtype=torch.float64)
+        summed = torch.cat([loss_t, host.to(env.device, non_blocking=True)])
+        if dist.is_initialized():
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        grad_norm = engine.get_global_grad_norm()
+        norm_t = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float64,
+                                 device=env.device).reshape(1)
+        values = torch.cat([summed / env.world_size, norm_t]).tolist()  # the one read
+        loss, retries, flops, hw_flops, tokens, grad_norm = values
         # Remote retries happen on whichever rank reads the shard: the record holds all ranks' total.
-        counters = {**counters, "remote_retries": round(all_mean(counters.get("remote_retries", 0), env.device)
-                                                        * env.world_size)}
-        flops, hw_flops, tokens = (all_mean(window[k], env.device) for k in ("flops", "hw_flops", "tokens"))
+        counters = {**counters, "remote_retries": round(retries * env.world_size)}
         self._reset()
         lr = engine.get_lr()[0]
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         step_time = window["time"] / max(1, window["steps"])
         run = resolve(cfg, env.world_size)
         dp_size, samples = run.dp_size, run.global_batch_size  # an SP group trains one micro-batch

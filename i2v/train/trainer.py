@@ -2,13 +2,14 @@
 
 One optimizer step:
   1. for each micro-batch: draw t and CFG dropout from a counter-keyed generator, inject noise,
-     predict v, compute the loss; all ranks agree whether every rank's loss is finite; a
-     non-finite micro-batch is dropped everywhere (nothing of it reaches the gradients) and counted;
+     predict v, compute the loss; a micro-batch whose loss is not finite on some rank is dropped
+     everywhere (nothing of it reaches parameters or optimizer state), counted and replaced
+     (i2v.train.nan_guard, which reads nothing on the host in a steady-state step);
   2. DeepSpeed reduces gradients, clips and steps; the LR schedule advances;
-  3. rank 0 logs; a checkpoint is committed every `checkpoint.every_steps`; a preemption signal
-     (SIGTERM, SIGUSR1) or Ctrl-C (SIGINT) on any rank is agreed on by all ranks at the step boundary,
-     which commit a checkpoint and exit with 143, or 130 for Ctrl-C. A second Ctrl-C exits at once
-     (the half-written tmp-step-N is removed at the next start).
+  3. rank 0 logs (one host read); a checkpoint is committed every `checkpoint.every_steps`; a preemption
+     signal (SIGTERM, SIGUSR1) or Ctrl-C (SIGINT) on any rank is agreed on by all ranks at the next step
+     boundary (i2v.train.stop_signal), which commit a checkpoint and exit with 143, or 130 for Ctrl-C. A
+     second Ctrl-C exits at once (the half-written tmp-step-N is removed at the next start).
 
 Rank 0 holds the output folder's lock (i2v.train.run_lock) for the life of the run, and every checkpoint
 records the VAE and text encoder the run trained with (i2v.data.lineage).
@@ -34,16 +35,17 @@ from i2v.config import Config, dump_yaml, resolve, to_dict
 from i2v.data.latent_order import resolve_order
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards
-from i2v.core.distributed import DistEnv, all_max, all_ranks_agree
+from i2v.core.distributed import DistEnv, all_ranks_agree
 from i2v.model.ema import ShardedEMA
 from i2v.core.errors import I2VError
-from i2v.core.faults import is_armed, maybe_fault
 from i2v.model.transformer import build_transformer, set_attention
 from i2v.kernels.backends import resolve_backend
+from i2v.train.nan_guard import StepRunner
 from i2v.train.objective import Objective
 from i2v.train.optim import build_engine
 from i2v.model.parallel import build_layout
 from i2v.train.run_lock import RunLock
+from i2v.train.stop_signal import StopAgreement
 from i2v.train.telemetry import KeyLog, StepLogger
 from i2v.sample.validation import load_pairs
 
@@ -91,6 +93,7 @@ class Trainer:
         n_params = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in trainable_parameters(model))
         self.engine = build_engine(cfg, model, self.resolved, self.layout.mpu)
+        self.steps, self.stop = StepRunner(self), StopAgreement()  # no host sync in a steady-state step
         self.ema = ShardedEMA(self.engine, cfg.train.ema) if cfg.train.ema.decay > 0 else None
         # A LoRA checkpoint holds no base weights, so it records which base it was trained on.
         self.base = base_identity(cfg) if lora_enabled(cfg.model) else None
@@ -215,46 +218,16 @@ class Trainer:
             self._preempt = signum
 
     def _loop(self) -> None:
-        cfg, env = self.cfg, self.env
+        cfg = self.cfg
         data = iter(make_loader(self.dataset, cfg.data.num_workers))
         self.engine.train()
         self.telemetry.start(self.step)
-        consecutive_skips = 0
+        first = True
         while self.step < cfg.train.max_steps:
-            t0, wait = time.perf_counter(), 0.0
-            losses, attempts = [], 0
-            while len(losses) < self.resolved.grad_accum_steps:
-                tw = time.perf_counter()
-                batch = next(data)
-                wait += time.perf_counter() - tw
-                self.bad_by_worker[batch["bad"]["worker"]] = batch["bad"]
-                # This micro-batch's global position keys its noise, timesteps and dropout.
-                index = self.position + self.layout.dp_rank
-                self.position += self.layout.dp_size
-                if self.keys is not None:
-                    self.keys.write(self.step + 1, index, batch)
-                if batch.get("empty"):  # every sample of it was bad (counted by the reader)
-                    loss = torch.tensor(float("nan"))
-                else:
-                    loss = self.objective.loss(self.engine, batch, index)
-                if attempts == 0 and is_armed("nan_loss", env.rank, self.step):
-                    loss = loss * float("nan")
-                attempts += 1
-                if all_max(0.0 if torch.isfinite(loss).item() else 1.0, env.device) > 0:
-                    # Dropped on every rank before backward, so the ranks stay in step and parameters
-                    # and optimizer state stay untouched.
-                    consecutive_skips += 1
-                    self._count_skip(consecutive_skips)
-                    continue
-                consecutive_skips = 0
-                self.engine.backward(loss)
-                maybe_fault("after_backward", env.rank, self.step)
-                losses.append(self.layout.micro_batch_loss(loss))
-                self.telemetry.record_batch(batch)
-                if len(losses) < self.resolved.grad_accum_steps:
-                    self.engine.step()  # a no-op for the optimizer until the accumulation boundary
-            maybe_fault("before_step", env.rank, self.step)
-            self.engine.step()
+            t0 = time.perf_counter()
+            # The micro-batches and the optimizer step, with the NaN guard (i2v.train.nan_guard).
+            losses, wait = self.steps.run(data, first)
+            first = False
             self.step += 1
             if self.ema is not None:
                 self.ema.update(self.step)
@@ -263,7 +236,7 @@ class Trainer:
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                 bad = sum(sum(b["by_reason"].values()) for b in self.bad_by_worker.values())
                 retries = sum(b.get("remote_retries", 0) for b in self.bad_by_worker.values())
-                self.telemetry.log(self.step, torch.stack(losses).mean().item(), self.engine,
+                self.telemetry.log(self.step, torch.stack(losses).mean(), self.engine,
                                    {"skipped": self.skipped, "bad_samples": bad, "position": self.position,
                                     "remote_retries": retries})
             every = cfg.checkpoint.every_steps
@@ -271,8 +244,9 @@ class Trainer:
                 self.save()
             if self.validator is not None and self.step % cfg.validation.every_steps == 0:
                 self.validator.run(self.step, self.engine, self.writer)
-            # Every rank learns whether any rank was signalled; ranks told differently agree on the larger code.
-            code = int(all_max(float(EXIT_CODES.get(self._preempt, 0)), env.device))
+            # Every rank learns whether any rank was signalled, one step later (i2v.train.stop_signal); ranks
+            # told differently agree on the larger code.
+            code = self.stop.poll(EXIT_CODES.get(self._preempt, 0), last=self.step == cfg.train.max_steps)
             if code:
                 if not (every and self.step % every == 0) and self.step != cfg.train.max_steps:
                     self.save()
