@@ -61,7 +61,7 @@ from i2v.core.distributed import init_distributed
 from i2v.model.flops import default_peak_tflops, training_flops
 from i2v.model.transformer import build_transformer, predict, read_arch_file, rotary_embeddings, transformer_arch
 from i2v.train.objective import Objective
-from i2v.train.optim import build_optimizer
+from i2v.train.optim import build_optimizer, optimizer_name
 from i2v.model.checkpointing import effective
 from i2v.plan.planner import checkpointing_at_start, latent_shape, make_plan
 from i2v.train.trainer import Trainer
@@ -155,18 +155,6 @@ def shape_config(smoke: bool, layers: int, steps: int, latents: str, out: str, c
         cfg.model.pretrained = cfg.model.arch_file = None
         cfg.model.arch = {**read_arch_file(str(ARCH_5B), "--shape 5b"), "num_layers": layers}
     return cfg
-
-
-def optimizer_name(opt) -> str:
-    """The optimizer that updates the weights, under DeepSpeed's wrappers, and how its step runs."""
-    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
-        opt = opt.optimizer
-    inner = getattr(opt, "optimizer", None)
-    if isinstance(inner, torch.optim.Optimizer):  # a ZeRO optimizer holding the torch one
-        opt = inner
-    defaults = getattr(opt, "defaults", {})
-    how = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "default"
-    return f"{type(opt).__module__}.{type(opt).__name__} ({how})"
 
 
 def stock_loop(cfg, steps: int, device, after_step=None, compile_blocks: bool = False) -> tuple[list[float], dict]:
