@@ -38,6 +38,9 @@ activations is the training case); cos/sin any float dtype, used in fp32. All ar
 output is rounded once to x's dtype (eager rounds twice in 16-bit: after the norm, then after the
 rotation). D: a power of two from 16 to 256 (CogVideoX 2B and 5B: 64).
 
+The interpreter converts fp32 to bf16 by truncation, where a GPU rounds to nearest even; under the
+interpreter the kernels add the rounding bias to the bits first, so the CPU tests see the GPU's rounding.
+
 Tested on the CPU under TRITON_INTERPRET=1 (tests/test_qk_norm_rope.py): fp32 outputs and
 gradients against diffusers' maths, bf16 error against an fp32 reference, opcheck, the fakes, and the
 processor against diffusers' processor. Not yet compiled or timed on a GPU.
@@ -60,7 +63,23 @@ def supported_head_dim(d: int) -> bool:
     return 16 <= d <= 256 and d & (d - 1) == 0
 
 
+def kernel_runs_on(x: torch.Tensor) -> bool:
+    """CUDA tensors, the meta device (the fakes), or any tensor under the CPU interpreter."""
+    return x.is_cuda or x.is_meta or _INTERPRET
+
+
 # ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _round_to(v, DTYPE: tl.constexpr, RNE_BF16: tl.constexpr):
+    """v (fp32) in DTYPE. The interpreter truncates fp32 -> bf16 where a GPU rounds to nearest even: with
+    RNE_BF16 the rounding bias is added to the bits first, so the truncation gives the GPU's result."""
+    if RNE_BF16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(DTYPE)
 
 
 @triton.jit
@@ -77,7 +96,7 @@ def _row_addresses(rows, H, S, stride_b, stride_h, stride_s):
 def _qk_norm_rope_fwd(X, W, Bias, COS, SIN, OUT, MEAN, RSTD,
                       stride_xb, stride_xh, stride_xs, stride_xd,
                       n_rows, H, S, text_len, eps,
-                      HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, RNE_BF16: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -110,7 +129,8 @@ def _qk_norm_rope_fwd(X, W, Bias, COS, SIN, OUT, MEAN, RSTD,
     sgn = tl.where((offs_d % 2) == 0, -1.0, 1.0)
     out = y * cos + sgn[None, :] * yp * sin
 
-    tl.store(OUT + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=m2)
+    tl.store(OUT + rows[:, None] * HEAD_DIM + offs_d[None, :], _round_to(out, OUT.dtype.element_ty, RNE_BF16),
+             mask=m2)
     tl.store(MEAN + rows, mean, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
@@ -120,7 +140,7 @@ def _qk_norm_rope_bwd(G, X, W, COS, SIN, MEAN, RSTD, DX, DW_PART, DB_PART,
                       stride_gb, stride_gh, stride_gs, stride_gd,
                       stride_xb, stride_xh, stride_xs, stride_xd,
                       n_rows, H, S, text_len, rows_per_program,
-                      HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, RNE_BF16: tl.constexpr):
     pid = tl.program_id(0)
     offs_d = tl.arange(0, HEAD_DIM)
     partner = offs_d ^ 1
@@ -155,7 +175,8 @@ def _qk_norm_rope_bwd(G, X, W, COS, SIN, MEAN, RSTD, DX, DW_PART, DB_PART,
         c1 = tl.sum(dxhat * xhat, 1) / HEAD_DIM
         c2 = tl.sum(dxhat, 1) / HEAD_DIM
         dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(DX + rows[:, None] * HEAD_DIM + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=m2)
+        tl.store(DX + rows[:, None] * HEAD_DIM + offs_d[None, :], _round_to(dx, DX.dtype.element_ty, RNE_BF16),
+                 mask=m2)
     tl.store(DW_PART + pid * HEAD_DIM + offs_d, dw)
     tl.store(DB_PART + pid * HEAD_DIM + offs_d, db)
 
@@ -167,6 +188,10 @@ def _bshd_like(x: torch.Tensor) -> torch.Tensor:
     """An empty [B, H, S, D] tensor stored as [B, S, H, D] (contiguous), x's dtype and device."""
     b, h, s, d = x.shape
     return torch.empty((b, s, h, d), dtype=x.dtype, device=x.device).transpose(1, 2)
+
+
+def _rne_bf16(dtype: torch.dtype) -> bool:
+    return _INTERPRET and dtype == torch.bfloat16
 
 
 def _block_rows(d: int) -> int:
@@ -188,7 +213,7 @@ def _fwd(x, weight, bias, eps, cos, sin, text_len):
         x, weight.contiguous(), bias.contiguous(), cos, sin, out, mean, rstd,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         n_rows, h, s, text_len, eps,
-        HEAD_DIM=d, BLOCK_R=block, num_warps=4)
+        HEAD_DIM=d, BLOCK_R=block, RNE_BF16=_rne_bf16(x.dtype), num_warps=4)
     return out, mean, rstd
 
 
@@ -211,7 +236,7 @@ def _bwd(grad, x, weight, mean, rstd, cos, sin, text_len):
         grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         n_rows, h, s, text_len, rows_per_program,
-        HEAD_DIM=d, BLOCK_R=block, num_warps=4)
+        HEAD_DIM=d, BLOCK_R=block, RNE_BF16=_rne_bf16(x.dtype), num_warps=4)
     return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
@@ -276,7 +301,7 @@ def _check(x, weight, bias, cos, sin, text_len):
     devices = {t.device for t in (x, weight, bias, cos, sin)}
     if len(devices) != 1:
         raise ValueError(f"qk_norm_rope: inputs on different devices: {sorted(map(str, devices))}")
-    if not (x.is_cuda or x.is_meta) and not _INTERPRET:
+    if not kernel_runs_on(x):
         raise ValueError("qk_norm_rope: needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
 
 

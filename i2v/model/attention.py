@@ -10,8 +10,9 @@ Under sequence parallelism (`video_shard` given, see `i2v.model.parallel`) the v
 rank's run only: Q, K and V go through the shard's all-to-all to the whole sequence for this rank's
 heads before QK-norm, RoPE and the core, and the output comes back to local tokens, all heads.
 
-RoPE and the QK layer norm stay in PyTorch: fusing them into the kernel saves a pass over Q
-and K each, which has not been measured to matter next to attention at S ~ 17.8k.
+With backend "triton", the QK layer norms and RoPE run as one fused kernel per tensor
+(`i2v.kernels.qk_norm_rope`) when the module has affine LayerNorm q/k norms and RoPE is given (the
+CogVideoX case); otherwise, and always with backend "torch", they run as diffusers runs them.
 
 `apply_attention_backend(transformer, backend)` is what the model builder calls.
 """
@@ -61,17 +62,16 @@ class CogVideoXFlashAttnProcessor:
         # [B, S, H, D] viewed as [B, H, S, D]: the kernel reads strides, so no copy here.
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
 
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        if self.backend == "triton" and _fused_qk_norm_rope_applies(attn, query, image_rotary_emb, text_seq_length):
+            from i2v.kernels.qk_norm_rope import qk_norm_rope
 
-        if image_rotary_emb is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
-            query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
-            if not attn.is_cross_attention:
-                key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
+            cos, sin = image_rotary_emb
+            query = qk_norm_rope(query, attn.norm_q.weight, attn.norm_q.bias, attn.norm_q.eps, cos, sin,
+                                 text_seq_length)
+            key = qk_norm_rope(key, attn.norm_k.weight, attn.norm_k.bias, attn.norm_k.eps, cos, sin,
+                               text_seq_length)
+        else:
+            query, key = self._qk_norm_rope_eager(attn, query, key, image_rotary_emb, text_seq_length)
 
         if self.backend == "triton" and attention_mask is None:
             from i2v.kernels.attention import flash_attention
@@ -95,6 +95,40 @@ class CogVideoXFlashAttnProcessor:
             [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1
         )
         return hidden_states, encoder_hidden_states
+
+    @staticmethod
+    def _qk_norm_rope_eager(attn, query, key, image_rotary_emb, text_seq_length):
+        """QK norm and RoPE as diffusers' processor does them (backend "torch"; what the fused op does not cover)."""
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
+        return query, key
+
+
+def _fused_qk_norm_rope_applies(attn, query, image_rotary_emb, text_seq_length: int) -> bool:
+    """Whether `i2v.kernels.qk_norm_rope` computes this module's QK norms and RoPE: affine LayerNorm(D) on
+    both Q and K, real (cos, sin) RoPE of [S_video, D] on the video tokens, self-attention, a supported
+    head dim, and tensors the kernel runs on (CUDA, the meta device, or the CPU interpreter)."""
+    from i2v.kernels.qk_norm_rope import kernel_runs_on, supported_head_dim
+
+    if image_rotary_emb is None or attn.is_cross_attention or not isinstance(image_rotary_emb, (tuple, list)):
+        return False
+    _, _, s, d = query.shape
+    for norm in (attn.norm_q, attn.norm_k):
+        if not (isinstance(norm, torch.nn.LayerNorm) and tuple(norm.normalized_shape) == (d,)
+                and norm.weight is not None and norm.bias is not None):
+            return False
+    cos, sin = image_rotary_emb
+    return (supported_head_dim(d) and tuple(cos.shape) == tuple(sin.shape) == (s - text_seq_length, d)
+            and cos.device == sin.device == query.device and kernel_runs_on(query))
 
 
 def apply_attention_backend(transformer: torch.nn.Module, backend: str, device=None) -> str:
