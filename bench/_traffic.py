@@ -14,12 +14,15 @@ The rules (what the figures mean):
     unbind, detach, alias, ...), plus `_unsafe_view`, `_reshape_alias`, `lift_fresh`, `set_`, `resize_`;
   * allocations: `empty*`, `empty_strided`, `new_empty*` (memory, not a kernel);
   * `_local_scalar_dense` (a device-to-host sync), counted apart as `syncs`.
-  A custom op (namespace `i2v`) counts as one launch, whatever it runs inside.
+  A custom op (namespace `i2v`) counts as one launch, whatever it runs inside, and its bytes are those of
+  any op: the unique elements of its tensor inputs read plus its outputs written (what a fused kernel
+  that reads each input once and writes each output once moves).
 - Kinds. `gemm`: mm, addmm, bmm, baddbmm, addbmm, addmv, mv, dot, _scaled_mm (linear and matmul reach the
   dispatcher as these). `attention`: our `i2v::flash_attention_*` ops and the SDPA kernels
   (`_scaled_dot_product_{flash,efficient,cudnn}_attention[_backward]`, `_flash_attention_*`,
   `_efficient_attention_*`). `sync`: `_local_scalar_dense`. Everything else that launches is `other`
-  (elementwise, reductions, norms, copies, casts, fills, cat, ...).
+  (elementwise, reductions, norms, copies, casts, fills, cat, ..., and the other `i2v` custom ops such as
+  `i2v::qk_norm_rope_fwd/bwd`).
 - Bytes of an op: unique elements read plus elements written, each times its element size.
   * Read: every tensor argument once per distinct view (same storage, offset, shape and strides
     count once, so `x * x` reads x once), with the number of distinct elements that view addresses: a

@@ -19,6 +19,8 @@ step's share for one block, with the gradients of the block's two outputs given,
 would give them; parameter gradients are the first of the step, so nothing is accumulated).
 diffusers' `apply_rotary_emb` is also counted as a region (its ops forward and recompute, and its
 autograd nodes' ops in the backward; the processor's writes of its result into Q and K are not in it).
+With `--attention triton` the QK norms and RoPE run as the fused `i2v::qk_norm_rope_fwd/bwd` ops instead,
+so that region is absent and the ops are listed under their own names.
 
     python bench/block_traffic.py [--shape 5b|tiny] [--attention triton|torch] [--checkpointing none,selective,all]
                                   [--top 10] [--out bench/results/block_traffic.json]

@@ -95,13 +95,51 @@ def test_tiny_block_phases(tiny_report):
     # The recompute stops early, after the last tensor the backward needs: never more than the forward.
     assert full["recompute"]["launches"] <= full["forward"]["launches"]
     assert full["recompute"]["gemm_flops"] == full["forward"]["gemm_flops"]
+    # QK norm + RoPE: the fused op, once for Q and once for K, in forward and recompute, its backward in the
+    # backward; diffusers' apply_rotary_emb never runs on this path.
+    for phase, op in (("forward", "fwd"), ("recompute", "fwd"), ("backward", "bwd")):
+        assert full[phase]["ops"][f"i2v.qk_norm_rope_{op}"]["launches"] == 2
+        assert full[phase]["ops"][f"i2v.qk_norm_rope_{op}"]["bytes"] > 0
+        assert "apply_rotary_emb" not in full[phase]["regions"]
+    assert len(full["top_ops"]) == 10 and full["top_ops"][0]["bytes"] >= full["top_ops"][-1]["bytes"]
+
+
+def test_tiny_block_with_torch_attention_counts_diffusers_rope_as_a_region():
+    from block_traffic import count_block
+
+    rep = count_block("tiny", "torch", "all")
     # diffusers' apply_rotary_emb on Q and K: 8 launches each (neg, stack, 3 casts, 2 muls, add), forward and
     # recompute; its autograd nodes' ops in the backward.
-    rope = {p: full[p]["regions"]["apply_rotary_emb"] for p in ("forward", "recompute", "backward")}
+    rope = {p: rep[p]["regions"]["apply_rotary_emb"] for p in ("forward", "recompute", "backward")}
     assert rope["forward"] == rope["recompute"] and rope["forward"]["launches"] == 16
     assert rope["backward"]["launches"] > 0 and rope["backward"]["bytes"] > 0
-    assert "apply_rotary_emb" not in none["recompute"]["regions"]
-    assert len(full["top_ops"]) == 10 and full["top_ops"][0]["bytes"] >= full["top_ops"][-1]["bytes"]
+    assert not any(op.startswith("i2v.") for p in ("forward", "backward") for op in rep[p]["ops"])
+
+
+def test_custom_non_attention_ops_count_their_inputs_and_outputs():
+    from i2v.kernels.qk_norm_rope import qk_norm_rope
+
+    b, s, h, d, text = 1, 10, 3, 16, 4
+    x = torch.empty(b, s, h, d, device="meta", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    weight = torch.empty(d, device="meta", requires_grad=True)
+    bias = torch.empty(d, device="meta", requires_grad=True)
+    cos = torch.empty(s - text, d, device="meta")
+    sin = torch.empty(s - text, d, device="meta")
+    counter = TrafficCounter()
+    with counter:
+        out = qk_norm_rope(x, weight, bias, 1e-6, cos, sin, text)
+        with counter.in_phase("backward"):
+            out.backward(torch.empty_like(out))
+    rep = counter.report()
+    rows, elems = b * s * h, b * s * h * d
+    fwd = rep["forward"]["ops"]["i2v.qk_norm_rope_fwd"]
+    # Reads x (bf16), weight, bias, cos, sin (fp32); writes out (bf16), mean and rstd (fp32 per row).
+    assert fwd == {"launches": 1, "bytes": elems * 2 + 2 * d * 4 + 2 * (s - text) * d * 4 + elems * 2 + 2 * rows * 4}
+    assert kind_of(torch.ops.i2v.qk_norm_rope_fwd.default) == "other"
+    bwd = rep["backward"]["ops"]["i2v.qk_norm_rope_bwd"]
+    # Reads grad, x, weight, mean, rstd, cos, sin; writes dx, dweight, dbias.
+    assert bwd == {"launches": 1, "bytes": 2 * elems * 2 + d * 4 + 2 * rows * 4 + 2 * (s - text) * d * 4
+                   + elems * 2 + 2 * d * 4}
 
 
 def test_tiny_block_flops_match_the_cost_model(tiny_report):
