@@ -112,7 +112,8 @@ def test_ops_pass_opcheck():
     bias = torch.randn(16, generator=g).requires_grad_()
     angles = torch.randn(4, 16, generator=g)
     cos, sin = angles.cos(), angles.sin()
-    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static",
+             "test_aot_dispatch_dynamic")
     torch.library.opcheck(qk_norm_rope_fwd, (x, weight, bias, 1e-5, cos, sin, 3), test_utils=tests)
     out, mean, rstd = qk_norm_rope_fwd(x.detach(), weight.detach(), bias.detach(), 1e-5, cos, sin, 3)
     grad = torch.randn(out.shape, generator=g)
@@ -141,3 +142,21 @@ def test_bad_inputs_raise():
         qk_norm_rope(x, weight[:8], bias, EPS, cos, sin, TEXT)
     with pytest.raises(ValueError, match="head dim"):
         qk_norm_rope(x[..., :24], weight[:24], bias[:24], EPS, cos[:, :24], sin[:, :24], TEXT)
+
+
+@pytest.mark.parametrize("text_len", [0, TEXT])
+def test_backward_row_loop_and_partial_sums(monkeypatch, text_len):
+    # One program looping over every row tile gives the gradients of one program per tile.
+    from i2v.kernels import qk_norm_rope as mod
+
+    x, weight, bias, cos, sin, grad = _inputs(seed=3)
+    cos, sin = (torch.cat([t[:1].expand(TEXT - text_len, D), t]) for t in (cos, sin))
+    fn = lambda *a: qk_norm_rope(a[0], a[1], a[2], EPS, a[3], a[4], text_len)  # noqa: E731
+    many = _grads(fn, x, weight, bias, cos, sin, grad)
+    monkeypatch.setattr(mod, "_MAX_PROGRAMS", 1)
+    one = _grads(fn, x, weight, bias, cos, sin, grad)
+    ref = _grads(lambda *a: qk_norm_rope_ref(a[0], a[1], a[2], EPS, a[3], a[4], text_len), x, weight, bias, cos, sin,
+                 grad)
+    for name, a, b, r in zip(("out", "dx", "dweight", "dbias"), many, one, ref):
+        assert torch.equal(a, b) if name in ("out", "dx") else _rel(a, b) <= 1e-6, name
+        assert _rel(b, r) <= 1e-5, f"{name}: {_rel(b, r):.2e}"
