@@ -30,10 +30,12 @@ import torch
 SETTINGS = ("none", "blocks")
 
 
-def apply_compile(model: torch.nn.Module, setting: str) -> int:
+def apply_compile(model: torch.nn.Module, setting: str, backend: str = "inductor") -> int:
     """Compile `model`'s (a CogVideoXTransformer3DModel) transformer blocks per `setting`; returns how many were.
 
     Call it once the model is complete (LoRA attached, attention processors set), before the first forward.
+    `backend` is torch.compile's (the tests trace with "aot_eager": dynamo and AOTAutograd as inductor
+    sees them, without its code generation).
     """
     if setting not in SETTINGS:
         raise ValueError(f"model.compile must be one of {', '.join(SETTINGS)}, got {setting!r}")
@@ -42,7 +44,7 @@ def apply_compile(model: torch.nn.Module, setting: str) -> int:
     blocks = list(model.transformer_blocks)
     for block in blocks:
         block.register_forward_pre_hook(_contiguous_inputs, with_kwargs=True)
-        block.forward = torch.compile(block.forward, dynamic=False)
+        block.forward = torch.compile(block.forward, dynamic=False, backend=backend)
     return len(blocks)
 
 
