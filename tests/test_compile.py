@@ -103,6 +103,10 @@ def test_blocks_share_one_graph_and_keep_state_dict_keys(checkpointing, lora_ran
     torch._dynamo.reset()
     counters.clear()
     assert apply_compile(compiled, "blocks", backend="aot_eager") == len(compiled.transformer_blocks) == 2
+    forwards = [b.forward for b in compiled.transformer_blocks]
+    apply_compile(compiled, "blocks", backend="aot_eager")  # once is enough: nothing compiles twice
+    assert [b.forward for b in compiled.transformer_blocks] == forwards
+    assert all(len(b._forward_pre_hooks) == 1 for b in compiled.transformer_blocks)
     ref = train_step(eager)
     for _ in range(2):  # the second step reuses what the first compiled
         ours = train_step(compiled)

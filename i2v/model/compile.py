@@ -43,8 +43,11 @@ def apply_compile(model: torch.nn.Module, setting: str, backend: str = "inductor
         return 0
     blocks = list(model.transformer_blocks)
     for block in blocks:
+        if getattr(block, "_i2v_compiled", False):  # a second call leaves the first one's compiled forward
+            continue
         block.register_forward_pre_hook(_contiguous_inputs, with_kwargs=True)
         block.forward = torch.compile(block.forward, dynamic=False, backend=backend)
+        block._i2v_compiled = True
     return len(blocks)
 
 
