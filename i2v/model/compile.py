@@ -4,11 +4,12 @@
 
 - "none": eager, nothing changes.
 - "blocks": every `CogVideoXBlock`'s forward goes through `torch.compile(..., dynamic=False)`. The module
-  is not wrapped (its `forward` attribute is replaced, its hooks stay eager), so the state_dict keys stay diffusers' and a checkpoint saved with either
-  setting loads under the other. All blocks run the same code at the same shapes and dtypes, and dynamo
+  is not wrapped (its `forward` attribute is replaced, its hooks stay eager), so the state_dict keys stay
+  diffusers' and a checkpoint saved with either setting loads under the other. All blocks run the same code at the same shapes and dtypes, and dynamo
   inlines nn.Modules and treats their parameters as graph inputs (`inline_inbuilt_nn_modules`, torch's
   default), so the first block's graph serves the other blocks without a recompile: a model of 42 blocks
-  compiles once per input shape, not 42 times. `dynamic=False` keeps the graph specialised to the shape
+  compiles once per input shape, not 42 times (a pre-hook makes the inputs contiguous, see
+  `_contiguous_inputs`). `dynamic=False` keeps the graph specialised to the shape
   (a new resolution or batch size is one recompile, not a dynamic-shape graph for all).
 
 Where it sits relative to the rest of the block's life:
@@ -20,7 +21,12 @@ Where it sits relative to the rest of the block's life:
   attention processor is installed.
 - The attention processor (i2v.model.attention) traces without graph breaks for both backends; the Triton
   kernel is a torch custom op (`i2v::flash_attention_fwd/bwd`) with fake implementations, opaque to the
-  compiler.
+  compiler. Under sequence parallelism the all-to-alls of i2v.model.parallel trace into the block's graph.
+- ZeRO 0-2 leave the module alone. ZeRO-3 fetches parameters in hooks on every linear, which would run
+  inside the compiled block and break it into pieces: `Config.validate` refuses `blocks` with ZeRO-3.
+
+Compiles: one graph for a full fine-tune under every checkpointing setting; two under LoRA (the first
+block's input needs no gradient, every later block's does); one more per new input shape.
 """
 
 from __future__ import annotations
