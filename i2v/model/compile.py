@@ -5,12 +5,12 @@
 - "none": eager, nothing changes.
 - "blocks": every `CogVideoXBlock`'s forward goes through `torch.compile(..., dynamic=False)`. The module
   is not wrapped (its `forward` attribute is replaced, its hooks stay eager), so the state_dict keys stay
-  diffusers' and a checkpoint saved with either setting loads under the other. All blocks run the same code at the same shapes and dtypes, and dynamo
-  inlines nn.Modules and treats their parameters as graph inputs (`inline_inbuilt_nn_modules`, torch's
-  default), so the first block's graph serves the other blocks without a recompile: a model of 42 blocks
-  compiles once per input shape, not 42 times (a pre-hook makes the inputs contiguous, see
-  `_contiguous_inputs`). `dynamic=False` keeps the graph specialised to the shape
-  (a new resolution or batch size is one recompile, not a dynamic-shape graph for all).
+  diffusers' and a checkpoint saved with either setting loads under the other. All blocks run the same
+  code at the same shapes and dtypes, and dynamo inlines nn.Modules and treats their parameters as graph
+  inputs (`inline_inbuilt_nn_modules`, torch's default), so the first block's graph serves the other
+  blocks without a recompile (a pre-hook makes the inputs contiguous, see `_contiguous_inputs`): a model
+  of 42 blocks compiles once per input shape, not 42 times. `dynamic=False` keeps the graph specialised
+  to the shape (a new resolution or batch size is one recompile, not a dynamic-shape graph for all).
 
 Where it sits relative to the rest of the block's life:
 - Activation checkpointing (i2v.model.checkpointing) wraps the block from outside: diffusers' block loop
