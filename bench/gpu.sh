@@ -2,13 +2,14 @@
 # The GPU benchmark suite: about 8 minutes on one H200, writing bench/results/*-nvidia-*.json.
 # Measured on an H200 (torch 2.11, triton 3.6): noise 33 s, attention about 200 s the first time (the
 # autotune compiles 88 configs; 14 s once TRITON_CACHE_AUTOTUNING has them), train_step 125 s with its
-# former two variants (its four are not yet timed on a GPU), SP 5 s.
+# former two variants (its five are not yet timed on a GPU), SP 5 s.
 #
 #   noise              bench/noise.py                    fused noise injection vs eager / torch.compile / copy
 #   attention          bench/attention.py --shapes 5b    flash attention vs SDPA flash / cuDNN / efficient, S=17,776
 #   train_step         bench/train_step.py --shape 5b    the 5B-I2V step (8 of 42 blocks) at 49x480x720: i2v's trainer
-#                                                        (checkpointing all / auto) vs the stock diffusers loop
-#                                                        (eager / compiled blocks): MFU, HFU, peak memory, profiler
+#                                                        (checkpointing all / auto; auto with compiled blocks) vs
+#                                                        the stock diffusers loop (eager / compiled blocks): MFU,
+#                                                        HFU, peak memory, profiler
 #                                                        tables, and the planner's estimate against the measured peak
 #   sequence_parallel  bench/sequence_parallel.py        SP 1/2/4/8 from the architecture; SP 1 vs 2 measured
 #

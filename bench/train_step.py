@@ -25,7 +25,8 @@ micro-batch per step. Each variant trains a fresh model on the same random laten
   - stock-compile: the same with each transformer block through torch.compile;
   - i2v-all: the real `Trainer` of configs/cogvideox-5b-i2v.yaml (DeepSpeed ZeRO-2 bf16, fused noise
     kernel, i2v's attention) with `model.gradient_checkpointing: all`;
-  - i2v-auto: the same with `auto` (the planner's choice for this device's memory).
+  - i2v-auto: the same with `auto` (the planner's choice for this device's memory);
+  - i2v-compile: i2v-auto with `model.compile: blocks` (each block through torch.compile, in place).
 Each variant runs --steps timed steps (the median after --warmup), then 2 more under torch.profiler:
 the 15 costliest CUDA kernels with their share of the step, the time the device sat idle waiting
 for the host, and the attention op that actually ran (bench/_profile.py states the rules). It
@@ -139,15 +140,17 @@ def bare_engine_loop(cfg, steps: int, device, world_size: int) -> list[float]:
 
 
 ARCH_5B = REPO / "configs" / "arch" / "cogvideox-5b-i2v.json"
-VARIANTS = ("stock", "stock-compile", "i2v-all", "i2v-auto")
+VARIANTS = ("stock", "stock-compile", "i2v-all", "i2v-auto", "i2v-compile")
 PROFILED_STEPS = 2  # recorded by the profiler after the timed steps
 
 
-def shape_config(smoke: bool, layers: int, steps: int, latents: str, out: str, checkpointing: str = "all"):
+def shape_config(smoke: bool, layers: int, steps: int, latents: str, out: str, checkpointing: str = "all",
+                 compile_setting: str = "none"):
     """configs/cogvideox-5b-i2v.yaml on a random-init `layers`-block 5B, set up for timing (tiny.yaml for a smoke run)."""
     base = REPO / "configs" / ("tiny.yaml" if smoke else "cogvideox-5b-i2v.yaml")
     cfg = load_config(base, [
-        f"model.gradient_checkpointing={checkpointing}", f"data.latent_shards={latents}", f"run.output_dir={out}",
+        f"model.gradient_checkpointing={checkpointing}", f"model.compile={compile_setting}",
+        f"data.latent_shards={latents}", f"run.output_dir={out}",
         f"train.max_steps={steps}", "train.log_every=1", "train.warmup_steps=0", "train.micro_batch_size=1",
         "train.grad_accum_steps=1", "checkpoint.resume=false", "checkpoint.save_at_end=false",
         "validation.every_steps=0", "data.num_workers=0"])
@@ -206,7 +209,7 @@ def trainer_run(cfg, env, after_step) -> tuple[list[float], dict]:
         trainer.train()
         info = {"checkpointing": str(effective(cfg.model.gradient_checkpointing, setting)),
                 "checkpointing_line": line, "optimizer": optimizer_name(trainer.engine.optimizer),
-                "compile": False, "attention_requested": cfg.kernels.attention}
+                "compile": cfg.model.compile == "blocks", "attention_requested": cfg.kernels.attention}
     finally:
         trainer.close()
     with open(os.path.join(cfg.run.output_dir, "metrics.jsonl")) as f:
@@ -233,7 +236,10 @@ def run_variant(name: str, args, env, smoke: bool, latents: str, out: str) -> di
     """One variant's timed steps, then PROFILED_STEPS more under the profiler; a fresh model each."""
     device, total = env.device, args.steps + PROFILED_STEPS
     checkpointing = name.split("-", 1)[1] if name.startswith("i2v-") else "none"
-    cfg = shape_config(smoke, args.layers, total, latents, os.path.join(out, name), checkpointing)
+    compile_setting = "blocks" if name == "i2v-compile" else "none"
+    if compile_setting == "blocks":
+        checkpointing = "auto"
+    cfg = shape_config(smoke, args.layers, total, latents, os.path.join(out, name), checkpointing, compile_setting)
     _fresh_memory(device)
     t0 = time.perf_counter()
     if name.startswith("stock"):
@@ -280,7 +286,7 @@ def shape_benchmark(args) -> dict:
                  hfu=hardware / r["step_s"] / 1e12 / peak if peak else None)
     by_name = {r["variant"]: r for r in results}
     speedups = {}
-    for ours in ("i2v-all", "i2v-auto"):
+    for ours in ("i2v-all", "i2v-auto", "i2v-compile"):
         for theirs in ("stock", "stock-compile"):
             if ours in by_name and theirs in by_name:
                 speedups[f"{ours}_vs_{theirs}"] = by_name[theirs]["step_s"] / by_name[ours]["step_s"]

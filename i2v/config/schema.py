@@ -111,6 +111,14 @@ class ModelConfig:
         None, "GiB of accelerator memory that `gradient_checkpointing: auto` leaves free beyond its predicted peak "
         "(CUDA context, workspaces, fragmentation); null means 10% of the accelerator's memory.",
     )
+    compile: Literal["none", "blocks"] = doc(
+        "none",
+        "torch.compile of the DiT: `none` (eager); `blocks` (regional: each transformer block is compiled in place, "
+        "`dynamic=False`, one compiled code shared by every block, so the first step pays one compile per input shape; "
+        "checkpointing and LoRA wrap or sit inside the compiled block; state_dict keys do not change, so checkpoints "
+        "move between the two settings). Not with deepspeed.zero_stage 3 (its parameter-gathering hooks run inside "
+        "the block).",
+    )
     init_std: float = doc(0.02, "Std of the explicit normal init of Linear weights for a random-init (inline) model.")
     lora: LoRAConfig = doc(help="LoRA fine-tuning: adapters on a frozen base.", default_factory=LoRAConfig)
 
@@ -341,6 +349,10 @@ class Config:
             # The ZeRO-3 gradient scale of i2v.model.parallel assumes the reduce-scatter path (it averages over SP too).
             raise ConfigError("deepspeed.extra.zero_optimization.reduce_scatter: must stay true with "
                               f"parallel.sequence_parallel_size {sp} at ZeRO-3")
+        if m.compile == "blocks" and self.deepspeed.zero_stage == 3:
+            raise ConfigError("model.compile: `blocks` does not work with deepspeed.zero_stage 3 (ZeRO-3 gathers each "
+                              "block's parameters with module hooks that would run inside the compiled block); use "
+                              "model.compile: none or deepspeed.zero_stage 0-2")
         if self.checkpoint.export_on_finish and not self.checkpoint.save_at_end:
             raise ConfigError("checkpoint.export_on_finish: exports the final checkpoint; needs checkpoint.save_at_end: true")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:

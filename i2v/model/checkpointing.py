@@ -129,6 +129,9 @@ def _run_block(decisions: dict, block, *args):
     # runs neither op again. Nothing outside the regions writes into a kept tensor: QK-norm makes new Q and K
     # before RoPE writes into them (apply_checkpointing refuses blocks without it).
     context = functools.partial(create_selective_checkpoint_contexts, _policy, allow_cache_entry_mutation=True)
+    # A projection that raised left its region open (its leave hook is not called on an exception: an
+    # always-called hook puts a per-block hook id in torch.compile's guards, one recompile per block).
+    _region.depth = 0
     return checkpoint(block.__call__, *args, use_reentrant=False, context_fn=context)
 
 
@@ -153,7 +156,7 @@ def apply_checkpointing(model, setting) -> None:
                 child = getattr(module, name, None)
                 if isinstance(child, torch.nn.Module) and module is not child:
                     hooks.append(child.register_forward_pre_hook(_enter))
-                    hooks.append(child.register_forward_hook(_leave, always_call=True))
+                    hooks.append(child.register_forward_hook(_leave))
     model._i2v_checkpoint_hooks = hooks
     if all(k == "none" for k in kinds):
         model.disable_gradient_checkpointing()

@@ -36,6 +36,7 @@ from i2v.data.latent_order import resolve_order
 from i2v.data.latents import LatentDataset, load_empty_prompt, make_loader
 from i2v.data.shards import expand_shards
 from i2v.core.distributed import DistEnv, all_ranks_agree
+from i2v.model.compile import apply_compile
 from i2v.model.ema import ShardedEMA
 from i2v.core.errors import I2VError
 from i2v.model.transformer import build_transformer, set_attention
@@ -88,6 +89,7 @@ class Trainer:
         model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed, checkpointing=ckpt), cfg.model, seed=cfg.run.seed)
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
         self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
+        apply_compile(model, cfg.model.compile)  # last: LoRA, the processors and the SP forward are in place
         noise_backend = resolve_backend(cfg.kernels.noise, env.device, "kernels.noise")
         # Counted before the engine: ZeRO-3 leaves empty placeholders in the module.
         n_params = sum(p.numel() for p in model.parameters())
