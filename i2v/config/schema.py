@@ -119,6 +119,12 @@ class ModelConfig:
         "move between the two settings). Not with deepspeed.zero_stage 3 (its parameter-gathering hooks run inside "
         "the block).",
     )
+    compile_backend: Literal["inductor", "aot_eager"] = doc(
+        "inductor",
+        "torch.compile backend of `model.compile: blocks`: `inductor` generates fused kernels (the speed); `aot_eager` "
+        "traces the same graphs (dynamo and AOTAutograd, forward and backward) and runs them eagerly, without code "
+        "generation: a quick check that a configuration compiles without graph breaks and trains the same.",
+    )
     init_std: float = doc(0.02, "Std of the explicit normal init of Linear weights for a random-init (inline) model.")
     lora: LoRAConfig = doc(help="LoRA fine-tuning: adapters on a frozen base.", default_factory=LoRAConfig)
 

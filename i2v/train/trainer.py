@@ -89,7 +89,7 @@ class Trainer:
         model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed, checkpointing=ckpt), cfg.model, seed=cfg.run.seed)
         self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
         self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
-        apply_compile(model, cfg.model.compile)  # last: LoRA, the processors and the SP forward are in place
+        apply_compile(model, cfg.model.compile, cfg.model.compile_backend)  # last: LoRA, the processors and the SP forward are in place
         noise_backend = resolve_backend(cfg.kernels.noise, env.device, "kernels.noise")
         # Counted before the engine: ZeRO-3 leaves empty placeholders in the module.
         n_params = sum(p.numel() for p in model.parameters())
