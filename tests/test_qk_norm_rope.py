@@ -83,7 +83,7 @@ class _OpNames(TorchDispatchMode):
 
 
 def test_processor_uses_the_fused_op_and_matches_diffusers():
-    from test_attention_processor import _assert_close, _forward_backward, _tiny_model
+    from processor_models import _assert_close, _forward_backward, _tiny_model
 
     from i2v.model.attention import apply_attention_backend
 
