@@ -268,7 +268,9 @@ class KernelsConfig:
         "when training on CUDA and triton imports, else torch (i2v.kernels.backends).")
     attention: Literal["auto", "triton", "torch"] = doc(
         "auto", "Attention: triton (our flash kernel), torch (torch's scaled_dot_product_attention, SDPA; "
-        "called sdpa before), or auto: triton when training on CUDA and triton imports, else torch.")
+        "called sdpa before), or auto: on CUDA the fastest of triton and SDPA restricted to its cuDNN, flash or "
+        "efficient backend, timed once at the run's shape (kept in <run.output_dir>/attention_choice.json); "
+        "elsewhere torch.")
 
 
 @dataclass

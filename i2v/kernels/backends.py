@@ -6,6 +6,9 @@ One rule for every op, resolved here and nowhere else:
     triton  the Triton kernel (callers say what else it needs: on the CPU, TRITON_INTERPRET=1)
     torch   the plain-PyTorch path (for attention: torch's scaled_dot_product_attention)
 
+A training run on CUDA resolves `kernels.attention: auto` by timing instead (i2v.kernels.attention_choice,
+i2v.train.attention_auto); this rule remains its fallback and what every other caller gets.
+
 `data.order: auto` (i2v.data.latent_order) is not a backend: it chooses the sample order from
 where the shards are, and is resolved there.
 """

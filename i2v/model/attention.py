@@ -28,10 +28,13 @@ from i2v.kernels.backends import resolve_backend, triton_available
 class CogVideoXFlashAttnProcessor:
     """Drop-in replacement for diffusers' CogVideoXAttnProcessor2_0 (same inputs, same outputs)."""
 
-    def __init__(self, backend: str = "triton"):
+    def __init__(self, backend: str = "triton", sdpa_backend=None):
+        """`sdpa_backend` (a torch.nn.attention.SDPBackend, backend "torch" only): SDPA runs restricted to it."""
         if backend not in ("triton", "torch"):
             raise ValueError(f"CogVideoXFlashAttnProcessor backend must be 'triton' or 'torch', got {backend!r}")
-        self.backend = backend
+        if sdpa_backend is not None and backend != "torch":
+            raise ValueError(f"sdpa_backend applies to backend 'torch', not {backend!r}")
+        self.backend, self.sdpa_backend = backend, sdpa_backend
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None,
                  video_shard=None):
@@ -79,9 +82,7 @@ class CogVideoXFlashAttnProcessor:
             hidden_states = flash_attention(query, key, value, backend="triton")
         else:
             # The kernel has no mask input; CogVideoX never passes one, and SDPA gives the same math.
-            hidden_states = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-            )
+            hidden_states = self._sdpa(query, key, value, attention_mask)
 
         hidden_states = hidden_states.transpose(1, 2)
         if video_shard is not None:
@@ -95,6 +96,16 @@ class CogVideoXFlashAttnProcessor:
             [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1
         )
         return hidden_states, encoder_hidden_states
+
+    def _sdpa(self, query, key, value, attention_mask):
+        if self.sdpa_backend is None:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                  is_causal=False)
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel([self.sdpa_backend]):
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                  is_causal=False)
 
     @staticmethod
     def _qk_norm_rope_eager(attn, query, key, image_rotary_emb, text_seq_length):
@@ -131,7 +142,7 @@ def _fused_qk_norm_rope_applies(attn, query, image_rotary_emb, text_seq_length: 
             and cos.device == sin.device == query.device and kernel_runs_on(query))
 
 
-def apply_attention_backend(transformer: torch.nn.Module, backend: str, device=None) -> str:
+def apply_attention_backend(transformer: torch.nn.Module, backend: str, device=None, sdpa_backend=None) -> str:
     """Install the attention processors for `backend` on a CogVideoXTransformer3DModel; return the one used.
 
     "triton": our fused kernel everywhere (raises if triton is missing).
@@ -139,6 +150,8 @@ def apply_attention_backend(transformer: torch.nn.Module, backend: str, device=N
     "auto": the rule of `i2v.kernels.backends`, judged by where the model's parameters are.
     `device`, if given, is where the model will run and replaces its parameters' device in
     that choice (for a model built on the CPU and moved to the GPU afterwards).
+    `sdpa_backend` (an "sdpa-*" name of `i2v.kernels.attention_choice`, for a resolved "torch"): our
+    processor on SDPA restricted to that torch backend is installed instead, and that name returned.
     """
     from diffusers.models.attention_processor import (
         Attention,
@@ -156,6 +169,13 @@ def apply_attention_backend(transformer: torch.nn.Module, backend: str, device=N
     modules = [m for m in transformer.modules() if isinstance(m, Attention)]
     if not modules:
         raise ValueError(f"apply_attention_backend: {type(transformer).__name__} has no diffusers Attention modules")
+    if sdpa_backend is not None and backend == "torch":
+        from i2v.kernels.attention_choice import sdpa_backend as torch_sdpa_backend
+
+        restricted = torch_sdpa_backend(sdpa_backend)
+        for module in modules:
+            module.set_processor(CogVideoXFlashAttnProcessor("torch", sdpa_backend=restricted))
+        return sdpa_backend
     for module in modules:
         if backend == "triton":
             module.set_processor(CogVideoXFlashAttnProcessor("triton"))

@@ -135,15 +135,15 @@ def init_weights(model: torch.nn.Module, std: float) -> None:
     torch.nn.init.zeros_(model.proj_out.bias)
 
 
-def set_attention(model: CogVideoXTransformer3DModel, backend: str, device=None) -> str:
+def set_attention(model: CogVideoXTransformer3DModel, backend: str, device=None, sdpa_backend=None) -> str:
     """Install the attention implementation chosen by `kernels.attention`; returns the one used.
 
     `device` is where the model will run: it is built on the CPU, so `auto` must not judge by
-    where its parameters are now.
+    where its parameters are now. `sdpa_backend`: see `i2v.model.attention.apply_attention_backend`.
     """
     from i2v.model.attention import apply_attention_backend
 
-    return apply_attention_backend(model, backend, device=device)
+    return apply_attention_backend(model, backend, device=device, sdpa_backend=sdpa_backend)
 
 
 def rotary_embeddings(model_config, frames: int, height: int, width: int, device) -> tuple | None:

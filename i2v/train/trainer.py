@@ -40,6 +40,7 @@ from i2v.model.compile import apply_compile
 from i2v.model.ema import ShardedEMA
 from i2v.core.errors import I2VError
 from i2v.model.transformer import build_transformer, set_attention
+from i2v.train.attention_auto import auto_attention
 from i2v.kernels.backends import resolve_backend
 from i2v.train.nan_guard import StepRunner
 from i2v.train.objective import Objective
@@ -87,7 +88,8 @@ class Trainer:
 
         ckpt, ckpt_line = checkpointing
         model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed, checkpointing=ckpt), cfg.model, seed=cfg.run.seed)
-        self.attention = set_attention(model, cfg.kernels.attention, device=env.device)
+        attention, sdpa = auto_attention(cfg, env, model.config, self.log)  # auto on CUDA: timed once (rank 0)
+        self.attention = set_attention(model, attention, device=env.device, sdpa_backend=sdpa)
         self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
         apply_compile(model, cfg.model.compile, cfg.model.compile_backend)  # last: LoRA, the processors and the SP forward are in place
         noise_backend = resolve_backend(cfg.kernels.noise, env.device, "kernels.noise")
