@@ -169,7 +169,7 @@ def usage_lines(cfg: Config, out: str, lora: bool) -> list[str]:
         lines.append(f'pipe.load_lora_weights("{out}")')
     lines += [f'image = load_image("first_frame.png")  # {call["width"]}x{call["height"]}, as i2v crops it',
               f'video = pipe(image=image, prompt="...", {args},',
-              f"             use_dynamic_cfg=False, generator=torch.Generator().manual_seed(0)).frames[0]",
+              "             use_dynamic_cfg=False, generator=torch.Generator().manual_seed(0)).frames[0]",
               f'export_to_video(video, "clip.mp4", fps={int(cfg.data.video.fps or 8)})']
     return lines
 
