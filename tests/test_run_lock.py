@@ -54,11 +54,16 @@ def test_heartbeat_advances_and_a_lost_lock_stops_writes(tmp_path):
     logs = []
     lock = RunLock.acquire(str(tmp_path / "run"), timeout_s=2, log=logs.append)  # beats every 0.5 s
     first = json.loads((tmp_path / "run" / LOCK_FILE).read_text())["heartbeat"]
-    time.sleep(1.6)
+    deadline = time.time() + 30  # a beat every 0.5 s, late on a loaded machine
+    while json.loads((tmp_path / "run" / LOCK_FILE).read_text())["heartbeat"] == first and time.time() < deadline:
+        time.sleep(0.1)
     assert json.loads((tmp_path / "run" / LOCK_FILE).read_text())["heartbeat"] > first
     lock.check()  # still ours
     _write_lock(tmp_path / "run")  # another run judged this one stale and took the folder
-    time.sleep(1.2)
+    # The next heartbeat (0.5 s) sees it; a loaded machine may run the heartbeat thread late, so wait up to 30 s.
+    deadline = time.time() + 30
+    while not lock.lost and time.time() < deadline:
+        time.sleep(0.1)
     with pytest.raises(RunLocked, match="taken over by host node-7 pid 4242"):
         lock.check()
     lock.release()
