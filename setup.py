@@ -33,5 +33,6 @@ setup(
         "pillow",
     ],
     # s3:// shards (and S3-compatible stores) are read through boto3; http(s):// needs nothing extra.
-    extras_require={"triton": ["triton>=3.6,<3.9"], "s3": ["boto3>=1.28"]},
+    # model.fp8: torchao's float8 training (and its CPU emulation).
+    extras_require={"triton": ["triton>=3.6,<3.9"], "s3": ["boto3>=1.28"], "fp8": ["torchao>=0.15"]},
 )

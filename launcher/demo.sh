@@ -12,6 +12,8 @@
 #   DEMO_SEED (0: run.seed and the synthetic clips' seed), DEMO_DIRECTIONS (2: each drawn first frame
 #   moving both ways, so that only the caption tells which; 1: one direction per first frame),
 #   DEMO_QUALITY_JSON (bench/results/demo-quality.json; empty: not written),
+#   DEMO_OVERRIDES (more config overrides for every stage, space-separated KEY=VALUE without spaces inside,
+#   e.g. "model.fp8.compute=tensorwise"; bench/fp8_quality.py trains its variants this way),
 #   DEMO_LAUNCHER (deepspeed | python; default deepspeed when its launcher is installed; python trains on one
 #   rank), PYTHON, MASTER_PORT (the training's rendezvous port; default a free one).
 # Rerunning resumes: finished stages are kept (clips with the same settings, shards, the fitted VAE,
@@ -92,6 +94,8 @@ OVERRIDES=(
   "checkpoint.every_steps=$(( TRAIN_STEPS / 2 > 0 ? TRAIN_STEPS / 2 : 1 ))"
 )
 [ -n "${DEMO_SAMPLE_STEPS:-}" ] && OVERRIDES+=("validation.num_inference_steps=$DEMO_SAMPLE_STEPS")
+read -r -a EXTRA_OVERRIDES <<< "${DEMO_OVERRIDES:-}"
+OVERRIDES+=(${EXTRA_OVERRIDES[@]+"${EXTRA_OVERRIDES[@]}"})
 # A random-init VAE decodes everything to texture noise; a fitted one makes the latents, and so every
 # video below, show the shapes. Precompute encodes with it; training, sampling and evaluation take it from the
 # latents' manifest (i2v/data/lineage.py). The inline shape of DEMO_VAE=random and =fit is configs/tiny-vae's

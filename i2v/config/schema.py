@@ -82,6 +82,28 @@ class LoRAConfig:
 
 
 @dataclass
+class FP8Config:
+    compute: Literal["none", "tensorwise", "rowwise"] = doc(
+        "none",
+        "Float8 matmuls in full training (torchao's float8 training, `pip install -e .[fp8]`): the transformer "
+        "blocks' attention projections and feed-forward layers compute in float8 with `tensorwise` or `rowwise` "
+        "scales; the adaptive-norm linears, the patch embedding, the output projection and any layer with a "
+        "dimension that is not a multiple of 16 stay as they are (each named in a log line). A compute choice, "
+        "not a storage one: weights and checkpoints keep their dtype, so a resume may switch it. Emulated (same "
+        "quantisation, high-precision matmul) where the device has no float8 matmul (CPU, before compute "
+        "capability 8.9). Not with model.lora (see `base`), deepspeed.precision fp16 or deepspeed.zero_stage 3.",
+    )
+    base: Literal["none", "e4m3"] = doc(
+        "none",
+        "LoRA runs: the frozen base weights of the layers in model.lora.target_modules are stored as float8 e4m3 "
+        "with one fp32 scale per output channel, and upcast to model.dtype at use (forward and backward), halving "
+        "their bytes from bf16. Adapters, extra_trainable modules and the export (LoRA file on the original base) "
+        "are unchanged. Needs model.lora.rank > 0; not with deepspeed.zero_stage 3 (which already partitions the "
+        "base across ranks).",
+    )
+
+
+@dataclass
 class ModelConfig:
     pretrained: Optional[str] = doc(
         None, "Diffusers-format transformer directory (config.json + weights), e.g. CogVideoX-5b-I2V/transformer."
@@ -127,6 +149,8 @@ class ModelConfig:
     )
     init_std: float = doc(0.02, "Std of the explicit normal init of Linear weights for a random-init (inline) model.")
     lora: LoRAConfig = doc(help="LoRA fine-tuning: adapters on a frozen base.", default_factory=LoRAConfig)
+    fp8: FP8Config = doc(help="Float8: matmuls for full training, or a float8-stored frozen base for LoRA.",
+                         default_factory=FP8Config)
 
 
 @dataclass
@@ -372,6 +396,7 @@ class Config:
                 raise ConfigError(f"model.arch: in_channels ({m.arch['in_channels']}) must be 2 x out_channels "
                                   f"({out}): noisy video latents concatenated with image latents")
         _check_lora_and_ema(self)
+        _check_fp8(self)
         check_validation(self)
         return self
 
@@ -404,6 +429,28 @@ def _check_exclusive(cfg: Config) -> None:
             if _is_set(getattr(node, a)) and _is_set(getattr(node, b)):
                 raise ConfigError(f"{section}.{a}: set only one of {section}.{a} and {section}.{b}; "
                                   + _keep_either(section, a, b, "set"))
+
+
+def _check_fp8(cfg: Config) -> None:
+    fp8, lora, ds = cfg.model.fp8, cfg.model.lora, cfg.deepspeed
+    if fp8.compute != "none":
+        if lora.rank > 0:
+            raise ConfigError(f"model.fp8.compute: is {fp8.compute}, but model.lora trains adapters on a frozen base; "
+                              "float8 matmuls are for full training. For LoRA, store the base in float8 with "
+                              "model.fp8.base: e4m3 (and model.fp8.compute: none)")
+        if ds.precision == "fp16":
+            raise ConfigError(f"model.fp8.compute: is {fp8.compute}, with deepspeed.precision fp16; float8 training "
+                              "runs in bf16 or fp32: set deepspeed.precision to bf16")
+        if ds.zero_stage == 3:
+            raise ConfigError(f"model.fp8.compute: is {fp8.compute}, with deepspeed.zero_stage 3, whose parameter "
+                              "gathering float8 layers are not built for; use deepspeed.zero_stage 0-2")
+    if fp8.base != "none":
+        if lora.rank == 0:
+            raise ConfigError(f"model.fp8.base: is {fp8.base}, but model.lora.rank is 0: it stores the frozen base of "
+                              "a LoRA run. For full training, see model.fp8.compute")
+        if ds.zero_stage == 3:
+            raise ConfigError(f"model.fp8.base: is {fp8.base}, with deepspeed.zero_stage 3, which already partitions "
+                              "the frozen base across ranks; use deepspeed.zero_stage 0-2")
 
 
 def _check_lora_and_ema(cfg: Config) -> None:

@@ -58,18 +58,26 @@ class ParamCounts:
     buffers: int = 0  # elements of non-parameter buffers (e.g. a fixed positional table)
     small: int = 0  # elements of parameters small enough that ZeRO-3 keeps them whole on every rank
     largest_block: int = 0  # parameters of the biggest transformer block (what ZeRO-3 gathers at once)
+    stored_bytes: int = 0  # bytes of weights kept in their own storage dtype: a float8 LoRA base and its scales
+    stored_weights: int = 0  # elements of those weights (their scales not counted)
 
     @classmethod
     def of(cls, model: torch.nn.Module, persistence_threshold: int = 100_000) -> "ParamCounts":
         """Count a model (a meta-device one is enough); trainable = parameters that require grad."""
+        from i2v.model.fp8 import Float8StoredLinear
+
         params = list(model.parameters())
         blocks = getattr(model, "transformer_blocks", [])
+        stored = [m for m in model.modules() if isinstance(m, Float8StoredLinear)]
+        stored_ids = {id(b) for m in stored for b in m.buffers(recurse=False)}
         return cls(
             total=sum(p.numel() for p in params),
             trainable=sum(p.numel() for p in params if p.requires_grad),
-            buffers=sum(b.numel() for b in model.buffers()),
+            buffers=sum(b.numel() for b in model.buffers() if id(b) not in stored_ids),
             small=sum(p.numel() for p in params if p.numel() < persistence_threshold),
             largest_block=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
+            stored_bytes=sum(b.numel() * b.element_size() for m in stored for b in m.buffers(recurse=False)),
+            stored_weights=sum(m.weight_e4m3.numel() for m in stored),
         )
 
 
@@ -117,7 +125,7 @@ class StateBytes:
         return self.offloaded + (self.ema if self.ema_on_host else 0)
 
 
-def _weight_bytes(precision: str, model_dtype: str) -> int:
+def weight_bytes(precision: str, model_dtype: str) -> int:
     """Bytes of a weight (and of its gradient): 2 under mixed precision, else the model's dtype."""
     return 2 if precision in ("bf16", "fp16") else DTYPE_BYTES[model_dtype]
 
@@ -135,12 +143,12 @@ def state_bytes(counts: ParamCounts, zero: ZeroSettings, precision: str, world_s
     `precision` is DeepSpeed's (`deepspeed.precision`); under fp32 the weights keep `model_dtype`.
     """
     w, t, stage = world_size, counts.trainable, zero.stage
-    p = _weight_bytes(precision, model_dtype)
+    p = weight_bytes(precision, model_dtype)
     if stage == 3:
         weights = p * (counts.total - counts.small) // w + p * counts.small
     else:
         weights = p * counts.total
-    weights += p * counts.buffers
+    weights += p * counts.buffers + counts.stored_bytes  # a float8 base: 1 byte a weight, on every rank
     shard = 1 if stage == 0 else w
     gradients = p * t // shard
     optimizer = _optimizer_bytes(precision, stage) * t // shard
@@ -169,7 +177,7 @@ def checkpoint_bytes(counts: ParamCounts, stage: int, precision: str, ema: bool 
     out), the optimizer's fp32 master copy and AdamW moments, and the fp32 EMA.
     """
     t = counts.trainable
-    weights = _weight_bytes(precision, model_dtype) * (t if trainable_only else counts.total)
+    weights = weight_bytes(precision, model_dtype) * (t if trainable_only else counts.total)
     return weights + _optimizer_bytes(precision, stage) * t + (4 * t if ema else 0)
 
 

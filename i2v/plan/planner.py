@@ -24,7 +24,8 @@ from i2v.config import Config, resolve
 from i2v.config.schema import VAECompression, compression_of, vae_compression
 from i2v.train.ds_config import build_deepspeed_config
 from i2v.model.flops import SampleFlops, training_flops
-from i2v.plan.memory import DTYPE_BYTES, ParamCounts, StateBytes, ZeroSettings, activation_bytes, state_bytes
+from i2v.plan.memory import (DTYPE_BYTES, ParamCounts, StateBytes, ZeroSettings, activation_bytes, state_bytes,
+                             weight_bytes)
 from i2v.model.checkpointing import normalize
 from i2v.model.transformer import transformer_arch
 
@@ -127,11 +128,14 @@ def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_
     from diffusers import CogVideoXTransformer3DModel
 
     from i2v.model.adapters import with_lora
+    from i2v.model.fp8 import store_base_in_float8
 
     run = resolve(cfg, gpus)
     arch = transformer_arch(cfg.model)
     with torch.device("meta"):
         model = with_lora(CogVideoXTransformer3DModel(**arch), cfg.model)
+        if cfg.model.fp8.base != "none":
+            store_base_in_float8(model, log=lambda line: None)
     zero = ZeroSettings.from_deepspeed(build_deepspeed_config(cfg, run)["zero_optimization"])
     counts = ParamCounts.of(model, zero.param_persistence_threshold)
     vae = planned_vae(cfg)
@@ -245,11 +249,11 @@ def render(cfg: Config, plan: Plan) -> str:
     a, c, s, d = plan.arch, plan.counts, plan.state, cfg.deepspeed
     f, (lf, lh, lw) = plan.flops, plan.latent
     v = cfg.data.video
-    frozen = c.total - c.trainable
+    frozen = c.total + c.stored_weights - c.trainable  # a float8-stored base is weights, not parameters
     lines = [
         f"model       {a['num_layers']} layers, {a['num_attention_heads']} heads x {a['attention_head_dim']}, "
         f"in_channels {a['in_channels']}" + (f", patch_size_t {a['patch_size_t']}" if a.get("patch_size_t") else ""),
-        f"parameters  {c.total:,} total, {c.trainable:,} trainable" + (f" ({frozen:,} frozen)" if frozen else ""),
+        f"parameters  {c.total + c.stored_weights:,} total, {c.trainable:,} trainable" + (f" ({frozen:,} frozen)" if frozen else ""),
         f"run         {plan.gpus} GPU(s) x {plan.gpu_mem_bytes / GiB:g} GiB | ZeRO-{d.zero_stage} {d.precision}"
         + (" + optimizer offload" if d.offload_optimizer else "")
         + f" | micro-batch {cfg.train.micro_batch_size} x accumulation {plan.grad_accum_steps}"
@@ -267,7 +271,10 @@ def render(cfg: Config, plan: Plan) -> str:
         f"step time   {plan.step_seconds:.2f} s at {plan.mfu:.0%} MFU of {plan.peak_tflops:g} TFLOP/s per GPU "
         f"({plan.samples_per_step / plan.step_seconds:.2f} samples/s)",
         "memory per rank (accelerator):",
-        f"  {'weights':32s}{_gib(s.weights)}",
+        f"  {'weights':32s}{_gib(s.weights)}" + (
+            f"   ({c.stored_weights:,} frozen base weights in float8 e4m3: {_gib(c.stored_bytes).strip()} with their "
+            f"scales, against {_gib(c.stored_weights * weight_bytes(d.precision, cfg.model.dtype)).strip()})"
+            if c.stored_bytes else ""),
         f"  {'gradients':32s}{_gib(s.gradients)}",
         f"  {'optimizer states':32s}{_gib(s.optimizer)}" + ("   (offloaded: see host)" if d.offload_optimizer else ""),
     ]

@@ -38,6 +38,7 @@ from i2v.data.shards import expand_shards
 from i2v.core.distributed import DistEnv, all_ranks_agree
 from i2v.model.compile import apply_compile
 from i2v.model.ema import ShardedEMA
+from i2v.model.fp8 import apply_fp8, switch_note
 from i2v.core.errors import I2VError
 from i2v.model.transformer import build_transformer, set_attention
 from i2v.train.attention_auto import auto_attention
@@ -88,6 +89,7 @@ class Trainer:
 
         ckpt, ckpt_line = checkpointing
         model = with_lora(build_transformer(cfg.model, seed=cfg.run.seed, checkpointing=ckpt), cfg.model, seed=cfg.run.seed)
+        apply_fp8(model, cfg.model, env.device, self.log)  # float8 matmuls, or a float8-stored LoRA base
         attention, sdpa = auto_attention(cfg, env, model.config, self.log)  # auto on CUDA: timed once (rank 0)
         self.attention = set_attention(model, attention, device=env.device, sdpa_backend=sdpa)
         self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
@@ -162,6 +164,8 @@ class Trainer:
         recorded = saved_client_state(path)
         check_engine_layout(self.cfg, recorded, path)
         check_resume(self.cfg, recorded, path, self.base)
+        if (note := switch_note(recorded.get("config"), self.cfg.model)) is not None:
+            self.log(note)
         state = self.checkpointer.load(self.engine, tag, self._reshard_blocker(), self.ema)
         self.step, self.position, self.skipped = state["step"], state["position"], state["skipped"]
         self.log(f"resumed from {tag}: step {self.step}, {self.position} global micro-batches consumed")
