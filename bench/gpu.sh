@@ -12,6 +12,10 @@
 #                                                        HFU, peak memory, profiler
 #                                                        tables, and the planner's estimate against the measured peak
 #   sequence_parallel  bench/sequence_parallel.py        SP 1/2/4/8 from the architecture; SP 1 vs 2 measured
+#   train_step_fp8     bench/train_step.py --shape 5b --variants i2v-compile,i2v-fp8-rowwise,i2v-fp8-tensorwise
+#                                                        model.fp8.compute against the same compiled bf16 step
+#                                                        (goal 1.2x), into train_step-5b-fp8-<gpu>.json; only where
+#                                                        torchao imports (device-wheels.sh --with-fp8)
 #
 # The GPU machine has Python 3.12, torch 2.11, triton 3.6 and lacks deepspeed, diffusers, webdataset
 # and peft. Fetch their wheels on a machine with network access, from the project root:
@@ -69,9 +73,15 @@ run train_step 300 "$PY" bench/train_step.py --shape 5b --layers "$LAYERS" --ste
 sp_args=()
 [ $smoke = 0 ] && [ "$("$PY" -c "import torch; print(torch.cuda.device_count())")" -lt 2 ] && sp_args=(--no-measure)
 run sequence_parallel 60 "$PY" bench/sequence_parallel.py "${sp_args[@]}"
-
 tag=cpu-smoke
 [ $smoke = 0 ] && tag=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+if "$PY" -c "import torchao" 2>/dev/null; then
+    run train_step_fp8 300 "$PY" bench/train_step.py --shape 5b --layers "$LAYERS" --steps 8 --warmup 3 \
+        --variants i2v-compile,i2v-fp8-rowwise,i2v-fp8-tensorwise --out "bench/results/train_step-5b-fp8-$tag.json"
+else
+    echo "== train_step_fp8: skipped, torchao does not import (../shared/tools/device-wheels.sh --with-fp8)"
+fi
+
 echo "== results (bench/results/*-$tag.json)"
 "$PY" - "$tag" <<'EOF'
 import json, pathlib, sys
@@ -81,6 +91,7 @@ keys = {"noise": ["speedup_vs_eager_b1", "speedup_vs_compile_b1", "fraction_of_c
         "attention": ["fwd_tflops_5b", "bwd_tflops_5b", "fwd_bwd_speedup_vs_best_sdpa_5b"],
         "train_step-5b": ["speedups.i2v-auto_vs_stock", "speedups.i2v-auto_vs_stock-compile",
                           "planner.estimate_over_measured"],
+        "train_step-5b-fp8": ["speedups.i2v-fp8-rowwise_vs_i2v-compile", "speedups.i2v-fp8-tensorwise_vs_i2v-compile"],
         "sequence_parallel": []}
 for kind, wanted in keys.items():
     path = pathlib.Path(f"bench/results/{kind}-{tag}.json")

@@ -26,7 +26,9 @@ micro-batch per step. Each variant trains a fresh model on the same random laten
   - i2v-all: the real `Trainer` of configs/cogvideox-5b-i2v.yaml (DeepSpeed ZeRO-2 bf16, fused noise
     kernel, i2v's attention) with `model.gradient_checkpointing: all`;
   - i2v-auto: the same with `auto` (the planner's choice for this device's memory);
-  - i2v-compile: i2v-auto with `model.compile: blocks` (each block through torch.compile, in place).
+  - i2v-compile: i2v-auto with `model.compile: blocks` (each block through torch.compile, in place);
+  - i2v-fp8-rowwise, i2v-fp8-tensorwise: i2v-compile with `model.fp8.compute` (float8 matmuls in the
+    blocks' projections and feed-forward layers, their casts fused by the compile; needs torchao).
 Each variant runs --steps timed steps (the median after --warmup), then 2 more under torch.profiler:
 the 15 costliest CUDA kernels with their share of the step, the time the device sat idle waiting
 for the host, and the attention op that actually ran (bench/_profile.py states the rules). It
@@ -140,16 +142,17 @@ def bare_engine_loop(cfg, steps: int, device, world_size: int) -> list[float]:
 
 
 ARCH_5B = REPO / "configs" / "arch" / "cogvideox-5b-i2v.json"
-VARIANTS = ("stock", "stock-compile", "i2v-all", "i2v-auto", "i2v-compile")
+VARIANTS = ("stock", "stock-compile", "i2v-all", "i2v-auto", "i2v-compile", "i2v-fp8-rowwise", "i2v-fp8-tensorwise")
+DEFAULT_VARIANTS = VARIANTS[:5]  # the float8 ones are asked for by name (bench/gpu.sh runs them apart)
 PROFILED_STEPS = 2  # recorded by the profiler after the timed steps
 
 
 def shape_config(smoke: bool, layers: int, steps: int, latents: str, out: str, checkpointing: str = "all",
-                 compile_setting: str = "none"):
+                 compile_setting: str = "none", fp8: str = "none"):
     """configs/cogvideox-5b-i2v.yaml on a random-init `layers`-block 5B, set up for timing (tiny.yaml for a smoke run)."""
     base = REPO / "configs" / ("tiny.yaml" if smoke else "cogvideox-5b-i2v.yaml")
     cfg = load_config(base, [
-        f"model.gradient_checkpointing={checkpointing}", f"model.compile={compile_setting}",
+        f"model.gradient_checkpointing={checkpointing}", f"model.compile={compile_setting}", f"model.fp8.compute={fp8}",
         f"data.latent_shards={latents}", f"run.output_dir={out}",
         f"train.max_steps={steps}", "train.log_every=1", "train.warmup_steps=0", "train.micro_batch_size=1",
         "train.grad_accum_steps=1", "checkpoint.resume=false", "checkpoint.save_at_end=false",
@@ -236,10 +239,11 @@ def run_variant(name: str, args, env, smoke: bool, latents: str, out: str) -> di
     """One variant's timed steps, then PROFILED_STEPS more under the profiler; a fresh model each."""
     device, total = env.device, args.steps + PROFILED_STEPS
     checkpointing = name.split("-", 1)[1] if name.startswith("i2v-") else "none"
-    compile_setting = "blocks" if name == "i2v-compile" else "none"
+    fp8 = name.rsplit("-", 1)[1] if name.startswith("i2v-fp8-") else "none"
+    compile_setting = "blocks" if name == "i2v-compile" or fp8 != "none" else "none"
     if compile_setting == "blocks":
         checkpointing = "auto"
-    cfg = shape_config(smoke, args.layers, total, latents, os.path.join(out, name), checkpointing, compile_setting)
+    cfg = shape_config(smoke, args.layers, total, latents, os.path.join(out, name), checkpointing, compile_setting, fp8)
     _fresh_memory(device)
     t0 = time.perf_counter()
     if name.startswith("stock"):
@@ -286,10 +290,11 @@ def shape_benchmark(args) -> dict:
                  hfu=hardware / r["step_s"] / 1e12 / peak if peak else None)
     by_name = {r["variant"]: r for r in results}
     speedups = {}
-    for ours in ("i2v-all", "i2v-auto", "i2v-compile"):
-        for theirs in ("stock", "stock-compile"):
-            if ours in by_name and theirs in by_name:
-                speedups[f"{ours}_vs_{theirs}"] = by_name[theirs]["step_s"] / by_name[ours]["step_s"]
+    pairs = [(ours, theirs) for ours in ("i2v-all", "i2v-auto", "i2v-compile") for theirs in ("stock", "stock-compile")]
+    pairs += [(f"i2v-fp8-{recipe}", "i2v-compile") for recipe in ("rowwise", "tensorwise")]  # goal: >= 1.2x bf16
+    for ours, theirs in pairs:
+        if ours in by_name and theirs in by_name:
+            speedups[f"{ours}_vs_{theirs}"] = by_name[theirs]["step_s"] / by_name[ours]["step_s"]
     commit, dirty = git_commit("i2v", "bench", "configs")
     measured = by_name.get("i2v-all", {}).get("peak_mem_gb")
     return {
@@ -326,7 +331,9 @@ def main() -> None:
     ap.add_argument("--shape", choices=["5b"], default=None, help="the real-shape benchmark (see above)")
     ap.add_argument("--layers", type=int, default=42, help="--shape 5b: transformer blocks of the 42")
     ap.add_argument("--peak-tflops", type=float, default=None, help="--shape 5b: MFU denominator (default: by device)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"--shape 5b: comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"--shape 5b: comma-separated, of {', '.join(VARIANTS)} (default: the first five)")
+    ap.add_argument("--out", default=None, help="--shape 5b: the JSON to write (default bench/results/train_step-5b-<gpu>.json)")
     ap.add_argument("--steps", type=int, default=None, help="steps per side (default 40; 8 with --shape)")
     ap.add_argument("--warmup", type=int, default=None, help="steps left out of the median (default 5; 3 with --shape)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
@@ -336,7 +343,8 @@ def main() -> None:
     args.warmup = args.warmup if args.warmup is not None else (3 if args.shape else 5)
     if args.shape:
         result = shape_benchmark(args)
-        write_result("train_step-5b", result["device"], result["mode"] == "cpu-smoke", result)
+        write_result("train_step-5b", result["device"], result["mode"] == "cpu-smoke", result,
+                     out=args.out)
         for r in result["variants"]:
             mfu = f", MFU {r['mfu']:.1%}, HFU {r['hfu']:.1%}" if r["mfu"] is not None else ""
             mem = f", peak {r['peak_mem_gb']:.1f} GiB" if r["peak_mem_gb"] is not None else ""
