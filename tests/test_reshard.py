@@ -75,7 +75,9 @@ def assert_losses_follow(ref, run):
         assert run_losses[step - 1] == pytest.approx(ref_losses[step - 1], rel=1e-5, abs=0), step
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-2 is left out: it shares ZeRO-1's optimizer (DeepSpeedZeroOptimizer) and so its checkpoint files and
+# their conversion; it differs in when gradients are partitioned, which no saved state shows.
+@pytest.mark.parametrize("stage", [1, 3])
 def test_zero_resume_on_3_and_on_1_rank_follows_the_2_rank_trajectory(tmp_path, shards, stage):
     from i2v.checkpoint.commit import saved_client_state
     from i2v.checkpoint.reshard import convert, universal_path

@@ -3,7 +3,9 @@
     python tests/zero_state_probe.py STAGE:PRECISION[:offload] ...     (or under torchrun)
 
 For each case: the run's own engine (i2v.train.optim.build_engine on the generated DeepSpeed config)
-around the mid-size test model, two optimizer steps on a small input, then a walk over every
+around the mid-size test model (under optimizer offload: the same config, with torch's AdamW in place
+of DeepSpeed's CPU Adam, whose state is the same fp32 master copy and two moments in host memory: that
+C++ op is compiled at its first use, 2-3 minutes on two cores, which the bytes here do not need), two optimizer steps on a small input, then a walk over every
 tensor the engine's module and optimizer reach (parameters, their gradients and ZeRO shards, the
 optimizer's state, master copies, gradient partitions and buckets), each storage counted once.
 Measured at the fullest point, after the last backward and before its step. Rank 0 prints one
@@ -69,6 +71,21 @@ def held_bytes(engine) -> dict:
     return out
 
 
+def offload_engine(cfg, model, env):
+    """build_engine's engine under optimizer offload, stepping torch's AdamW instead of DeepSpeed's CPU Adam."""
+    import deepspeed
+
+    from i2v.train.optim import build_lr_schedule, build_optimizer, param_groups
+
+    ds = build_deepspeed_config(cfg, resolve(cfg, env.world_size))
+    del ds["optimizer"]
+    ds["zero_force_ds_cpu_optimizer"] = False
+    optimizer = build_optimizer(cfg, param_groups(cfg, model), torch.device("cpu"))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_lr_schedule(cfg),
+                                           config=ds)
+    return engine
+
+
 def run_case(spec: str, env) -> dict:
     stage, precision, *flags = spec.split(":")
     offload = "offload" in flags
@@ -79,7 +96,7 @@ def run_case(spec: str, env) -> dict:
     cfg.model.arch = dict(ARCH)
     model = build_transformer(cfg.model)
     counts = ParamCounts.of(model)
-    engine = build_engine(cfg, model, resolve(cfg, env.world_size))
+    engine = build_engine(cfg, model, resolve(cfg, env.world_size)) if not offload else offload_engine(cfg, model, env)
     dtype = next(engine.module.parameters()).dtype
     g = torch.Generator().manual_seed(env.rank)
     x, text = torch.randn(1, 3, 8, 8, 8, generator=g), torch.randn(1, 8, 64, generator=g)
