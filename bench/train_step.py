@@ -66,7 +66,8 @@ from i2v.model.transformer import build_transformer, predict, read_arch_file, ro
 from i2v.train.objective import Objective
 from i2v.train.optim import build_optimizer, optimizer_name
 from i2v.model.checkpointing import effective
-from i2v.plan.planner import checkpointing_at_start, latent_shape, make_plan
+from i2v.config.schema import latent_shape
+from i2v.plan.planner import checkpointing_at_start, make_plan
 from i2v.train.trainer import Trainer
 
 from _kernels import REPO, git_commit, write_result  # noqa: E402  (bench/ is the script's directory)

@@ -663,3 +663,23 @@ def check_sequence_parallel(sp_size: int, world_size: int | None = None, heads: 
     if heads is not None and heads % sp_size:
         raise ConfigError(f"parallel.sequence_parallel_size: is {sp_size}, which does not divide the model's "
                           f"{heads} attention heads; each rank attends over heads / sequence_parallel_size heads")
+
+
+def planned_vae(cfg: Config) -> VAECompression:
+    """The configured VAE's compression (`vae_compression`); CogVideoX's VAE (8x in space, 4x
+    in time) where the config names none, or names a pretrained directory that is not here yet (planning
+    before the download), which the source says."""
+    v = cfg.precompute.vae
+    known = vae_compression(v)
+    if known is not None:
+        return known
+    missing = f"{os.path.join(v.pretrained, 'config.json')} not found" if v.pretrained else "no precompute.vae"
+    return VAECompression(*compression_of({}), f"CogVideoX's VAE: {missing}")
+
+
+def latent_shape(cfg: Config, vae: VAECompression | None = None) -> tuple:
+    """Latent (frames, height, width) of the clip geometry with the most tokens, through the configured VAE."""
+    v, vae = cfg.data.video, vae or planned_vae(cfg)
+    clips = [(v.frames, v.height, v.width)] + [(f, h, w) for h, w, f in v.buckets]
+    frames, height, width = max(clips, key=lambda c: c[0] * c[1] * c[2])
+    return (frames - 1) // vae.temporal + 1, height // vae.spatial, width // vae.spatial

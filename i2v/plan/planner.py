@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from i2v.config import Config, resolve
-from i2v.config.schema import VAECompression, compression_of, vae_compression
+from i2v.config.schema import VAECompression, latent_shape, planned_vae
 from i2v.train.ds_config import build_deepspeed_config
 from i2v.model.flops import SampleFlops, training_flops
 from i2v.plan.memory import (DTYPE_BYTES, ParamCounts, StateBytes, ZeroSettings, activation_bytes, state_bytes,
@@ -95,26 +95,6 @@ class Plan:
     def step_seconds(self) -> float:
         """One optimizer step if every rank runs at `mfu` of `peak_tflops`."""
         return self.step_flops / self.gpus / (self.mfu * self.peak_tflops * 1e12)
-
-
-def planned_vae(cfg: Config) -> VAECompression:
-    """The configured VAE's compression (i2v.config.schema.vae_compression); CogVideoX's VAE (8x in space, 4x
-    in time) where the config names none, or names a pretrained directory that is not here yet (planning
-    before the download), which the source says."""
-    v = cfg.precompute.vae
-    known = vae_compression(v)
-    if known is not None:
-        return known
-    missing = f"{os.path.join(v.pretrained, 'config.json')} not found" if v.pretrained else "no precompute.vae"
-    return VAECompression(*compression_of({}), f"CogVideoX's VAE: {missing}")
-
-
-def latent_shape(cfg: Config, vae: VAECompression | None = None) -> tuple:
-    """Latent (frames, height, width) of the clip geometry with the most tokens, through the configured VAE."""
-    v, vae = cfg.data.video, vae or planned_vae(cfg)
-    clips = [(v.frames, v.height, v.width)] + [(f, h, w) for h, w, f in v.buckets]
-    frames, height, width = max(clips, key=lambda c: c[0] * c[1] * c[2])
-    return (frames - 1) // vae.temporal + 1, height // vae.spatial, width // vae.spatial
 
 
 def make_plan(cfg: Config, gpus: int, gpu_mem_gb: float, mfu: float = 0.4, peak_tflops: float | None = None) -> Plan:

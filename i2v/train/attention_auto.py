@@ -22,7 +22,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from i2v.config.schema import compression_of, vae_compression
+from i2v.config.schema import latent_shape
 from i2v.kernels import attention_choice
 from i2v.model.flops import video_tokens
 
@@ -33,14 +33,9 @@ CACHE_NAME = "attention_choice.json"
 
 def attention_shape(cfg, model_config) -> tuple[int, int, int, int]:
     """(B, H, S, D) of one attention call on one rank: the micro-batch, the heads this rank holds, the
-    text + video tokens of the clip geometry with the most tokens (data.video and its buckets, through
+    text + video tokens of the clip geometry with the most tokens (i2v.config.schema.latent_shape: through
     the configured VAE's compression, CogVideoX's where none is named), the head dim."""
-    known = vae_compression(cfg.precompute.vae)
-    spatial, temporal = (known.spatial, known.temporal) if known else compression_of({})
-    v = cfg.data.video
-    clips = [(v.frames, v.height, v.width)] + [(f, h, w) for h, w, f in v.buckets]
-    frames, height, width = max(clips, key=lambda c: c[0] * c[1] * c[2])
-    video = video_tokens(model_config, (frames - 1) // temporal + 1, height // spatial, width // spatial)
+    video = video_tokens(model_config, *latent_shape(cfg))
     heads = model_config["num_attention_heads"] // cfg.parallel.sequence_parallel_size
     seq = model_config["max_text_seq_length"] + video
     return cfg.train.micro_batch_size, heads, seq, model_config["attention_head_dim"]
