@@ -39,6 +39,7 @@ class StepLogger:
     def __init__(self, cfg: Config, env: DistEnv, model_config, checkpointing=None):
         """`checkpointing`: the gradient checkpointing the model runs (`auto` resolved); it prices the recompute (HFU)."""
         self.cfg, self.env, self.model_config = cfg, env, model_config
+        self.run = resolve(cfg, env.world_size)  # the batch at this world size, fixed for the run
         self.checkpointing = effective(cfg.model.gradient_checkpointing, checkpointing)
         self.flops_by_shape: dict = {}
         self.peak_tflops = cfg.train.peak_tflops
@@ -116,8 +117,7 @@ class StepLogger:
         self._reset()
         lr = engine.get_lr()[0]
         step_time = window["time"] / max(1, window["steps"])
-        run = resolve(cfg, env.world_size)
-        dp_size, samples = run.dp_size, run.global_batch_size  # an SP group trains one micro-batch
+        dp_size, samples = self.run.dp_size, self.run.global_batch_size  # an SP group trains one micro-batch
         samples_per_s = samples / step_time if step_time > 0 else float("nan")
         wait_frac = window["wait"] / window["time"] if window["time"] > 0 else 0.0
         if not env.is_main:
