@@ -1,5 +1,6 @@
 """A tiny CogVideoXTransformer3DModel with random weights and one batch, for the attention-processor tests
-(tests/test_attention_processor.py, tests/test_qk_norm_rope.py)."""
+(tests/test_attention_processor.py, tests/test_qk_norm_rope.py), and one block's outputs and gradients
+(tests/test_compile.py, tests/test_fp8.py)."""
 
 import torch
 from diffusers import CogVideoXTransformer3DModel
@@ -59,3 +60,13 @@ def _assert_close(ref, ours, what):
     scale = ref.abs().max().item()
     err = (ref - ours).abs().max().item()
     assert err <= 1e-5 * max(scale, 1.0), f"{what}: max err {err:.3e} (scale {scale:.3e})"
+
+
+def block_outputs_and_grads(block, fn, video, text, temb, rotary) -> list:
+    """`fn` (the block, or a compiled form of it) on fresh leaf copies of the inputs, then a backward of the
+    outputs' squares: [video out, text out, the three inputs' gradients, the block parameters' gradients]."""
+    leaves = [t.clone().requires_grad_() for t in (video, text, temb)]
+    block.zero_grad(set_to_none=True)
+    out_video, out_text = fn(*leaves, rotary, None)
+    (out_video.square().sum() + out_text.square().sum()).backward()
+    return [out_video, out_text] + [t.grad for t in leaves] + [p.grad for p in block.parameters()]

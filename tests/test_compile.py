@@ -21,6 +21,7 @@ from i2v.core.errors import ConfigError
 from i2v.model.adapters import with_lora
 from i2v.model.compile import apply_compile
 from i2v.model.transformer import build_transformer, predict, rotary_embeddings, set_attention
+from processor_models import block_outputs_and_grads
 from runs import losses, train
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -63,11 +64,7 @@ def test_block_compiles_fullgraph_forward_and_backward(attention):
     rotary = rotary_embeddings(c, FRAMES, HEIGHT, WIDTH, "cpu")
 
     def run(fn):
-        leaves = [t.clone().requires_grad_() for t in (video, text, temb)]
-        block.zero_grad(set_to_none=True)
-        out_video, out_text = fn(*leaves, rotary, None)
-        (out_video.square().sum() + out_text.square().sum()).backward()
-        return [out_video, out_text] + [t.grad for t in leaves] + [p.grad for p in block.parameters()]
+        return block_outputs_and_grads(block, fn, video, text, temb, rotary)
 
     eager = run(block)
     torch._dynamo.reset()

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from processor_models import block_outputs_and_grads
 from runs import tiny_arch, train
 
 from i2v.config import ModelConfig, load_config
@@ -68,11 +69,7 @@ def test_a_block_with_float8_layers_compiles_as_one_graph_and_matches_eager():
     rotary = rotary_embeddings(c, 3, 16, 16, "cpu")
 
     def run(fn):
-        leaves = [t.clone().requires_grad_() for t in (video, text, temb)]
-        block.zero_grad(set_to_none=True)
-        out_video, out_text = fn(*leaves, rotary, None)
-        (out_video.square().sum() + out_text.square().sum()).backward()
-        return [out_video, out_text] + [t.grad for t in leaves] + [p.grad for p in block.parameters()]
+        return block_outputs_and_grads(block, fn, video, text, temb, rotary)
 
     eager = run(block)
     torch._dynamo.reset()
