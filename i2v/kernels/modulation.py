@@ -308,8 +308,8 @@ def _norm_bwd(grad, x, e, weight, bias, mean, rstd, scale_x, scale_e):
     de = torch.empty((b, st, c), dtype=e.dtype, device=x.device)
     block_r, block_c, warps = _tiles(c)
     programs, rows_text, rows_video, rows_max = _row_ranges(st, sv, block_r)
-    mod_part = torch.zeros((2, b, programs, 2, c), dtype=torch.float32, device=x.device)
-    wb_part = torch.zeros((2, b, programs, 2, c), dtype=torch.float32, device=x.device)
+    mod_part = torch.empty((2, b, programs, 2, c), dtype=torch.float32, device=x.device)
+    wb_part = torch.empty((2, b, programs, 2, c), dtype=torch.float32, device=x.device)
     if b * s:
         grad, x, e = (_last_dim_contiguous(t) for t in (grad, x, e))
         mods = _same_rows(scale_x, scale_e)
@@ -318,6 +318,9 @@ def _norm_bwd(grad, x, e, weight, bias, mean, rstd, scale_x, scale_e):
             grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), e.stride(0), e.stride(1), mods[0].stride(0),
             s, st, c, rows_text, rows_video, rows_max, programs,
             BLOCK_R=block_r, BLOCK_C=block_c, RNE_BF16=_rne_bf16(x.dtype), num_warps=warps)
+    else:  # every program writes its partial sums; with no rows there are none to run
+        mod_part.zero_()
+        wb_part.zero_()
     # [(weight, bias), C] and [2 streams (text, video), B, (shift, scale), C]
     return dx, de, wb_part.sum((0, 1, 2)).to(weight.dtype), mod_part.sum(2).to(scale_x.dtype)
 
@@ -348,7 +351,7 @@ def _residual_bwd(grad_x, grad_e, r, gate_x, gate_e):
     dr = torch.empty((b, s, c), dtype=r.dtype, device=r.device)
     block_r, block_c, warps = _tiles(c)
     programs, rows_text, rows_video, rows_max = _row_ranges(st, sv, block_r)
-    part = torch.zeros((2, b, programs, c), dtype=torch.float32, device=r.device)
+    part = torch.empty((2, b, programs, c), dtype=torch.float32, device=r.device)
     if b * s:
         grad_x, grad_e, r = (_last_dim_contiguous(t) for t in (grad_x, grad_e, r))
         gates = _same_rows(gate_x, gate_e)
@@ -358,6 +361,8 @@ def _residual_bwd(grad_x, grad_e, r, gate_x, gate_e):
             gates[0].stride(0),
             s, st, c, rows_text, rows_video, rows_max, programs,
             BLOCK_R=block_r, BLOCK_C=block_c, RNE_BF16=_rne_bf16(r.dtype), num_warps=warps)
+    else:
+        part.zero_()
     return dr, part.sum(2).to(gate_x.dtype)  # [2 streams (text, video), B, C]
 
 
