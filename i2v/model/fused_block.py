@@ -26,9 +26,11 @@ It composes with the rest of the block's life as the attention processor does:
 - LoRA: the block calls its Linear modules, adapted or not;
 - `model.compile: blocks` compiles this forward (install it first: `apply_compile` comes last); the
   kernels are custom ops with fake implementations, so the block traces without graph breaks.
-Calling the processor's `joint` skips `attn1`'s module call: hooks on `attn1` itself do not fire (its
-submodules' do; ZeRO-3, which gathers parameters in such hooks, is refused with `kernels.block: triton`
-by `Config.validate`, and `auto` gives torch there).
+Calling the processor's `joint` skips `attn1`'s own module call (hooks on `attn1` itself do not fire, its
+submodules' do), and the kernels read the norms' LayerNorm weights without calling those modules: ZeRO-3,
+which gathers parameters in module hooks, is refused with `kernels.block: triton` by `Config.validate`, and
+`auto` gives torch there. Under autocast (which the trainer does not use) the block runs diffusers' forward:
+the kernels take one dtype, autocast gives the linears' outputs another.
 """
 
 from __future__ import annotations
@@ -45,8 +47,13 @@ _PROCESSOR_KWARGS = ("attention_mask", "video_shard")
 def fused_forward(block, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                   image_rotary_emb=None, attention_kwargs=None) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' CogVideoXBlock.forward on the fused kernels: (hidden_states, encoder_hidden_states)."""
+    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+
     from i2v.kernels.modulation import adaptive_norm, gated_residual
 
+    if torch.is_autocast_enabled(hidden_states.device.type):
+        return CogVideoXBlock.forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                      attention_kwargs)
     text_len = encoder_hidden_states.size(1)
     attention_kwargs = attention_kwargs or {}
     cond = block.norm1.silu(temb)  # norm2.silu(temb) is the same tensor
