@@ -149,8 +149,9 @@ def test_bad_inputs_are_named():
 
 
 # The interpreter accepts programs a GPU compiler refuses: compile the real kernels for an H100/H200 (sm_90) ahead
-# of time, at the 5B width (C = 3072: BLOCK_C 4096, one row per program, 8 warps). Needs triton's bundled ptxas, not
-# a GPU; a child process, because TRITON_INTERPRET decides at import how the kernels are defined.
+# of time, at the 5B width (C = 3072: BLOCK_C 4096, one row per program, 8 warps), and the partial sums'
+# reduction. Needs triton's bundled ptxas, not a GPU; a child process, because TRITON_INTERPRET decides at import
+# how the kernels are defined.
 _COMPILE_FOR_SM90 = textwrap.dedent(
     """
     import triton
@@ -176,6 +177,11 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
             compiled = triton.compile(ASTSource(kernel, sig, const, aligned), target=GPUTarget("cuda", 90, 32),
                                       options={"num_warps": 8})
             assert compiled.asm["cubin"], (kernel.fn.__name__, ty)
+        sig = dict(PART="*fp32", OUT=f"*{ty}", R="i32", N="i32", BLOCK_N="constexpr", RNE_BF16="constexpr")
+        const = dict(BLOCK_N=1024, RNE_BF16=False)
+        compiled = triton.compile(ASTSource(m._sum_partials, sig, const, {(0,): [["tt.divisibility", 16]]}),
+                                  target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], ty
     print("compiled")
     """
 )

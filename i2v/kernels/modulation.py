@@ -22,7 +22,7 @@ adaptive_norm saves mean and rstd per row (fp32, 8 bytes per token) for the back
 
 Backward: programs cover (P row ranges, 2 streams, B samples); each loops over its contiguous rows and
 writes its partial sums over tokens (d shift and d scale, or d gate, per stream and sample; d weight and
-d bias) to an fp32 buffer that one torch sum reduces: no atomics, deterministic.
+d bias) to an fp32 buffer that a small kernel sums and casts: no atomics, deterministic.
     adaptive_norm:  with g the upstream gradient, xhat = (x - mean) * rstd, n = xhat * w + b:
                     d shift = sum g, d scale = sum g * n, dn = g * (1 + scale), d w = sum dn * xhat,
                     d b = sum dn, dx = rstd * (dn w - mean(dn w) - xhat * mean(dn w * xhat)).
@@ -246,6 +246,18 @@ def _gated_residual_bwd(GX_OUT, GE_OUT, R, GX, GE, DR, PART,
     tl.store(PART + ((stream * B + b) * P + p).to(tl.int64) * C + cols, d_gate, mask=cm)
 
 
+@triton.jit
+def _sum_partials(PART, OUT, R, N, BLOCK_N: tl.constexpr, RNE_BF16: tl.constexpr):
+    """OUT[g, n] = sum over r of PART[g, r, n] (fp32), rounded once to OUT's dtype: the backward's last step."""
+    g = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = n < N
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for r in range(0, R):
+        acc += tl.load(PART + (g * R + r) * N + n, mask=nm, other=0.0)
+    tl.store(OUT + g * N + n, _round_to(acc, OUT.dtype.element_ty, RNE_BF16), mask=nm)
+
+
 # ----------------------------------------------------------------------------- host side
 
 
@@ -279,6 +291,19 @@ def _same_rows(*vectors: torch.Tensor) -> list[torch.Tensor]:
     if all(t.stride(1) == 1 and t.stride(0) == vectors[0].stride(0) for t in vectors):
         return list(vectors)
     return [t.contiguous() for t in vectors]
+
+
+def _reduce(part: torch.Tensor, groups: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """part (fp32, contiguous) as [groups, R, width] summed over R: [groups, width] in `dtype`, in one launch.
+
+    The partials are small ([.., C] per backward program); one kernel sums and casts them where torch would
+    take two launches. The order of the sum is fixed, so it is deterministic."""
+    out = torch.empty((groups, width), dtype=dtype, device=part.device)
+    if groups:
+        block = min(1024, triton.next_power_of_2(width))
+        _sum_partials[(groups, triton.cdiv(width, block))](part, out, part.numel() // (groups * width), width,
+                                                           BLOCK_N=block, RNE_BF16=_rne_bf16(dtype))
+    return out
 
 
 def _norm_fwd(x, e, weight, bias, eps, shift_x, scale_x, shift_e, scale_e):
@@ -323,7 +348,8 @@ def _norm_bwd(grad, x, e, weight, bias, mean, rstd, scale_x, scale_e):
         mod_part.zero_()
         wb_part.zero_()
     # [(weight, bias), C] and [2 streams (text, video), B, (shift, scale), C]
-    return dx, de, wb_part.sum((0, 1, 2)).to(weight.dtype), mod_part.sum(2).to(scale_x.dtype)
+    return (dx, de, _reduce(wb_part, 1, 2 * c, weight.dtype).view(2, c),
+            _reduce(mod_part, 2 * b, 2 * c, scale_x.dtype).view(2, b, 2, c))
 
 
 def _residual_fwd(x, e, r, gate_x, gate_e):
@@ -364,7 +390,7 @@ def _residual_bwd(grad_x, grad_e, r, gate_x, gate_e):
             BLOCK_R=block_r, BLOCK_C=block_c, RNE_BF16=_rne_bf16(r.dtype), num_warps=warps)
     else:
         part.zero_()
-    return dr, part.sum(2).to(gate_x.dtype)  # [2 streams (text, video), B, C]
+    return dr, _reduce(part, 2 * b, c, gate_x.dtype).view(2, b, c)  # [2 streams (text, video), B, C]
 
 
 # ----------------------------------------------------------------------------- custom ops

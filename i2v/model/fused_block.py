@@ -51,7 +51,8 @@ def fused_forward(block, hidden_states: torch.Tensor, encoder_hidden_states: tor
 
     from i2v.kernels.modulation import adaptive_norm, gated_residual
 
-    if torch.is_autocast_enabled(hidden_states.device.type):
+    device = hidden_states.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return CogVideoXBlock.forward(block, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
                                       attention_kwargs)
     text_len = encoder_hidden_states.size(1)
