@@ -24,6 +24,10 @@ from i2v.kernels.modulation import (
     gated_residual_bwd,
     gated_residual_fwd,
     gated_residual_ref,
+    residual_norm,
+    residual_norm_bwd,
+    residual_norm_fwd,
+    residual_norm_ref,
 )
 from i2v.model.attention import CogVideoXFlashAttnProcessor
 from i2v.model.fused_block import apply_block_backend, fused_forward
@@ -76,33 +80,48 @@ def _residual_grads(fn, x, e, r, gates, grad_x, grad_e):
     return (out_x, out_e, *torch.autograd.grad((out_x, out_e), (x, e, r, gates), (grad_x, grad_e)))
 
 
-NORM_NAMES = ("out", "dx", "de", "dweight", "dbias", "dmod")
-RESIDUAL_NAMES = ("out_x", "out_e", "dx", "de", "dr", "dgates")
+def _residual_norm_inputs(dtype=torch.float32, seed=0):
+    x, e, weight, bias, mod, grad = _norm_inputs(dtype, seed)
+    _, _, r, gates, grad_x, grad_e = _residual_inputs(dtype, seed + 10)
+    return [x, e, r, gates, weight, bias, mod, grad_x, grad_e, grad]
 
 
-@pytest.mark.parametrize("op", ["adaptive_norm", "gated_residual"])
+def _residual_norm_grads(fn, x, e, r, gates, weight, bias, mod, grad_x, grad_e, grad):
+    gate_x, gate_e = gates.chunk(6, dim=1)[2::3]
+    shift, scale, enc_shift, enc_scale = mod.chunk(4, dim=1)
+    outs = fn(x, e, r, gate_x, gate_e, weight, bias, EPS, shift, scale, enc_shift, enc_scale)
+    return (*outs, *torch.autograd.grad(outs, (x, e, r, gates, weight, bias, mod), (grad_x, grad_e, grad)))
+
+
+# op: (inputs, run forward and backward, names of the results, fused, reference, number of upstream gradients)
+OPS = {
+    "adaptive_norm": (_norm_inputs, _norm_grads, ("out", "dx", "de", "dweight", "dbias", "dmod"), adaptive_norm,
+                      adaptive_norm_ref, 1),
+    "gated_residual": (_residual_inputs, _residual_grads, ("out_x", "out_e", "dx", "de", "dr", "dgates"),
+                       gated_residual, gated_residual_ref, 2),
+    "residual_norm": (_residual_norm_inputs, _residual_norm_grads,
+                      ("x1", "e1", "out", "dx", "de", "dr", "dgates", "dweight", "dbias", "dmod"), residual_norm,
+                      residual_norm_ref, 3),
+}
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
 def test_fp32_outputs_and_gradients_match_the_reference(op):
-    if op == "adaptive_norm":
-        inputs, run, names = _norm_inputs(), _norm_grads, NORM_NAMES
-        ours, ref = run(adaptive_norm, *inputs), run(adaptive_norm_ref, *inputs)
-        assert ours[0].shape == (B, TEXT + VIDEO, C) and ours[0].is_contiguous()
-    else:
-        inputs, run, names = _residual_inputs(), _residual_grads, RESIDUAL_NAMES
-        ours, ref = run(gated_residual, *inputs), run(gated_residual_ref, *inputs)
+    make, run, names, fused, ref_fn, _ = OPS[op]
+    inputs = make()
+    ours, ref = run(fused, *inputs), run(ref_fn, *inputs)
+    assert len(ours) == len(ref) == len(names)
     for name, a, r in zip(names, ours, ref):
-        assert a.dtype == r.dtype and a.shape == r.shape
+        assert a.dtype == r.dtype and a.shape == r.shape and a.is_contiguous()
         assert _rel(a, r) <= 1e-5, f"{op} {name}: relative error {_rel(a, r):.2e}"
 
 
-@pytest.mark.parametrize("op", ["adaptive_norm", "gated_residual"])
+@pytest.mark.parametrize("op", sorted(OPS))
 def test_bf16_error_at_most_twice_eager(op):
-    make, run, names = ((_norm_inputs, _norm_grads, NORM_NAMES) if op == "adaptive_norm"
-                        else (_residual_inputs, _residual_grads, RESIDUAL_NAMES))
-    fused, ref_fn = (adaptive_norm, adaptive_norm_ref) if op == "adaptive_norm" else (gated_residual, gated_residual_ref)
+    make, run, names, fused, ref_fn, n_grads = OPS[op]
     inputs = make(torch.bfloat16, seed=1)
     # The fp32 reference sees exactly the bf16 inputs, upcast.
-    ref = run(ref_fn, *[_leaf(t, torch.float32) for t in inputs[:-2 if op == "gated_residual" else -1]],
-              *[t.float() for t in inputs[-2 if op == "gated_residual" else -1:]])
+    ref = run(ref_fn, *[_leaf(t, torch.float32) for t in inputs[:-n_grads]], *[t.float() for t in inputs[-n_grads:]])
     ours, eager = run(fused, *inputs), run(ref_fn, *inputs)
     for name, o, e, r in zip(names, ours, eager, ref):
         assert o.dtype == torch.bfloat16
@@ -122,6 +141,15 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(gated_residual_fwd, (x, e, r, gate_x, gate_e), test_utils=_OPCHECKS)
     torch.library.opcheck(gated_residual_bwd, (grad_x, grad_e, r.detach(), gate_x.detach(), gate_e.detach()),
                           test_utils=_OPCHECKS)
+    x, e, r, gates, weight, bias, mod, grad_x, grad_e, grad = _residual_norm_inputs()
+    gate_x, gate_e = gates.chunk(6, dim=1)[2::3]
+    mods = [t.detach() for t in mod.chunk(4, dim=1)]
+    args = (x, e, r, gate_x, gate_e, weight, bias, EPS, *mods)
+    torch.library.opcheck(residual_norm_fwd, args, test_utils=_OPCHECKS)
+    x1, e1, _, mean, rstd = residual_norm_fwd(*args)
+    plain = [t.detach() for t in (x1, e1, r, gate_x, gate_e, weight, bias)]
+    torch.library.opcheck(residual_norm_bwd, (grad, grad_x, grad_e, *plain, mean, rstd, mods[1], mods[3]),
+                          test_utils=_OPCHECKS)
 
 
 def test_fakes_give_the_shapes_on_meta():
@@ -135,6 +163,10 @@ def test_fakes_give_the_shapes_on_meta():
     assert (out_x.shape, out_e.shape) == (x.shape, e.shape)
     dr, dgates = gated_residual_bwd(out_x, out_e, out, vec, vec)
     assert (dr.shape, dgates.shape) == (out.shape, (2, B, C))
+    x1, e1, out, mean, rstd = residual_norm_fwd(x, e, out, vec, vec, w, w, EPS, vec, vec, vec, vec)
+    assert (x1.shape, e1.shape, out.shape, mean.shape) == (x.shape, e.shape, (B, TEXT + VIDEO, C), (B * (TEXT + VIDEO),))
+    grads = residual_norm_bwd(out, x1, e1, x1, e1, out, vec, vec, w, w, mean, rstd, vec, vec)
+    assert [g.shape for g in grads] == [x.shape, e.shape, out.shape, (2, C), (2, B, 2, C), (2, B, C)]
 
 
 def test_bad_inputs_are_named():
@@ -146,6 +178,8 @@ def test_bad_inputs_are_named():
         adaptive_norm(x, e, weight, bias, EPS, shift, scale, enc_shift, enc_scale[:1])
     with pytest.raises(ValueError, match=r"gated_residual: r must be \[B, St \+ Sv, C\]"):
         gated_residual(x, e, x, shift, scale)
+    with pytest.raises(ValueError, match=r"residual_norm: r must be \[B, St \+ Sv, C\]"):
+        residual_norm(x, e, x, shift, scale, weight, bias, EPS, shift, scale, enc_shift, enc_scale)
 
 
 # The interpreter accepts programs a GPU compiler refuses: compile the real kernels for an H100/H200 (sm_90) ahead
@@ -159,11 +193,14 @@ _COMPILE_FOR_SM90 = textwrap.dedent(
     from triton.compiler import ASTSource
     from i2v.kernels import modulation as m
 
-    FP32 = {"MEAN", "RSTD", "MOD_PART", "WB_PART", "PART"}
+    FP32 = {"MEAN", "RSTD", "MOD_PART", "WB_PART", "GATE_PART", "PART"}
     INTS = {"S", "C", "P"}
-    for kernel in (m._adaptive_norm_fwd, m._adaptive_norm_bwd, m._gated_residual_fwd, m._gated_residual_bwd):
+    kernels = [(m._adaptive_norm_fwd, dict(RESIDUAL=False)), (m._adaptive_norm_fwd, dict(RESIDUAL=True)),
+               (m._adaptive_norm_bwd, dict(RESIDUAL=False)), (m._adaptive_norm_bwd, dict(RESIDUAL=True)),
+               (m._gated_residual_fwd, {}), (m._gated_residual_bwd, {})]
+    for kernel, flags in kernels:
         for ty in ("bf16", "fp32"):
-            const = dict(BLOCK_R=1, BLOCK_C=4096, RNE_BF16=False)
+            const = dict(BLOCK_R=1, BLOCK_C=4096, RNE_BF16=False, **flags)
             sig = {}
             for name in kernel.arg_names:
                 if name in const:

@@ -79,10 +79,10 @@ def _stream_rows(s, text_len, b, stride_xb, stride_xs, stride_eb, stride_es):
 
 
 @triton.jit
-def _adaptive_norm_fwd(X, E, W, Bias, SHX, SCX, SHE, SCE, OUT, MEAN, RSTD,
-                       stride_xb, stride_xs, stride_eb, stride_es, stride_mb,
+def _adaptive_norm_fwd(X, E, W, Bias, SHX, SCX, SHE, SCE, OUT, MEAN, RSTD, R, GX, GE, OX, OE,
+                       stride_xb, stride_xs, stride_eb, stride_es, stride_mb, stride_rb, stride_rs, stride_gb,
                        S, text_len, C, eps,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RNE_BF16: tl.constexpr):
+                       RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RNE_BF16: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1)
     s = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -95,6 +95,19 @@ def _adaptive_norm_fwd(X, E, W, Bias, SHX, SCX, SHE, SCE, OUT, MEAN, RSTD,
 
     v = (tl.load(X + xo[:, None] + cols[None, :], mask=video, other=0.0).to(tl.float32)
          + tl.load(E + eo[:, None] + cols[None, :], mask=text, other=0.0).to(tl.float32))
+    bb = b.to(tl.int64)
+    if RESIDUAL:  # residual_norm: the streams are first x + gate_x r[:, St:] and e + gate_e r[:, :St]
+        ro = bb * stride_rb + s.to(tl.int64) * stride_rs
+        r = tl.load(R + ro[:, None] + cols[None, :], mask=video | text, other=0.0).to(tl.float32)
+        gate = tl.where((s >= text_len)[:, None],
+                        tl.load(GX + bb * stride_gb + cols, mask=cm, other=0.0).to(tl.float32)[None, :],
+                        tl.load(GE + bb * stride_gb + cols, mask=cm, other=0.0).to(tl.float32)[None, :])
+        v = _round_to(v + gate * r, OX.dtype.element_ty, RNE_BF16)
+        t = tl.where(s >= text_len, s - text_len, 0).to(tl.int64)
+        u = tl.where(s < text_len, s, 0).to(tl.int64)
+        tl.store(OX + (bb * (S - text_len) + t)[:, None] * C + cols[None, :], v, mask=video)
+        tl.store(OE + (bb * text_len + u)[:, None] * C + cols[None, :], v, mask=text)
+        v = v.to(tl.float32)  # the norm sees the rounded stream, as diffusers' norm sees the stored one
     mean = tl.sum(v, 1) / C
     vc = tl.where(cm[None, :], v - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(vc * vc, 1) / C + eps)
@@ -128,9 +141,11 @@ def _stream_range(p, stream, text_len, S, rows_text, rows_video):
 
 @triton.jit
 def _adaptive_norm_bwd(G, X, E, W, Bias, SCX, SCE, MEAN, RSTD, DX, DE, MOD_PART, WB_PART,
+                       GXO, GEO, R, GX, GE, DR, GATE_PART,
                        stride_gb, stride_gs, stride_xb, stride_xs, stride_eb, stride_es, stride_mb,
+                       stride_gxb, stride_gxs, stride_geb, stride_ges, stride_rb, stride_rs, stride_gtb,
                        S, text_len, C, rows_text, rows_video, rows_max, P,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RNE_BF16: tl.constexpr):
+                       RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RNE_BF16: tl.constexpr):
     p = tl.program_id(0)
     stream = tl.program_id(1)
     b = tl.program_id(2)
@@ -149,6 +164,10 @@ def _adaptive_norm_bwd(G, X, E, W, Bias, SCX, SCE, MEAN, RSTD, DX, DE, MOD_PART,
     d_scale = tl.zeros([BLOCK_C], tl.float32)
     d_w = tl.zeros([BLOCK_C], tl.float32)
     d_b = tl.zeros([BLOCK_C], tl.float32)
+    d_gate = tl.zeros([BLOCK_C], tl.float32)
+    if RESIDUAL:
+        gate = tl.where(is_video, tl.load(GX + b.to(tl.int64) * stride_gtb + cols, mask=cm, other=0.0).to(tl.float32),
+                        tl.load(GE + b.to(tl.int64) * stride_gtb + cols, mask=cm, other=0.0).to(tl.float32))
     for start in range(0, rows_max, BLOCK_R):
         s = first + start + tl.arange(0, BLOCK_R)
         row_ok = s < end
@@ -171,7 +190,17 @@ def _adaptive_norm_bwd(G, X, E, W, Bias, SCX, SCE, MEAN, RSTD, DX, DE, MOD_PART,
         dxhat = dn * w[None, :]
         c1 = tl.sum(dxhat * xhat, 1) / C
         c2 = tl.sum(dxhat, 1) / C
-        dx = _round_to((dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], DX.dtype.element_ty, RNE_BF16)
+        dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if RESIDUAL:  # the stream's own gradient joins the norm's, then flows to x, e, r and the gates
+            xg, eg = _stream_rows(s, text_len, b, stride_gxb, stride_gxs, stride_geb, stride_ges)
+            dx += (tl.load(GXO + xg[:, None] + cols[None, :], mask=m2 & is_video, other=0.0).to(tl.float32)
+                   + tl.load(GEO + eg[:, None] + cols[None, :], mask=m2 & (stream == 0), other=0.0).to(tl.float32))
+            ro = b.to(tl.int64) * stride_rb + s.to(tl.int64) * stride_rs
+            r = tl.load(R + ro[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            d_gate += tl.sum(r * dx, 0)
+            tl.store(DR + rows[:, None] * C + cols[None, :], _round_to(gate[None, :] * dx, DR.dtype.element_ty, RNE_BF16),
+                     mask=m2)
+        dx = _round_to(dx, DX.dtype.element_ty, RNE_BF16)
         t = tl.where(s >= text_len, s - text_len, 0).to(tl.int64)
         u = tl.where(s < text_len, s, 0).to(tl.int64)
         tl.store(DX + (b.to(tl.int64) * Sv + t)[:, None] * C + cols[None, :], dx, mask=m2 & is_video)
@@ -182,6 +211,8 @@ def _adaptive_norm_bwd(G, X, E, W, Bias, SCX, SCE, MEAN, RSTD, DX, DE, MOD_PART,
     tl.store(MOD_PART + part + C + cols, d_scale, mask=cm)
     tl.store(WB_PART + part + cols, d_w, mask=cm)
     tl.store(WB_PART + part + C + cols, d_b, mask=cm)
+    if RESIDUAL:
+        tl.store(GATE_PART + ((stream * B + b) * P + p).to(tl.int64) * C + cols, d_gate, mask=cm)
 
 
 @triton.jit
@@ -306,27 +337,37 @@ def _reduce(part: torch.Tensor, groups: int, width: int, dtype: torch.dtype) -> 
     return out
 
 
-def _norm_fwd(x, e, weight, bias, eps, shift_x, scale_x, shift_e, scale_e):
+def _norm_fwd(x, e, weight, bias, eps, shift_x, scale_x, shift_e, scale_e, residual=None):
+    """(out, mean, rstd); with residual = (r, gate_x, gate_e) the streams are first x + gate_x r[:, St:] and
+    e + gate_e r[:, :St], returned as well: (x1, e1, out, mean, rstd)."""
     b, sv, c = x.shape
     st = e.shape[1]
     s = st + sv
     out = torch.empty((b, s, c), dtype=x.dtype, device=x.device)
     mean = torch.empty(b * s, dtype=torch.float32, device=x.device)
     rstd = torch.empty(b * s, dtype=torch.float32, device=x.device)
+    x1 = torch.empty((b, sv, c), dtype=x.dtype, device=x.device) if residual else x
+    e1 = torch.empty((b, st, c), dtype=e.dtype, device=x.device) if residual else e
+    result = (x1, e1, out, mean, rstd) if residual else (out, mean, rstd)
     if b * s == 0:
-        return out, mean, rstd
+        return result
     x, e = _last_dim_contiguous(x), _last_dim_contiguous(e)
     mods = _same_rows(shift_x, scale_x, shift_e, scale_e)
+    r, gates = (_last_dim_contiguous(residual[0]), _same_rows(*residual[1:])) if residual else (x, [x, x])
     block_r, block_c, warps = _tiles(c)
     _adaptive_norm_fwd[(triton.cdiv(s, block_r), b)](
-        x, e, weight.contiguous(), bias.contiguous(), *mods, out, mean, rstd,
-        x.stride(0), x.stride(1), e.stride(0), e.stride(1), mods[0].stride(0),
+        x, e, weight.contiguous(), bias.contiguous(), *mods, out, mean, rstd, r, *gates, x1, e1,
+        x.stride(0), x.stride(1), e.stride(0), e.stride(1), mods[0].stride(0), r.stride(0), r.stride(1),
+        gates[0].stride(0),
         s, st, c, eps,
-        BLOCK_R=block_r, BLOCK_C=block_c, RNE_BF16=_rne_bf16(x.dtype), num_warps=warps)
-    return out, mean, rstd
+        RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, RNE_BF16=_rne_bf16(x.dtype),
+        num_warps=warps)
+    return result
 
 
-def _norm_bwd(grad, x, e, weight, bias, mean, rstd, scale_x, scale_e):
+def _norm_bwd(grad, x, e, weight, bias, mean, rstd, scale_x, scale_e, residual=None):
+    """(dx, de, dwb, dmod); with residual = (grad_x1, grad_e1, r, gate_x, gate_e), x and e are the saved x1, e1,
+    the streams' own gradients join the norm's, and (dx, de, dr, dwb, dmod, dgates) is returned."""
     b, sv, c = x.shape
     st = e.shape[1]
     s = st + sv
@@ -336,20 +377,34 @@ def _norm_bwd(grad, x, e, weight, bias, mean, rstd, scale_x, scale_e):
     programs, rows_text, rows_video, rows_max = _row_ranges(st, sv, block_r)
     mod_part = torch.empty((2, b, programs, 2, c), dtype=torch.float32, device=x.device)
     wb_part = torch.empty((2, b, programs, 2, c), dtype=torch.float32, device=x.device)
+    gate_part = torch.empty((2, b, programs, c) if residual else (0,), dtype=torch.float32, device=x.device)
+    dr = torch.empty((b, s, c), dtype=residual[2].dtype, device=x.device) if residual else dx
     if b * s:
         grad, x, e = (_last_dim_contiguous(t) for t in (grad, x, e))
         mods = _same_rows(scale_x, scale_e)
+        if residual:
+            gxo, geo, r = (_last_dim_contiguous(t) for t in residual[:3])
+            gates = _same_rows(*residual[3:])
+        else:
+            gxo, geo, r, gates = grad, grad, grad, [grad, grad]
         _adaptive_norm_bwd[(programs, 2, b)](
             grad, x, e, weight.contiguous(), bias.contiguous(), *mods, mean, rstd, dx, de, mod_part, wb_part,
+            gxo, geo, r, *gates, dr, gate_part,
             grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), e.stride(0), e.stride(1), mods[0].stride(0),
+            gxo.stride(0), gxo.stride(1), geo.stride(0), geo.stride(1), r.stride(0), r.stride(1), gates[0].stride(0),
             s, st, c, rows_text, rows_video, rows_max, programs,
-            BLOCK_R=block_r, BLOCK_C=block_c, RNE_BF16=_rne_bf16(x.dtype), num_warps=warps)
+            RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, RNE_BF16=_rne_bf16(x.dtype),
+            num_warps=warps)
     else:  # every program writes its partial sums; with no rows there are none to run
         mod_part.zero_()
         wb_part.zero_()
+        gate_part.zero_()
     # [(weight, bias), C] and [2 streams (text, video), B, (shift, scale), C]
-    return (dx, de, _reduce(wb_part, 1, 2 * c, weight.dtype).view(2, c),
-            _reduce(mod_part, 2 * b, 2 * c, scale_x.dtype).view(2, b, 2, c))
+    dwb = _reduce(wb_part, 1, 2 * c, weight.dtype).view(2, c)
+    dmod = _reduce(mod_part, 2 * b, 2 * c, scale_x.dtype).view(2, b, 2, c)
+    if not residual:
+        return dx, de, dwb, dmod
+    return dx, de, dr, dwb, dmod, _reduce(gate_part, 2 * b, c, residual[3].dtype).view(2, b, c)
 
 
 def _residual_fwd(x, e, r, gate_x, gate_e):
@@ -449,6 +504,62 @@ def _norm_backward(ctx, grad, _dmean, _drstd):
 adaptive_norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup_context)
 
 
+@torch.library.custom_op("i2v::residual_norm_fwd", mutates_args=())
+def residual_norm_fwd(x: torch.Tensor, e: torch.Tensor, r: torch.Tensor, gate_x: torch.Tensor, gate_e: torch.Tensor,
+                      weight: torch.Tensor, bias: torch.Tensor, eps: float, shift_x: torch.Tensor,
+                      scale_x: torch.Tensor, shift_e: torch.Tensor, scale_e: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x1, e1, out, mean, rstd): the gated residual (x1, e1), then the adaptive norm of it joined (out)."""
+    return _norm_fwd(x, e, weight, bias, eps, shift_x, scale_x, shift_e, scale_e, residual=(r, gate_x, gate_e))
+
+
+@residual_norm_fwd.register_fake
+def _residual_norm_fwd_fake(x, e, r, gate_x, gate_e, weight, bias, eps, shift_x, scale_x, shift_e, scale_e):
+    rows = x.shape[0] * (x.shape[1] + e.shape[1])
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(e, memory_format=torch.contiguous_format), _joint_like(x, e),
+            x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("i2v::residual_norm_bwd", mutates_args=())
+def residual_norm_bwd(grad: torch.Tensor, grad_x1: torch.Tensor, grad_e1: torch.Tensor, x1: torch.Tensor,
+                      e1: torch.Tensor, r: torch.Tensor, gate_x: torch.Tensor, gate_e: torch.Tensor,
+                      weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                      scale_x: torch.Tensor, scale_e: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, de, dr, dwb, dmod, dgates): dwb and dmod as adaptive_norm_bwd's, dgates [(text, video), B, C]."""
+    return _norm_bwd(grad, x1, e1, weight, bias, mean, rstd, scale_x, scale_e,
+                     residual=(grad_x1, grad_e1, r, gate_x, gate_e))
+
+
+@residual_norm_bwd.register_fake
+def _residual_norm_bwd_fake(grad, grad_x1, grad_e1, x1, e1, r, gate_x, gate_e, weight, bias, mean, rstd, scale_x,
+                            scale_e):
+    b, c = x1.shape[0], x1.shape[2]
+    return (torch.empty_like(x1, memory_format=torch.contiguous_format),
+            torch.empty_like(e1, memory_format=torch.contiguous_format), r.new_empty(grad.shape),
+            weight.new_empty((2, c)), scale_x.new_empty((2, b, 2, c)), gate_x.new_empty((2, b, c)))
+
+
+def _residual_norm_setup_context(ctx, inputs, output):
+    x, e, r, gate_x, gate_e, weight, bias, eps, shift_x, scale_x, shift_e, scale_e = inputs
+    x1, e1, _, mean, rstd = output
+    ctx.save_for_backward(x1, e1, r, gate_x, gate_e, weight, bias, mean, rstd, scale_x, scale_e)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _residual_norm_backward(ctx, grad_x1, grad_e1, grad, _dmean, _drstd):
+    x1, e1, r, gate_x, gate_e, weight, bias, mean, rstd, scale_x, scale_e = ctx.saved_tensors
+    dx, de, dr, dwb, dmod, dgates = residual_norm_bwd(grad, grad_x1, grad_e1, x1, e1, r, gate_x, gate_e, weight,
+                                                      bias, mean, rstd, scale_x, scale_e)
+    grads = (dx, de, dr, dgates[1], dgates[0], dwb[0], dwb[1], None, dmod[1, :, 0], dmod[1, :, 1], dmod[0, :, 0],
+             dmod[0, :, 1])
+    return tuple(g if g is not None and ctx.needs_input_grad[i] else None for i, g in enumerate(grads))
+
+
+residual_norm_fwd.register_autograd(_residual_norm_backward, setup_context=_residual_norm_setup_context)
+
+
 @torch.library.custom_op("i2v::gated_residual_fwd", mutates_args=())
 def gated_residual_fwd(x: torch.Tensor, e: torch.Tensor, r: torch.Tensor, gate_x: torch.Tensor,
                        gate_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,6 +655,34 @@ def gated_residual(x: torch.Tensor, e: torch.Tensor, r: torch.Tensor, gate_x: to
                          f"got {tuple(r.shape)} in {r.dtype}")
     _check_vectors("gated_residual", b, c, x.device, gate_x=gate_x, gate_e=gate_e)
     return gated_residual_fwd(x, e, r, gate_x, gate_e)
+
+
+def residual_norm(x: torch.Tensor, e: torch.Tensor, r: torch.Tensor, gate_x: torch.Tensor, gate_e: torch.Tensor,
+                  weight: torch.Tensor, bias: torch.Tensor, eps: float, shift_x: torch.Tensor, scale_x: torch.Tensor,
+                  shift_e: torch.Tensor, scale_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x1, e1, adaptive_norm(x1, e1, ...)) for (x1, e1) = gated_residual(x, e, r, gate_x, gate_e), in one launch
+    each way: the attention's residual and the feed-forward's norm of a block."""
+    _check_streams("residual_norm", x, e)
+    b, sv, c = x.shape
+    if r.shape != (b, e.shape[1] + sv, c) or r.dtype != x.dtype:
+        raise ValueError(f"residual_norm: r must be [B, St + Sv, C] = [{b}, {e.shape[1] + sv}, {c}] in {x.dtype}, "
+                         f"got {tuple(r.shape)} in {r.dtype}")
+    if weight is None or bias is None:
+        raise ValueError("residual_norm: needs the LayerNorm's weight and bias (an affine norm)")
+    if weight.shape != (c,) or bias.shape != (c,):
+        raise ValueError(f"residual_norm: weight and bias must be [{c}], got {tuple(weight.shape)}, "
+                         f"{tuple(bias.shape)}")
+    _check_vectors("residual_norm", b, c, x.device, gate_x=gate_x, gate_e=gate_e, shift_x=shift_x, scale_x=scale_x,
+                   shift_e=shift_e, scale_e=scale_e)
+    x1, e1, out, _, _ = residual_norm_fwd(x, e, r, gate_x, gate_e, weight, bias, float(eps), shift_x, scale_x,
+                                          shift_e, scale_e)
+    return x1, e1, out
+
+
+def residual_norm_ref(x, e, r, gate_x, gate_e, weight, bias, eps, shift_x, scale_x, shift_e, scale_e):
+    """Plain PyTorch: gated_residual_ref, then adaptive_norm_ref of its result."""
+    x1, e1 = gated_residual_ref(x, e, r, gate_x, gate_e)
+    return x1, e1, adaptive_norm_ref(x1, e1, weight, bias, eps, shift_x, scale_x, shift_e, scale_e)
 
 
 def adaptive_norm_ref(x, e, weight, bias, eps, shift_x, scale_x, shift_e, scale_e) -> torch.Tensor:

@@ -8,7 +8,7 @@
 
 with the modulation vectors from each norm's own `linear(silu(temb))`. What changes is how: the adaptive
 norms and the gated residuals run as the kernels of `i2v.kernels.modulation` (one launch each way for
-both streams), each norm writes the joint [B, St + Sv, C] sequence the attention and the feed-forward
+both streams; the attention's residual and norm2 share one, `residual_norm`), each norm writes the joint [B, St + Sv, C] sequence the attention and the feed-forward
 take (no cat), and the residuals read the attention's and the feed-forward's joint outputs directly
 (no slices, so no slice copies in the backward). SiLU(temb) is computed once for both norms (diffusers
 computes the same values twice). With our attention processor (i2v.model.attention) the block calls its
@@ -49,7 +49,7 @@ def fused_forward(block, hidden_states: torch.Tensor, encoder_hidden_states: tor
     """diffusers' CogVideoXBlock.forward on the fused kernels: (hidden_states, encoder_hidden_states)."""
     from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 
-    from i2v.kernels.modulation import adaptive_norm, gated_residual
+    from i2v.kernels.modulation import adaptive_norm, gated_residual, residual_norm
 
     device = hidden_states.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
@@ -64,15 +64,15 @@ def fused_forward(block, hidden_states: torch.Tensor, encoder_hidden_states: tor
     joint = adaptive_norm(hidden_states, encoder_hidden_states, norm.weight, norm.bias, norm.eps,
                           shift, scale, enc_shift, enc_scale)
     attn_output = _attention(block.attn1, joint, text_len, image_rotary_emb, attention_kwargs)
-    hidden_states, encoder_hidden_states = gated_residual(hidden_states, encoder_hidden_states, attn_output,
-                                                          gate, enc_gate)
 
-    shift, scale, gate, enc_shift, enc_scale, enc_gate = block.norm2.linear(cond).chunk(6, dim=1)
+    # The attention's gated residual and norm2 in one kernel: norm2 reads the residual's result in registers.
+    ff_shift, ff_scale, ff_gate, ff_enc_shift, ff_enc_scale, ff_enc_gate = block.norm2.linear(cond).chunk(6, dim=1)
     norm = block.norm2.norm
-    joint = adaptive_norm(hidden_states, encoder_hidden_states, norm.weight, norm.bias, norm.eps,
-                          shift, scale, enc_shift, enc_scale)
+    hidden_states, encoder_hidden_states, joint = residual_norm(
+        hidden_states, encoder_hidden_states, attn_output, gate, enc_gate, norm.weight, norm.bias, norm.eps,
+        ff_shift, ff_scale, ff_enc_shift, ff_enc_scale)
     ff_output = block.ff(joint)
-    return gated_residual(hidden_states, encoder_hidden_states, ff_output, gate, enc_gate)
+    return gated_residual(hidden_states, encoder_hidden_states, ff_output, ff_gate, ff_enc_gate)
 
 
 def _attention(attn, joint: torch.Tensor, text_len: int, image_rotary_emb, attention_kwargs: dict) -> torch.Tensor:
