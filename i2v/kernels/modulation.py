@@ -9,34 +9,41 @@ vectors [B, C] cut from `linear(silu(temb))`:
                      processor and the feed-forward take.
     gated_residual:  x' = x + gate_x * r[:, St:],   e' = e + gate_e * r[:, :St]
                      where r [B, St + Sv, C] is the attention's or the feed-forward's joint output.
+    residual_norm:   gated_residual, then adaptive_norm of its result, in one kernel (the block's attention
+                     residual followed by norm2): returns x', e' and the joint norm.
 
 Eager PyTorch spends, per block and training step, about 40 launches and 9 passes over the activations on
 these (layer norms, the (1 + scale), products, sums, slices, the cat, and the backward's reductions over
-tokens). Here each is one launch forward (read x and e once, write the output once) and one backward,
-plus tiny torch reductions of [.., C] partial sums.
+tokens). Here each op is one launch forward (each input read once, each output written once) and one
+backward, plus a small kernel that sums the backward's [.., C] partial sums.
 
-Forward (both ops): one program per BLOCK_R rows of the joint sequence of one sample; a row below St reads
-the text stream, the others the video stream (both loads are masked, so each element is read once). All
-arithmetic is fp32 in registers; results are rounded once to x's dtype (eager bf16 rounds after each op).
-adaptive_norm saves mean and rstd per row (fp32, 8 bytes per token) for the backward.
+Forward: one program per BLOCK_R rows of the joint sequence of one sample; a row below St reads the text
+stream, the others the video stream (both loads are masked, so each element is read once). All arithmetic
+is fp32 in registers; results are rounded once to x's dtype (eager bf16 rounds after each op; residual_norm
+normalises the rounded x', the value diffusers' norm2 reads). The norms save mean and rstd per row (fp32,
+8 bytes per token) for the backward.
 
 Backward: programs cover (P row ranges, 2 streams, B samples); each loops over its contiguous rows and
-writes its partial sums over tokens (d shift and d scale, or d gate, per stream and sample; d weight and
-d bias) to an fp32 buffer that a small kernel sums and casts: no atomics, deterministic.
+writes its partial sums over tokens (d shift and d scale, d gate, per stream and sample; d weight and
+d bias) to fp32 buffers that a small kernel sums and casts: no atomics, deterministic.
     adaptive_norm:  with g the upstream gradient, xhat = (x - mean) * rstd, n = xhat * w + b:
                     d shift = sum g, d scale = sum g * n, dn = g * (1 + scale), d w = sum dn * xhat,
                     d b = sum dn, dx = rstd * (dn w - mean(dn w) - xhat * mean(dn w * xhat)).
     gated_residual: dx = g_x and de = g_e (passed through, no copy), dr = gate * g written as the joint
                     [B, St + Sv, C] gradient the projection before it wants, d gate = sum r * g.
+    residual_norm:  d = g_x' + the norm's dx (in registers, no separate add), then dx = d, dr = gate * d,
+                    d gate = sum r * d; xhat comes from the saved x' and e'.
 
 Ops: `i2v::adaptive_norm_fwd(x, e, weight, bias, float eps, shift_x, scale_x, shift_e, scale_e) -> (out, mean,
 rstd)`, `i2v::adaptive_norm_bwd(grad, x, e, weight, bias, mean, rstd, scale_x, scale_e) -> (dx, de, dwb, dmod)`,
-`i2v::gated_residual_fwd(x, e, r, gate_x, gate_e) -> (x', e')` and
-`i2v::gated_residual_bwd(grad_x, grad_e, r, gate_x, gate_e) -> (dr, dgates)` (the small gradients stacked:
-a custom op's outputs must not alias one another), with fake
-implementations (the meta device and torch.compile run those) and autograd formulas. `adaptive_norm` and
-`gated_residual` are the public entries, `adaptive_norm_ref` and `gated_residual_ref` plain PyTorch with
-diffusers' maths.
+`i2v::gated_residual_fwd(x, e, r, gate_x, gate_e) -> (x', e')`,
+`i2v::gated_residual_bwd(grad_x, grad_e, r, gate_x, gate_e) -> (dr, dgates)`,
+`i2v::residual_norm_fwd(x, e, r, gate_x, gate_e, weight, bias, eps, shift_x, scale_x, shift_e, scale_e) -> (x',
+e', out, mean, rstd)` and `i2v::residual_norm_bwd(grad, grad_x', grad_e', x', e', r, gate_x, gate_e, weight,
+bias, mean, rstd, scale_x, scale_e) -> (dx, de, dr, dwb, dmod, dgates)` (the small gradients stacked: a custom
+op's outputs must not alias one another), with fake implementations (the meta device and torch.compile run
+those) and autograd formulas. `adaptive_norm`, `gated_residual` and `residual_norm` are the public entries,
+`*_ref` plain PyTorch with diffusers' maths.
 
 Limits: x, e, r fp32, bf16 or fp16, the last dimension contiguous (other strides are read as they are);
 the modulation vectors [B, C] with a contiguous last dimension (chunks of the linear's output are);
@@ -47,10 +54,10 @@ The interpreter converts fp32 to bf16 by truncation, where a GPU rounds to neare
 interpreter the stores add the rounding bias first (i2v.kernels.qk_norm_rope's helper), so the CPU tests
 see the GPU's rounding.
 
-Tested on the CPU under TRITON_INTERPRET=1 (tests/test_fused_block.py): both ops' outputs and gradients
-against the references in fp32 and bf16 (error against an fp32 reference within twice eager bf16's),
-opcheck, the fakes, a whole block against diffusers' forward and under torch.compile; the four kernels compile for
-sm_90 ahead of time at C = 3072 (triton's own ptxas). Not yet run or timed on a GPU.
+Tested on the CPU under TRITON_INTERPRET=1 (tests/test_fused_block.py): the three ops' outputs and gradients
+against the references in fp32 (within 3e-7 relative) and bf16 (error against an fp32 reference within twice
+eager bf16's), opcheck, the fakes, a whole block against diffusers' forward and under torch.compile; the
+kernels compile for sm_90 ahead of time at C = 3072 (triton's own ptxas). Not yet run or timed on a GPU.
 """
 
 from __future__ import annotations
