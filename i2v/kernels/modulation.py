@@ -616,7 +616,7 @@ gated_residual_fwd.register_autograd(_residual_backward, setup_context=_residual
 # ----------------------------------------------------------------------------- public entries
 
 
-def _check_streams(what: str, x, e, c_from=None):
+def _check_streams(what: str, x, e):
     if x.dim() != 3 or e.dim() != 3 or x.shape[0] != e.shape[0] or x.shape[2] != e.shape[2]:
         raise ValueError(f"{what}: video and text must be [B, Sv, C] and [B, St, C], got {tuple(x.shape)}, "
                          f"{tuple(e.shape)}")
