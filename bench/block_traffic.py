@@ -21,8 +21,13 @@ diffusers' `apply_rotary_emb` is also counted as a region (its ops forward and r
 autograd nodes' ops in the backward; the processor's writes of its result into Q and K are not in it).
 With `--attention triton` the QK norms and RoPE run as the fused `i2v::qk_norm_rope_fwd/bwd` ops instead,
 so that region is absent and the ops are listed under their own names.
+The block's forward is the one the trainer installs on CUDA (`apply_block_backend`, `kernels.block`): by
+default (`--block auto`, so triton there) `i2v.model.fused_block.fused_forward`, whose adaptive norms and
+gated residuals are the `i2v::adaptive_norm_*` and `i2v::gated_residual_*` custom ops; `--block torch` counts
+diffusers' own block forward.
 
-    python bench/block_traffic.py [--shape 5b|tiny] [--attention triton|torch] [--checkpointing none,selective,all]
+    python bench/block_traffic.py [--shape 5b|tiny] [--attention triton|torch] [--block auto|triton|torch]
+                                  [--checkpointing none,selective,all]
                                   [--top 10] [--out bench/results/block_traffic.json]
 
 It prints one table per checkpointing setting and the top ops by bytes, and writes JSON.
@@ -68,12 +73,13 @@ def latent_shape(arch: dict) -> tuple[int, int, int]:
     return frames, arch["sample_height"], arch["sample_width"]
 
 
-def build_model(arch: dict, attention: str, dtype=torch.bfloat16):
-    """The DiT on the meta device with one block and the processor the trainer installs on CUDA."""
+def build_model(arch: dict, attention: str, block: str = "auto", dtype=torch.bfloat16):
+    """The DiT on the meta device with one block, the processor and the block forward the trainer installs on CUDA."""
     from diffusers import CogVideoXTransformer3DModel
     from diffusers.utils import logging as diffusers_logging
 
     from i2v.model.attention import apply_attention_backend
+    from i2v.model.fused_block import apply_block_backend
 
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its warning on .to(dtype) is about loading weights: none here
@@ -84,6 +90,8 @@ def build_model(arch: dict, attention: str, dtype=torch.bfloat16):
         diffusers_logging.set_verbosity(verbosity)
     used = apply_attention_backend(model, attention, device="cuda")
     assert used == attention, (used, attention)
+    used = apply_block_backend(model, block, device="cuda")
+    assert used == ("triton" if block == "auto" else block), (used, block)
     return model
 
 
@@ -105,14 +113,14 @@ def _sdpa_as_flash(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
                                                               scale=scale)[0]
 
 
-def count_block(shape: str = "5b", attention: str = "triton", checkpointing: str = "all") -> dict:
+def count_block(shape: str = "5b", attention: str = "triton", checkpointing: str = "all", block: str = "auto") -> dict:
     """Launches, bytes and FLOPs of one block's training step, per phase (see the module docstring)."""
     from diffusers.models import embeddings
 
     from i2v.model.transformer import rotary_embeddings
 
     arch = arch_of(shape)
-    model = build_model(arch, attention)
+    model = build_model(arch, attention, block)
     _install_checkpointing(model, checkpointing)
     block = model.transformer_blocks[0]
     frames, height, width = latent_shape(arch)
@@ -186,6 +194,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="5b")
     ap.add_argument("--attention", choices=("triton", "torch"), default="triton")
+    ap.add_argument("--block", choices=("auto", "triton", "torch"), default="auto",
+                    help="kernels.block as the trainer resolves it on CUDA (auto: triton); torch: diffusers' block")
     ap.add_argument("--checkpointing", default=",".join(CHECKPOINTING),
                     help=f"comma-separated among {', '.join(CHECKPOINTING)} (default: all three)")
     ap.add_argument("--top", type=int, default=10, help="ops listed by bytes")
@@ -199,7 +209,7 @@ def main(argv=None) -> dict:
     results = {}
     for s in settings:
         try:
-            report = count_block(args.shape, args.attention, s)
+            report = count_block(args.shape, args.attention, s, args.block)
         except ValueError as e:
             ap.error(str(e))
         print_table(s, report)
@@ -219,6 +229,7 @@ def main(argv=None) -> dict:
         "shape": {"name": args.shape, "batch": 1, "dtype": "bf16", "latents": [frames, height, width],
                   **next(iter(results.values()))["tokens"]} if results else {"name": args.shape},
         "attention": args.attention,
+        "block": args.block,
         "checkpointing": results,
     }
     path = pathlib.Path(args.out)

@@ -102,12 +102,21 @@ def test_tiny_block_phases(tiny_report):
         assert full[phase]["ops"][f"i2v.qk_norm_rope_{op}"]["bytes"] > 0
         assert "apply_rotary_emb" not in full[phase]["regions"]
     assert len(full["top_ops"]) == 10 and full["top_ops"][0]["bytes"] >= full["top_ops"][-1]["bytes"]
+    # The block the trainer installs on CUDA (kernels.block auto): norm1, the attention's residual with norm2, and
+    # the feed-forward's residual, one launch each way; none of the eager LayerNorms or slice copies they replace.
+    for phase, op in (("forward", "fwd"), ("recompute", "fwd"), ("backward", "bwd")):
+        for name in ("adaptive_norm", "residual_norm", "gated_residual"):
+            assert full[phase]["ops"][f"i2v.{name}_{op}"]["launches"] == 1
+    for phase in ("forward", "recompute", "backward"):
+        assert not {"aten.native_layer_norm", "aten.native_layer_norm_backward", "aten.slice_backward"} & set(
+            full[phase]["ops"])
+    assert rep["block"] == "auto"
 
 
 def test_tiny_block_with_torch_attention_counts_diffusers_rope_as_a_region():
     from block_traffic import count_block
 
-    rep = count_block("tiny", "torch", "all")
+    rep = count_block("tiny", "torch", "all", block="torch")  # diffusers' block and processor: no i2v op
     # diffusers' apply_rotary_emb on Q and K: 8 launches each (neg, stack, 3 casts, 2 muls, add), forward and
     # recompute; its autograd nodes' ops in the backward.
     rope = {p: rep[p]["regions"]["apply_rotary_emb"] for p in ("forward", "recompute", "backward")}

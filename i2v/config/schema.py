@@ -295,6 +295,10 @@ class KernelsConfig:
         "called sdpa before), or auto: on CUDA the fastest of triton and SDPA restricted to its cuDNN, flash or "
         "efficient backend, timed once at the run's shape (kept in <run.output_dir>/attention_choice.json); "
         "elsewhere torch.")
+    block: Literal["auto", "triton", "torch"] = doc(
+        "auto", "The transformer blocks' adaptive norms and gated residuals: triton (the fused adaptive-norm and "
+        "gated-residual kernels, i2v.model.fused_block), torch (diffusers' block), or auto: triton when training on "
+        "CUDA and triton imports, else torch (i2v.kernels.backends); torch at deepspeed.zero_stage 3.")
 
 
 @dataclass
@@ -385,6 +389,10 @@ class Config:
             raise ConfigError("model.compile: `blocks` does not work with deepspeed.zero_stage 3 (ZeRO-3 gathers each "
                               "block's parameters with module hooks that would run inside the compiled block); use "
                               "model.compile: none or deepspeed.zero_stage 0-2")
+        if self.kernels.block == "triton" and self.deepspeed.zero_stage == 3:
+            raise ConfigError("kernels.block: `triton` does not work with deepspeed.zero_stage 3 (the fused block reads "
+                              "the adaptive norms' weights without the module calls that ZeRO-3 gathers them in); use "
+                              "kernels.block: auto or torch, or deepspeed.zero_stage 0-2")
         if self.checkpoint.export_on_finish and not self.checkpoint.save_at_end:
             raise ConfigError("checkpoint.export_on_finish: exports the final checkpoint; needs checkpoint.save_at_end: true")
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:

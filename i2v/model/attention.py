@@ -41,6 +41,16 @@ class CogVideoXFlashAttnProcessor:
         """`video_shard` (an `i2v.model.parallel.VideoShard`): `hidden_states` are this rank's video tokens only."""
         text_seq_length = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        hidden_states = self.joint(attn, hidden_states, text_seq_length, attention_mask, image_rotary_emb, video_shard)
+        encoder_hidden_states, hidden_states = hidden_states.split(
+            [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1
+        )
+        return hidden_states, encoder_hidden_states
+
+    def joint(self, attn, hidden_states, text_seq_length: int, attention_mask=None, image_rotary_emb=None,
+              video_shard=None):
+        """The attention of the joint sequence [B, St + Sv, C] (text first), returned joint: what `__call__` does
+        between its cat and its split, for a caller that has the joint tensor (i2v.model.fused_block)."""
         batch_size, sequence_length, _ = hidden_states.shape
 
         if attention_mask is not None:
@@ -90,12 +100,7 @@ class CogVideoXFlashAttnProcessor:
         # Free for the triton output ([B, S, H, D] storage); one copy for SDPA, as in diffusers.
         hidden_states = hidden_states.flatten(2)
         hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-
-        encoder_hidden_states, hidden_states = hidden_states.split(
-            [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1
-        )
-        return hidden_states, encoder_hidden_states
+        return attn.to_out[1](hidden_states)
 
     def _sdpa(self, query, key, value, attention_mask):
         if self.sdpa_backend is None:

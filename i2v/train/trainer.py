@@ -40,6 +40,7 @@ from i2v.model.compile import apply_compile
 from i2v.model.ema import ShardedEMA
 from i2v.model.fp8 import apply_fp8, switch_note
 from i2v.core.errors import I2VError
+from i2v.model.fused_block import apply_block_backend
 from i2v.model.transformer import build_transformer, set_attention
 from i2v.train.attention_auto import auto_attention
 from i2v.kernels.backends import resolve_backend
@@ -92,6 +93,8 @@ class Trainer:
         apply_fp8(model, cfg.model, env.device, self.log)  # float8 matmuls, or a float8-stored LoRA base
         attention, sdpa = auto_attention(cfg, env, model.config, self.log)  # auto on CUDA: timed once (rank 0)
         self.attention = set_attention(model, attention, device=env.device, sdpa_backend=sdpa)
+        self.block = apply_block_backend(model, cfg.kernels.block, device=env.device,
+                                         zero_stage=cfg.deepspeed.zero_stage)
         self.layout = build_layout(env, cfg, model)  # DP x SP; everything data-related is keyed by the DP rank
         apply_compile(model, cfg.model.compile, cfg.model.compile_backend)  # last: LoRA, the processors and the SP forward are in place
         noise_backend = resolve_backend(cfg.kernels.noise, env.device, "kernels.noise")
@@ -113,7 +116,7 @@ class Trainer:
         self.log(f"{n_params / 1e6:.2f}M parameters ({n_train / 1e6:.3f}M trainable) | "
                  f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision} | {env.world_size} rank(s) "
                  f"({self.layout.describe()}) on {env.device.type} | attention: {self.attention} | "
-                 f"noise: {noise_backend}")
+                 f"block: {self.block} | noise: {noise_backend}")
         if self.ema is not None:
             self.log(f"EMA of the trainable weights: {self.ema.local_bytes / 2**20:.2f} MiB fp32 on this rank")
         self.checkpointer = Checkpointer(os.path.join(self.out, "checkpoints"), cfg.checkpoint.keep_last, env,
