@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 E4M3_MAX = 448.0  # largest finite float8 e4m3 (fn) value
 RECIPES = ("tensorwise", "rowwise")
-_NOT_IN_BLOCKS = ("patch_embed", "proj_out", "norm_out", "time_embedding", "ofs_embedding")
 
 
 # --------------------------------------------------------------------------- float8 compute (full training)
@@ -163,7 +162,7 @@ def store_base_in_float8(model: torch.nn.Module, log=print) -> list[str]:
 
     A base whose weight trains (a module also in model.lora.extra_trainable) stays as it is, logged.
     """
-    stored, kept = [], []
+    stored, kept, saved = [], [], 0
     for name, module in list(model.named_modules()):
         base = getattr(module, "base_layer", None)
         if not isinstance(base, torch.nn.Linear):
@@ -173,13 +172,12 @@ def store_base_in_float8(model: torch.nn.Module, log=print) -> list[str]:
             continue
         module.base_layer = Float8StoredLinear(base)
         stored.append(name)
+        saved += base.in_features * base.out_features
     if not stored:
         from i2v.core.errors import ConfigError
 
         raise ConfigError("model.fp8.base: no frozen LoRA base layer to store in float8 (model.lora.target_modules "
                           "names none, or all of them also train through model.lora.extra_trainable)")
-    saved = sum(m.base_layer.in_features * m.base_layer.out_features for m in model.modules()
-                if isinstance(getattr(m, "base_layer", None), Float8StoredLinear))
     log(f"model.fp8.base: e4m3 for the frozen base of {len(stored)} layers ({saved / 1e6:.2f}M weights, 1 byte each "
         "+ an fp32 scale per output channel)" + (f"; kept trainable in full: {', '.join(kept)}" if kept else ""))
     return stored
