@@ -1,6 +1,7 @@
 """Starting the runs the tests make and reading what they leave behind, shared by the test files.
 
 - training: `train` runs launcher/train.py on configs/tiny.yaml; `losses` reads its metrics.jsonl;
+  `launch_in_process` runs a launcher's refusal of a user error without a new interpreter;
   `spawn_ranks` starts ranks by hand with the rendezvous variables set; `with_fault` injects a fault
   (I2V_FAULT, see i2v/core/faults.py); `subprocess_env` is a clean environment for a launcher.
 - validation: first-frame images, the `validation.pairs` override naming them, a run's TensorBoard
@@ -13,9 +14,12 @@ The `shards` fixture (latent shards for the training runs) lives in tests/confte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tarfile
@@ -47,6 +51,28 @@ def train(cmd_prefix, out, shards, *overrides, env=None, timeout=600) -> subproc
     cmd = [*cmd_prefix, "launcher/train.py", "--config", "configs/tiny.yaml", f"run.output_dir={out}",
            f"data.latent_shards={shards}", *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env or ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def launch_in_process(args, cwd=REPO) -> subprocess.CompletedProcess:
+    """`args` = [python, launcher/X.py, flags...] run in this process as `python` would run it (as __main__,
+    with that argv and working directory), its output and exit code captured.
+
+    For user errors that a launcher refuses before it builds a model or a process group: the same code and
+    the same one-line message, without the ~10 s a new interpreter spends importing torch and diffusers."""
+    out, err = io.StringIO(), io.StringIO()
+    argv, here = sys.argv, os.getcwd()
+    sys.argv = [str(a) for a in args[1:]]
+    os.chdir(cwd)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def losses(out):

@@ -6,7 +6,6 @@ exit 2 and the path named."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from runs import ENV
+from runs import launch_in_process
 
 from i2v.checkpoint.commit import MARKER, TMP_PREFIX, resolve_committed, tag_for
 from i2v.core.errors import CheckpointError
@@ -73,9 +72,7 @@ def _command(name, paths, checkpoint, out):
 def test_commands_refuse_an_uncommitted_checkpoint(uncommitted, tmp_path, name, which):
     checkpoint = uncommitted[which]
     before = sorted(os.listdir(os.path.dirname(checkpoint)))
-    env = {**ENV, "PYTHONPATH": str(REPO)}  # this checkout's i2v, whatever the environment has installed
-    r = subprocess.run(_command(name, uncommitted, checkpoint, str(tmp_path)), cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = launch_in_process(_command(name, uncommitted, checkpoint, str(tmp_path)))
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(

@@ -3,8 +3,6 @@ uses the training schedule, and writes readable .mp4 / .gif files."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import av
@@ -22,6 +20,7 @@ from i2v.sample.sampling import sample_video, sample_videos, save_video
 from i2v.sample.setup import build_scheduler
 
 from conftest import REPO
+from runs import launch_in_process
 from random_vae import RANDOM_VAE
 
 CONFIG = str(REPO / "configs" / "tiny.yaml")
@@ -185,7 +184,6 @@ def test_sample_launcher_reports_user_errors_in_one_line(tmp_path):
          "error: --image: file not found"),
     ]
     for args, message in cases:
-        proc = subprocess.run(base + args, cwd=str(REPO), capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = launch_in_process(base + args)
         assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
