@@ -26,7 +26,9 @@ the caption, for `TRAINED_STEPS` steps at lr 1e-3: with the float8 base they sta
 Per variant it records the final loss (the mean of the logged losses of the last 200 steps), the
 evaluation's first-frame fidelity and caption motion on the held-out pairs, and the seconds it took;
 per compared variant the loss relative to its reference and the difference in pairs. Goals (the issue's):
-both evaluation figures within one pair, and the final loss within 5%. A variant whose final checkpoint
+both evaluation figures within one pair, and the final loss within 5%. Rows measured under an earlier
+definition of a variant (such as `rowwise` with torchao's power-of-two scales) are carried over under
+`superseded`, with what they were. A variant whose final checkpoint
 and evaluation exist is kept (demo.sh resumes), so an interrupted benchmark continues where it stopped.
 """
 
@@ -179,9 +181,14 @@ def main(argv=None) -> dict:
               f"{'' if c['meets_goals'] else '  MISSES the goals'}") if c else ""
         print(f"{name:18s} {row['final_loss']:10.4f} {row['first_frame_fidelity']:9.0%} {row['caption_motion']:7.0%}{vs}")
     commit, dirty = git_commit()
+    # Rows measured under an earlier definition of a variant stay in the record, with what changed since.
+    superseded = {}
+    if os.path.exists(a.out):
+        with open(a.out) as f:
+            superseded = json.load(f).get("superseded", {})
     record = {"mode": "CPU, float8 emulated by torchao (quantisation only, no float8 matmul)", "commit": commit,
               "dirty": dirty, "torchao": torchao_version(), "steps": a.steps, "loss_window": LOSS_WINDOW,
-              "goals": GOALS, "variants": rows, "comparisons": comparisons}
+              "goals": GOALS, "variants": rows, "comparisons": comparisons, "superseded": superseded}
     write_result("fp8-quality", "cpu", False, record, out=a.out)
     return record
 

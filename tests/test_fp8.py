@@ -27,6 +27,8 @@ from i2v.plan.memory import ParamCounts, ZeroSettings, state_bytes
 
 pytest.importorskip("torchao")
 from torchao.float8.float8_linear import Float8Linear  # noqa: E402
+from torchao.float8.config import ScalingGranularity  # noqa: E402
+from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic  # noqa: E402
 
 LORA = LoRAConfig(rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"],
                   extra_trainable=["proj_out"])
@@ -53,6 +55,13 @@ def test_float8_layers_are_the_blocks_projections_and_feed_forward_and_nothing_e
     h = torch.randn(2, 8, 256)
     out, want = layer(h), plain(h)
     assert 0 < (out - want).abs().max() < 0.1 * want.abs().max()  # quantised, close
+    if recipe == "rowwise":
+        # exact per-row scales: a row's largest magnitude is e4m3's 448 exactly, so it comes back unchanged
+        x = torch.tensor([[3.3, -0.3, 0.01]])  # a power-of-two scale would give back 3.25
+        cast = hp_tensor_to_float8_dynamic(x, torch.float8_e4m3fn, layer.linear_mm_config,
+                                           scaling_granularity=ScalingGranularity.AXISWISE, axiswise_dim=-1,
+                                           round_scales_to_power_of_2=layer.config.round_scales_to_power_of_2)
+        assert cast.to_original_precision()[0, 0].item() == pytest.approx(3.3, rel=1e-6)
 
 
 def test_a_block_with_float8_layers_compiles_as_one_graph_and_matches_eager():
