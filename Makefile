@@ -20,7 +20,7 @@ $(STAMP): requirements-dev.txt setup.py
 
 test: $(STAMP)
 	# Two workers, a test file each at a time (a file's fixtures are built once): 1518 s for 541 tests on 2 cores.
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
 	bash launcher/demo.sh

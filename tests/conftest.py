@@ -17,23 +17,6 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extens
 SHARED_VIDEOS = REPO.parent / "shared" / "videos"
 
 
-# The test files that take longest, slowest first (`pytest --durations=0`, summed per file, on 2 cores).
-# `make test` hands whole files to its two workers in collection order (--dist loadfile
-# --no-loadscope-reorder): started first, the long files overlap each other, and the short ones fill
-# the end instead of one long file running alone on one worker while the other idles.
-SLOWEST_FIRST = (
-    "test_resume.py", "test_sequence_parallel.py", "test_reshard.py", "test_lora_ema.py", "test_interrupt.py",
-    "test_compile.py", "test_multinode.py", "test_remote_train.py", "test_train.py", "test_demo.py",
-    "test_user_path.py", "test_precompute.py", "test_fp8.py", "test_committed.py", "test_sampling.py",
-    "test_export.py", "test_fused_block.py", "test_validation.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))  # stable: in-file order kept
-
-
 @pytest.fixture
 def shared_videos():
     """The real clips in ../shared/videos; tests using them skip cleanly when it is absent."""
