@@ -19,7 +19,7 @@ $(STAMP): requirements-dev.txt setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	# Two workers, a test file each at a time (a file's fixtures are built once): 1518 s for 541 tests on 2 cores.
+	# Two workers, a test file each at a time (a file's fixtures are built once): 1384 s for 541 tests on 2 cores.
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
