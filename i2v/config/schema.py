@@ -87,7 +87,8 @@ class FP8Config:
         "none",
         "Float8 matmuls in full training (torchao's float8 training, `pip install -e .[fp8]`): the transformer "
         "blocks' attention projections and feed-forward layers compute in float8 with `tensorwise` or `rowwise` "
-        "scales (tensorwise learns closer to bf16: on the demo +3% final loss against rowwise's +8%); the adaptive-norm linears, the patch embedding, the output projection and any layer with a "
+        "scales (tensorwise learns closer to bf16: on the demo +3% final loss against rowwise's +8%); the "
+        "adaptive-norm linears, the patch embedding, the output projection and any layer with a "
         "dimension that is not a multiple of 16 stay as they are (each named in a log line). A compute choice, "
         "not a storage one: weights and checkpoints keep their dtype, so a resume may switch it. Emulated (same "
         "quantisation, high-precision matmul) where the device has no float8 matmul (CPU, before compute "
